@@ -1,0 +1,300 @@
+//! The message bus that joins the servers of a fleet: Redis pub/sub, or in-process.
+//!
+//! Redis: one connection subscribes (a channel while it has local subscribers, see [`Hub`]) and
+//! one multiplexed connection publishes for every client of this server. Every server receives
+//! a channel's messages from Redis in the order Redis executed the PUBLISH commands, so all
+//! subscribers fleet-wide see one order. Local publishes also go through Redis: short-cutting
+//! them would let local subscribers see a different order than remote ones.
+//!
+//! The subscriber task reconnects with capped exponential backoff, resubscribes every channel
+//! the hub still has, pings to find half-open connections, and keeps [`BusHealth`] true only
+//! while it is connected (readiness reports it).
+//!
+//! Without Redis, publishing delivers straight into the local hub.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::envelope::Envelope;
+use crate::hub::{BusCommand, Hub};
+use crate::metrics::Metrics;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+const PING_EVERY: Duration = Duration::from_secs(2);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(3);
+/// Channels per SUBSCRIBE command when resubscribing after a reconnect.
+const RESUBSCRIBE_CHUNK: usize = 256;
+const COMMAND_QUEUE: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("invalid --redis-url: {0}")]
+    InvalidUrl(#[source] redis::RedisError),
+    #[error("the message bus is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Whether the bus can deliver right now.
+#[derive(Debug)]
+pub struct BusHealth {
+    up: AtomicBool,
+}
+
+impl BusHealth {
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+}
+
+enum Transport {
+    Local,
+    Redis { publisher: ConnectionManager, prefix: String },
+}
+
+/// The publishing side of the bus, shared by every connection.
+pub struct Bus {
+    transport: Transport,
+    hub: Arc<Hub>,
+    pub health: Arc<BusHealth>,
+}
+
+impl Bus {
+    /// Builds the hub and the bus. With a Redis URL, the subscriber task is spawned on `tracker`
+    /// and stops on `shutdown`. Fails only on an invalid URL: an unreachable Redis is retried.
+    pub fn start(
+        redis_url: Option<&str>,
+        prefix: &str,
+        metrics: Arc<Metrics>,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<Bus, BusError> {
+        let Some(url) = redis_url else {
+            metrics.bus_up.set(1);
+            let hub = Arc::new(Hub::new(None, metrics));
+            return Ok(Bus { transport: Transport::Local, hub, health: Arc::new(BusHealth { up: AtomicBool::new(true) }) });
+        };
+        let client = redis::Client::open(url).map_err(BusError::InvalidUrl)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(BACKOFF_MAX);
+        let publisher = ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(BusError::InvalidUrl)?;
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let hub = Arc::new(Hub::new(Some(tx), metrics.clone()));
+        let health = Arc::new(BusHealth { up: AtomicBool::new(false) });
+        let subscriber = Subscriber {
+            client,
+            keys: Keys { prefix: prefix.to_owned() },
+            hub: hub.clone(),
+            commands: rx,
+            health: health.clone(),
+            metrics,
+        };
+        tracker.spawn(subscriber.run(shutdown));
+        Ok(Bus { transport: Transport::Redis { publisher, prefix: prefix.to_owned() }, hub, health })
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Publishes to every subscriber of `channel` in the fleet.
+    pub async fn publish(&self, channel: &str, envelope: Envelope) -> Result<(), BusError> {
+        match &self.transport {
+            Transport::Local => {
+                self.hub.deliver(channel, &envelope);
+                Ok(())
+            }
+            Transport::Redis { publisher, prefix } => {
+                let key = Keys::channel_key(prefix, channel);
+                let mut conn = publisher.clone();
+                let mut cmd = redis::cmd("PUBLISH");
+                cmd.arg(key).arg(envelope.encode().as_ref());
+                let publish = cmd.query_async::<i64>(&mut conn);
+                match tokio::time::timeout(COMMAND_TIMEOUT + CONNECT_TIMEOUT, publish).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(BusError::Unavailable(e.to_string())),
+                    Err(_) => Err(BusError::Unavailable("PUBLISH timed out".into())),
+                }
+            }
+        }
+    }
+}
+
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn channel_key(prefix: &str, channel: &str) -> String {
+        format!("{prefix}:ch:{channel}")
+    }
+    fn key(&self, channel: &str) -> String {
+        Self::channel_key(&self.prefix, channel)
+    }
+    fn channel<'a>(&self, key: &'a str) -> Option<&'a str> {
+        key.strip_prefix(self.prefix.as_str())?.strip_prefix(":ch:")
+    }
+}
+
+struct Subscriber {
+    client: redis::Client,
+    keys: Keys,
+    hub: Arc<Hub>,
+    commands: mpsc::Receiver<BusCommand>,
+    health: Arc<BusHealth>,
+    metrics: Arc<Metrics>,
+}
+
+/// Why a subscription session ended.
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+}
+
+impl Subscriber {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let mut backoff = BACKOFF_MIN;
+        let mut sessions = 0u64;
+        loop {
+            let connect = tokio::time::timeout(CONNECT_TIMEOUT, self.client.get_async_pubsub());
+            let end = tokio::select! {
+                _ = shutdown.cancelled() => SessionEnd::Shutdown,
+                conn = connect => match conn {
+                    Ok(Ok(pubsub)) => {
+                        sessions += 1;
+                        if sessions > 1 {
+                            self.metrics.bus_reconnects.inc();
+                        }
+                        self.session(pubsub, &shutdown, &mut backoff).await
+                    }
+                    Ok(Err(e)) => SessionEnd::Lost(format!("connect failed: {e}")),
+                    Err(_) => SessionEnd::Lost("connect timed out".into()),
+                },
+            };
+            self.set_up(false);
+            match end {
+                SessionEnd::Shutdown => return,
+                SessionEnd::Lost(why) => warn!(%why, retry_in = ?backoff, "redis bus down"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn session(&mut self, pubsub: redis::aio::PubSub, shutdown: &CancellationToken, backoff: &mut Duration) -> SessionEnd {
+        let (mut sink, mut stream) = pubsub.split();
+        // Resubscribe everything the hub has now; commands queued meanwhile are replayed after
+        // (a duplicate SUBSCRIBE is harmless, and order keeps unsubscribe-then-subscribe right).
+        let channels = self.hub.channels();
+        for chunk in channels.chunks(RESUBSCRIBE_CHUNK) {
+            let keys: Vec<String> = chunk.iter().map(|(c, _)| self.keys.key(c)).collect();
+            if let Err(e) = with_timeout(sink.subscribe(keys)).await {
+                return SessionEnd::Lost(format!("resubscribe failed: {e}"));
+            }
+            for (channel, generation) in chunk {
+                self.hub.confirm(channel, *generation);
+            }
+        }
+        self.set_up(true);
+        *backoff = BACKOFF_MIN;
+        info!(channels = channels.len(), "redis bus connected");
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+                msg = stream.next() => match msg {
+                    Some(msg) => self.on_message(&msg),
+                    None => return SessionEnd::Lost("connection closed".into()),
+                },
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => if let Err(e) = self.on_command(&mut sink, cmd).await {
+                        return SessionEnd::Lost(e);
+                    },
+                    None => return SessionEnd::Shutdown,
+                },
+                _ = ping.tick() => if let Err(e) = with_timeout(sink.ping::<String>()).await {
+                    return SessionEnd::Lost(format!("ping failed: {e}"));
+                },
+            }
+        }
+    }
+
+    async fn on_command(&self, sink: &mut PubSubSink, cmd: BusCommand) -> Result<(), String> {
+        match cmd {
+            BusCommand::Subscribe { channel, generation } => {
+                with_timeout(sink.subscribe(self.keys.key(&channel))).await?;
+                debug!(%channel, "subscribed on the bus");
+                self.hub.confirm(&channel, generation);
+            }
+            BusCommand::Unsubscribe { channel } => {
+                with_timeout(sink.unsubscribe(self.keys.key(&channel))).await?;
+                debug!(%channel, "unsubscribed on the bus");
+            }
+        }
+        Ok(())
+    }
+
+    fn on_message(&self, msg: &redis::Msg) {
+        self.metrics.bus_messages.inc();
+        let Some(channel) = self.keys.channel(msg.get_channel_name()) else { return };
+        match Envelope::decode(Bytes::copy_from_slice(msg.get_payload_bytes())) {
+            Ok(envelope) => self.hub.deliver(channel, &envelope),
+            Err(e) => {
+                self.metrics.bus_undecodable.inc();
+                debug!(%channel, error = %e, "dropped a bus message");
+            }
+        }
+    }
+
+    fn set_up(&self, up: bool) {
+        self.health.up.store(up, Ordering::Release);
+        self.metrics.bus_up.set(up as i64);
+    }
+}
+
+async fn with_timeout<T>(f: impl Future<Output = redis::RedisResult<T>>) -> Result<T, String> {
+    match tokio::time::timeout(COMMAND_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_and_ignore_other_prefixes() {
+        let keys = Keys { prefix: "fleet-a".into() };
+        assert_eq!(keys.key("room:1"), "fleet-a:ch:room:1");
+        assert_eq!(keys.channel("fleet-a:ch:room:1"), Some("room:1"));
+        assert_eq!(keys.channel("fleet-b:ch:room:1"), None);
+        assert_eq!(keys.channel("fleet-a:xx:room:1"), None);
+    }
+
+    #[test]
+    fn an_invalid_url_is_refused_up_front() {
+        let tracker = TaskTracker::new();
+        let r = Bus::start(Some("http://nope"), "p", Arc::new(Metrics::new()), &tracker, CancellationToken::new());
+        assert!(matches!(r, Err(BusError::InvalidUrl(_))));
+    }
+}

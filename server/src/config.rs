@@ -1,0 +1,158 @@
+//! Settings of one server process, parsed once at start from flags and `WSFLEET_<NAME>`
+//! environment variables. Invalid settings end the process with a message before anything binds.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// A wsfleet server: WebSocket broadcast whose channels span every server on the same Redis.
+///
+/// Clients connect to `/ws/<channel>` (raw mode: every frame sent is published to the channel,
+/// every message on the channel is sent as-is) or to `/ws` (protocol mode: JSON frames to
+/// subscribe, unsubscribe and publish). Health and metrics are served on `--http-listen`.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "wsfleet-server", version, about, long_about)]
+pub struct Config {
+    /// Address for WebSocket clients.
+    #[arg(long, env = "WSFLEET_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Address for `/livez`, `/readyz` and `/metrics`.
+    #[arg(long, env = "WSFLEET_HTTP_LISTEN", default_value = "0.0.0.0:9090")]
+    pub http_listen: SocketAddr,
+
+    /// Redis URL of the fleet's message bus (e.g. `redis://127.0.0.1:6379`). Without it the
+    /// server uses an in-process bus and is a single-node broadcast server.
+    #[arg(long, env = "WSFLEET_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key and pub/sub channel this fleet uses, so fleets can share a Redis.
+    #[arg(long, env = "WSFLEET_REDIS_PREFIX", default_value = "wsfleet", value_parser = parse_prefix)]
+    pub redis_prefix: String,
+
+    /// Name of this server in logs and fleet statistics (the pod name on Kubernetes).
+    #[arg(long, env = "WSFLEET_POD_NAME", default_value = "wsfleet-server")]
+    pub pod_name: String,
+
+    /// Most concurrent WebSocket connections; past it, upgrades get HTTP 503 with Retry-After.
+    #[arg(long, env = "WSFLEET_MAX_CONNECTIONS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_connections: u32,
+
+    /// Largest message (and frame) a client may send, in bytes; larger ones close with 1009.
+    #[arg(long, env = "WSFLEET_MAX_MESSAGE_SIZE", default_value_t = 65_536,
+          value_parser = clap::value_parser!(u32).range(64..=16 * 1024 * 1024))]
+    pub max_message_size: u32,
+
+    /// Seconds over which a draining server (SIGTERM) spreads the closes of its clients (1012).
+    #[arg(long, env = "WSFLEET_DRAIN_TIMEOUT", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub drain_timeout: u64,
+
+    /// Seconds a client has to complete the WebSocket handshake after connecting.
+    #[arg(long, env = "WSFLEET_HANDSHAKE_TIMEOUT", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub handshake_timeout: u64,
+
+    /// Seconds between keepalive pings to each client.
+    #[arg(long, env = "WSFLEET_PING_INTERVAL", default_value_t = 25,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub ping_interval: u64,
+
+    /// Seconds a client may stay silent (no frame, no pong) after a ping before it is dropped.
+    #[arg(long, env = "WSFLEET_PING_TIMEOUT", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub ping_timeout: u64,
+
+    /// Most channels one protocol-mode connection may subscribe to.
+    #[arg(long, env = "WSFLEET_MAX_SUBSCRIPTIONS", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_subscriptions: u32,
+
+    /// Messages queued for one client before it counts as too slow and is closed with 1013.
+    #[arg(long, env = "WSFLEET_CLIENT_QUEUE", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub client_queue: u32,
+
+    /// Comma-separated `Origin` values allowed to connect (exact match); empty allows any.
+    /// Clients that send no Origin header (non-browser clients) are always allowed.
+    #[arg(long, env = "WSFLEET_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Read buffer per connection, in bytes. Small keeps idle connections cheap.
+    #[arg(long, env = "WSFLEET_READ_BUFFER_SIZE", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(256..=1024 * 1024))]
+    pub read_buffer_size: u32,
+
+    /// Listen backlog of the WebSocket port (the kernel caps it at net.core.somaxconn).
+    #[arg(long, env = "WSFLEET_LISTEN_BACKLOG", default_value_t = 65_535,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub listen_backlog: u32,
+
+    /// Log format.
+    #[arg(long, env = "WSFLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout)
+    }
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout)
+    }
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_secs(self.ping_interval)
+    }
+    pub fn ping_timeout(&self) -> Duration {
+        Duration::from_secs(self.ping_timeout)
+    }
+
+    /// Settings for tests and embedders: every default, loopback ports chosen by the caller.
+    pub fn for_tests() -> Self {
+        Config::parse_from(["wsfleet-server", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+    }
+}
+
+fn parse_prefix(s: &str) -> Result<String, String> {
+    if !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+        Ok(s.to_owned())
+    } else {
+        Err("must be 1-64 characters of A-Z a-z 0-9 - _ .".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_public_interface() {
+        let c = Config::parse_from(["wsfleet-server"]);
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.http_listen.to_string(), "0.0.0.0:9090");
+        assert!(c.redis_url.is_none());
+        assert!(c.allowed_origins.is_empty());
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_with_the_flag_named() {
+        let err = Config::try_parse_from(["wsfleet-server", "--max-connections", "0"]).unwrap_err();
+        assert!(err.to_string().contains("--max-connections"), "{err}");
+        let err = Config::try_parse_from(["wsfleet-server", "--redis-prefix", "a b"]).unwrap_err();
+        assert!(err.to_string().contains("--redis-prefix"), "{err}");
+    }
+
+    #[test]
+    fn origins_are_comma_separated() {
+        let c = Config::parse_from(["wsfleet-server", "--allowed-origins", "https://a.example,https://b.example"]);
+        assert_eq!(c.allowed_origins, ["https://a.example", "https://b.example"]);
+    }
+}

@@ -1,0 +1,108 @@
+//! Pure: the bytes of one published message on the bus.
+//!
+//! ```text
+//! +---------+------+-----------------------+---------------+
+//! | version | kind | published_at (µs, BE) | payload ...   |
+//! |  1 byte | 1 B  |        8 bytes        |               |
+//! +---------+------+-----------------------+---------------+
+//! ```
+//!
+//! `kind` is `t` (text), `b` (binary) or `j` (JSON). `published_at` is the publishing server's
+//! wall clock, used for the publish-to-deliver latency histogram. A server drops (and counts)
+//! envelopes it cannot read rather than guessing.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::protocol::Payload;
+
+const VERSION: u8 = 1;
+const HEADER: usize = 10;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub published_at_micros: u64,
+    pub payload: Payload,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EnvelopeError {
+    #[error("envelope is {0} bytes, shorter than its header")]
+    Short(usize),
+    #[error("envelope version {0} is not understood")]
+    Version(u8),
+    #[error("envelope kind {0:#x} is not understood")]
+    Kind(u8),
+    #[error("text payload is not UTF-8")]
+    NotUtf8,
+}
+
+pub fn now_micros() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+impl Envelope {
+    pub fn new(payload: Payload) -> Self {
+        Envelope { published_at_micros: now_micros(), payload }
+    }
+
+    pub fn encode(&self) -> Bytes {
+        let (kind, body) = match &self.payload {
+            Payload::Text(b) => (b't', b),
+            Payload::Binary(b) => (b'b', b),
+            Payload::Json(b) => (b'j', b),
+        };
+        let mut out = BytesMut::with_capacity(HEADER + body.len());
+        out.put_u8(VERSION);
+        out.put_u8(kind);
+        out.put_u64(self.published_at_micros);
+        out.put_slice(body);
+        out.freeze()
+    }
+
+    pub fn decode(bytes: Bytes) -> Result<Self, EnvelopeError> {
+        if bytes.len() < HEADER {
+            return Err(EnvelopeError::Short(bytes.len()));
+        }
+        if bytes[0] != VERSION {
+            return Err(EnvelopeError::Version(bytes[0]));
+        }
+        let published_at_micros = u64::from_be_bytes(bytes[2..HEADER].try_into().unwrap_or_default());
+        let body = bytes.slice(HEADER..);
+        let payload = match bytes[1] {
+            b't' | b'j' if std::str::from_utf8(&body).is_err() => return Err(EnvelopeError::NotUtf8),
+            b't' => Payload::Text(body),
+            b'j' => Payload::Json(body),
+            b'b' => Payload::Binary(body),
+            k => return Err(EnvelopeError::Kind(k)),
+        };
+        Ok(Envelope { published_at_micros, payload })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_every_kind() {
+        for payload in [
+            Payload::Text(Bytes::from_static("héllo".as_bytes())),
+            Payload::Binary(Bytes::from_static(&[0, 1, 2, 255])),
+            Payload::Json(Bytes::from_static(br#"{"a":[1,2]}"#)),
+            Payload::Text(Bytes::new()),
+        ] {
+            let e = Envelope { published_at_micros: 1_700_000_000_123_456, payload };
+            assert_eq!(Envelope::decode(e.encode()), Ok(e));
+        }
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_read() {
+        assert_eq!(Envelope::decode(Bytes::from_static(b"\x01t")), Err(EnvelopeError::Short(2)));
+        assert_eq!(Envelope::decode(Bytes::from_static(b"\x02t12345678")), Err(EnvelopeError::Version(2)));
+        assert_eq!(Envelope::decode(Bytes::from_static(b"\x01x12345678")), Err(EnvelopeError::Kind(b'x')));
+        assert_eq!(Envelope::decode(Bytes::from_static(b"\x01t12345678\xff")), Err(EnvelopeError::NotUtf8));
+    }
+}

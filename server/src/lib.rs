@@ -1,0 +1,34 @@
+//! wsfleet-server: the data plane of a wsfleet fleet.
+//!
+//! Every server pod accepts WebSocket clients and shares channels with every other pod through
+//! a message bus (Redis pub/sub, or an in-process bus when no Redis is configured), so a message
+//! published on any pod reaches the channel's subscribers on all pods, in one order.
+//!
+//! # Layout
+//!
+//! | module | job |
+//! |---|---|
+//! | [`config`] | command line and `WSFLEET_*` environment, parsed once into typed settings |
+//! | [`protocol`] | pure: channel names, the JSON frames of protocol mode, error codes |
+//! | [`envelope`] | pure: how a published message travels on the bus |
+//! | [`outbox`] | one client's bounded outbound queue; where slow clients are caught |
+//! | [`hub`] | channel -> local subscribers; encodes each message once and fans it out |
+//! | [`bus`] | Redis pub/sub or in-process; subscribe on demand, reconnect, health |
+//! | [`connection`] | one WebSocket client: handshake checks, read loop, write loop, keepalive |
+//! | [`server`] | accept loop, connection limits, drain on shutdown |
+//! | [`http`] | `/livez`, `/readyz`, `/metrics` |
+//! | [`metrics`] | the Prometheus metrics every other module updates |
+//!
+//! Library entry points take their listeners and their shutdown trigger as arguments
+//! ([`server::run`]); the binary binds ports, raises limits and listens for signals.
+
+pub mod bus;
+pub mod config;
+pub mod connection;
+pub mod envelope;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod outbox;
+pub mod protocol;
+pub mod server;

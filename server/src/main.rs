@@ -1,0 +1,84 @@
+//! `wsfleet-server`: parse settings, raise limits, bind, serve until SIGTERM/SIGINT, drain.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+use wsfleet_server::config::{Config, LogFormat};
+
+fn main() -> ExitCode {
+    let config = Config::parse();
+    init_tracing(config.log_format);
+    raise_open_files_limit();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let ws = bind(config.listen, config.listen_backlog).with_context(|| format!("cannot listen on --listen {}", config.listen))?;
+    let http = TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| format!("cannot listen on --http-listen {}", config.http_listen))?;
+    info!(websocket = %ws.local_addr()?, http = %http.local_addr()?, "listening");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(wait_for_signal(shutdown.clone()));
+    wsfleet_server::server::run(ws, http, config, shutdown).await?;
+    Ok(())
+}
+
+/// Binds with a listen backlog far above tokio's default of 128, so connection bursts queue in
+/// the kernel instead of being dropped.
+fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        warn!("cannot install signal handlers; the server will not drain on signals");
+        return;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    info!(signal = name, "shutdown requested");
+    shutdown.cancel();
+}
+
+/// Every connection is a file descriptor: use all the kernel allows this process.
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => info!(limit, "open-file limit"),
+        Err(e) => warn!(error = %e, "cannot raise the open-file limit"),
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WSFLEET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,111 @@
+//! The server's Prometheus metrics, registered once and shared by every module.
+//!
+//! Hot paths (per message, per recipient) touch only plain atomic counters, and the per-recipient
+//! ones are added in batches by the write loop, never once per frame.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Gauge,
+    pub upgrades: Family<ResultLabel, Counter>,
+    pub messages_in: Counter,
+    pub bytes_in: Counter,
+    pub messages_out: Counter,
+    pub bytes_out: Counter,
+    pub slow_client_closes: Counter,
+    pub protocol_errors: Family<CodeLabel, Counter>,
+    pub publish_failures: Counter,
+    pub bus_up: Gauge,
+    pub bus_reconnects: Counter,
+    pub bus_channels: Gauge,
+    pub bus_messages: Counter,
+    pub bus_undecodable: Counter,
+    pub deliver_latency: Histogram,
+    pub draining: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("wsfleet");
+        macro_rules! reg {
+            ($name:literal, $help:literal, $metric:expr) => {{
+                let m = $metric;
+                registry.register($name, $help, m.clone());
+                m
+            }};
+        }
+        Metrics {
+            connections: reg!("connections", "Open WebSocket connections", Gauge::default()),
+            upgrades: reg!(
+                "upgrades",
+                "WebSocket upgrade attempts by result (accepted, full, draining, forbidden_origin, not_found, failed, timeout)",
+                Family::<ResultLabel, Counter>::default()
+            ),
+            messages_in: reg!("messages_in", "Data frames received from clients", Counter::default()),
+            bytes_in: reg!("bytes_in", "Payload bytes received from clients", Counter::default()),
+            messages_out: reg!("messages_out", "Frames written to clients", Counter::default()),
+            bytes_out: reg!("bytes_out", "Payload bytes written to clients", Counter::default()),
+            slow_client_closes: reg!(
+                "slow_client_closes",
+                "Clients closed with 1013 because their outbound queue filled up",
+                Counter::default()
+            ),
+            protocol_errors: reg!(
+                "protocol_errors",
+                "Error frames and error closes sent to clients, by code",
+                Family::<CodeLabel, Counter>::default()
+            ),
+            publish_failures: reg!("publish_failures", "Client publishes the bus did not accept", Counter::default()),
+            bus_up: reg!("bus_up", "1 while the message bus is connected", Gauge::default()),
+            bus_reconnects: reg!("bus_reconnects", "Times the bus subscription connection was re-established", Counter::default()),
+            bus_channels: reg!("bus_channels", "Channels this server is subscribed to on the bus", Gauge::default()),
+            bus_messages: reg!("bus_messages", "Messages received from the bus", Counter::default()),
+            bus_undecodable: reg!("bus_undecodable", "Bus messages dropped because they could not be decoded", Counter::default()),
+            deliver_latency: reg!(
+                "deliver_latency_seconds",
+                "Seconds from publish (on any server) to hand-off to this server's local subscribers",
+                Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
+            ),
+            draining: reg!("draining", "1 while the server drains", Gauge::default()),
+            registry,
+        }
+    }
+
+    pub fn upgrade(&self, result: &'static str) {
+        self.upgrades.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    pub fn protocol_error(&self, code: &'static str) {
+        self.protocol_errors.get_or_create(&CodeLabel { code }).inc();
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

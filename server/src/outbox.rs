@@ -1,0 +1,207 @@
+//! One client's outbound queue: bounded, lock-light, and where a slow client is caught.
+//!
+//! Producers (the hub's fan-out, the connection's own replies) [`Outbox::push`] frames; the
+//! connection's write loop takes them in batches. When a push finds the queue full, the client
+//! is too slow: its queue is dropped and the write loop closes it with 1013 (Try Again Later).
+//! A slow client therefore costs at most `limit` queued frames and never delays the producer.
+//!
+//! The queue is a `VecDeque` that allocates only when frames are waiting, so an idle connection
+//! pays for a mutex, a `Notify` and an empty deque.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+/// Why a connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The outbound queue overflowed: 1013.
+    Slow,
+    /// The server drains: 1012 (Service Restart), reconnect elsewhere.
+    Draining,
+    /// A message or frame over `--max-message-size`: 1009.
+    TooLarge,
+    /// A text frame that is not UTF-8: 1007.
+    InvalidUtf8,
+    /// A WebSocket protocol violation: 1002.
+    ProtocolViolation,
+    /// The bus could not take the raw-mode subscription: 1013 with its own reason.
+    BusUnavailable,
+    /// The peer sent a close frame; only the reply remains to be flushed.
+    PeerClosed,
+}
+
+impl CloseReason {
+    /// The close frame the server sends, `None` when it only answers the peer's close.
+    pub fn frame(self) -> Option<CloseFrame> {
+        let (code, reason) = match self {
+            CloseReason::Slow => (CloseCode::Again, "client too slow"),
+            CloseReason::Draining => (CloseCode::Restart, "server draining"),
+            CloseReason::TooLarge => (CloseCode::Size, "message too large"),
+            CloseReason::InvalidUtf8 => (CloseCode::Invalid, "text frame is not valid UTF-8"),
+            CloseReason::ProtocolViolation => (CloseCode::Protocol, "protocol violation"),
+            CloseReason::BusUnavailable => (CloseCode::Again, "message bus unavailable"),
+            CloseReason::PeerClosed => return None,
+        };
+        Some(CloseFrame { code, reason: reason.into() })
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Push {
+    Queued,
+    /// The queue was full: the client is now marked slow and will be closed.
+    Overflow,
+    /// The connection is already closing; the frame was dropped.
+    Closed,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Message>,
+    close: Option<CloseReason>,
+}
+
+pub struct Outbox {
+    state: Mutex<State>,
+    notify: Notify,
+    limit: usize,
+}
+
+impl Outbox {
+    pub fn new(limit: usize) -> Self {
+        Outbox { state: Mutex::new(State::default()), notify: Notify::new(), limit }
+    }
+
+    pub fn push(&self, msg: Message) -> Push {
+        let mut state = self.lock();
+        if state.close.is_some() {
+            return Push::Closed;
+        }
+        if state.queue.len() >= self.limit {
+            state.queue = VecDeque::new();
+            state.close = Some(CloseReason::Slow);
+            drop(state);
+            self.notify.notify_one();
+            return Push::Overflow;
+        }
+        let was_empty = state.queue.is_empty();
+        state.queue.push_back(msg);
+        drop(state);
+        if was_empty {
+            self.notify.notify_one();
+        }
+        Push::Queued
+    }
+
+    /// Asks the write loop to close the connection after the frames already queued.
+    /// The first reason wins.
+    pub fn close(&self, reason: CloseReason) {
+        let mut state = self.lock();
+        if state.close.is_none() {
+            state.close = Some(reason);
+        }
+        drop(state);
+        self.notify.notify_one();
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.lock().close.is_some()
+    }
+
+    /// Resolves once the client has been marked slow. Meant to race a blocked write.
+    pub async fn slow(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.lock().close == Some(CloseReason::Slow) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Moves every queued frame into `batch` (which must be empty), waiting until there is at
+    /// least one or a close was asked for. Returns the close reason once the queue is empty.
+    pub async fn next_batch(&self, batch: &mut VecDeque<Message>) -> Option<CloseReason> {
+        loop {
+            {
+                let mut state = self.lock();
+                if !state.queue.is_empty() {
+                    std::mem::swap(&mut state.queue, batch);
+                    return None;
+                }
+                if state.close.is_some() {
+                    return state.close;
+                }
+            }
+            self.notify.notified().await;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock leaves a consistent queue; keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(s: &str) -> Message {
+        Message::text(s)
+    }
+
+    #[tokio::test]
+    async fn batches_in_order() {
+        let o = Outbox::new(10);
+        assert_eq!(o.push(text("a")), Push::Queued);
+        assert_eq!(o.push(text("b")), Push::Queued);
+        let mut batch = VecDeque::new();
+        assert_eq!(o.next_batch(&mut batch).await, None);
+        assert_eq!(batch, [text("a"), text("b")]);
+    }
+
+    #[tokio::test]
+    async fn overflow_drops_the_queue_and_closes_slow() {
+        let o = Outbox::new(2);
+        o.push(text("a"));
+        o.push(text("b"));
+        assert_eq!(o.push(text("c")), Push::Overflow);
+        assert_eq!(o.push(text("d")), Push::Closed);
+        let mut batch = VecDeque::new();
+        assert_eq!(o.next_batch(&mut batch).await, Some(CloseReason::Slow));
+        assert!(batch.is_empty());
+    }
+
+    #[tokio::test]
+    async fn drain_close_comes_after_queued_frames() {
+        let o = Outbox::new(10);
+        o.push(text("a"));
+        o.close(CloseReason::Draining);
+        o.close(CloseReason::Slow);
+        let mut batch = VecDeque::new();
+        assert_eq!(o.next_batch(&mut batch).await, None);
+        assert_eq!(batch.len(), 1);
+        batch.clear();
+        assert_eq!(o.next_batch(&mut batch).await, Some(CloseReason::Draining));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_writer_wakes_on_push() {
+        let o = std::sync::Arc::new(Outbox::new(10));
+        let o2 = o.clone();
+        let writer = tokio::spawn(async move {
+            let mut batch = VecDeque::new();
+            o2.next_batch(&mut batch).await;
+            batch.len()
+        });
+        tokio::task::yield_now().await;
+        o.push(text("x"));
+        assert_eq!(writer.await.unwrap(), 1);
+    }
+}

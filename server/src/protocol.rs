@@ -1,0 +1,317 @@
+//! Pure: what clients may say and what the server says back.
+//!
+//! * Channel names: 1-128 bytes of `A-Z a-z 0-9 _ - . : @`, the same in both modes, so a name is
+//!   always safe in a URL path, a Redis key and a log line.
+//! * Protocol mode (`/ws`) frames are JSON text. [`parse_client_frame`] turns one into a
+//!   [`ClientOp`] or a [`ProtocolError`] that names the bad field; nothing here does I/O.
+//! * [`encode_message`] renders a published [`Payload`] for each mode. The hub calls it once per
+//!   message and mode and shares the result among all recipients.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+pub const MAX_CHANNEL_LEN: usize = 128;
+
+/// Checks a channel name; the error says what is wrong with it.
+pub fn validate_channel(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("channel must not be empty".into());
+    }
+    if name.len() > MAX_CHANNEL_LEN {
+        return Err(format!("channel is {} bytes long; the limit is {MAX_CHANNEL_LEN}", name.len()));
+    }
+    match name.bytes().find(|b| !(b.is_ascii_alphanumeric() || b"_-.:@".contains(b))) {
+        Some(b) => Err(format!("channel contains {:?}; allowed are A-Z a-z 0-9 _ - . : @", b as char)),
+        None => Ok(()),
+    }
+}
+
+/// What a protocol-mode client asked for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClientOp<'a> {
+    Subscribe { channel: &'a str },
+    Unsubscribe { channel: &'a str },
+    /// `data` is the client's JSON value exactly as sent (never re-serialised).
+    Publish { channel: &'a str, data: &'a str },
+}
+
+/// Error codes of `{"type":"error"}` frames. Part of the public interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The frame is not a JSON object.
+    InvalidJson,
+    /// `op` is missing or not one of subscribe / unsubscribe / publish.
+    UnknownOp,
+    /// A required field is missing or has the wrong type.
+    InvalidField,
+    /// The channel name breaks the naming rule.
+    InvalidChannel,
+    /// The connection already has `--max-subscriptions` channels.
+    SubscriptionLimit,
+    /// `unsubscribe` for a channel the connection is not subscribed to.
+    NotSubscribed,
+    /// Binary frames have no meaning in protocol mode.
+    BinaryNotSupported,
+    /// The message bus is down; the operation did not happen. Retry later.
+    BusUnavailable,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::InvalidField => "invalid_field",
+            ErrorCode::InvalidChannel => "invalid_channel",
+            ErrorCode::SubscriptionLimit => "subscription_limit",
+            ErrorCode::NotSubscribed => "not_subscribed",
+            ErrorCode::BinaryNotSupported => "binary_not_supported",
+            ErrorCode::BusUnavailable => "bus_unavailable",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ProtocolError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ProtocolError { code, message: message.into() }
+    }
+
+    /// The `{"type":"error",...}` frame for this error.
+    pub fn to_frame(&self) -> String {
+        serde_json::json!({"type": "error", "code": self.code.as_str(), "message": self.message}).to_string()
+    }
+}
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code.as_str(), self.message)
+    }
+}
+
+#[derive(Deserialize)]
+struct WireOp<'a> {
+    #[serde(borrow, default)]
+    op: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    channel: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+/// Parses one protocol-mode text frame.
+pub fn parse_client_frame(text: &str) -> Result<ClientOp<'_>, ProtocolError> {
+    // serde would also accept a JSON array for a struct; the protocol speaks objects only.
+    if !text.trim_start().starts_with('{') {
+        return Err(ProtocolError::new(ErrorCode::InvalidJson, "frame is not a JSON object"));
+    }
+    let wire: WireOp<'_> = serde_json::from_str(text).map_err(|e| {
+        ProtocolError::new(ErrorCode::InvalidJson, format!("frame is not a JSON object: {e}"))
+    })?;
+    let op = match wire.op {
+        None => return Err(ProtocolError::new(ErrorCode::UnknownOp, "missing field `op`")),
+        Some(raw) => str_field(raw, "op").map_err(|e| ProtocolError { code: ErrorCode::UnknownOp, ..e })?,
+    };
+    let channel = || -> Result<&str, ProtocolError> {
+        let raw = wire
+            .channel
+            .ok_or_else(|| ProtocolError::new(ErrorCode::InvalidField, "missing field `channel`"))?;
+        let name = str_field(raw, "channel")?;
+        validate_channel(name).map_err(|m| ProtocolError::new(ErrorCode::InvalidChannel, m))?;
+        Ok(name)
+    };
+    match op {
+        "subscribe" => Ok(ClientOp::Subscribe { channel: channel()? }),
+        "unsubscribe" => Ok(ClientOp::Unsubscribe { channel: channel()? }),
+        "publish" => {
+            let channel = channel()?;
+            let data = wire
+                .data
+                .map(RawValue::get)
+                .filter(|d| *d != "null")
+                .ok_or_else(|| ProtocolError::new(ErrorCode::InvalidField, "missing field `data` (any JSON value but null)"))?;
+            Ok(ClientOp::Publish { channel, data })
+        }
+        other => Err(ProtocolError::new(
+            ErrorCode::UnknownOp,
+            format!("unknown op {other:?}; expected subscribe, unsubscribe or publish"),
+        )),
+    }
+}
+
+/// A field that must be a JSON string without escapes (ops and channel names never need any).
+fn str_field<'a>(raw: &'a RawValue, field: &str) -> Result<&'a str, ProtocolError> {
+    let s = raw.get();
+    match s.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+        Some(inner) if !inner.contains('\\') => Ok(inner),
+        Some(_) => Err(ProtocolError::new(ErrorCode::InvalidChannel, format!("field `{field}` must not contain escapes"))),
+        None => Err(ProtocolError::new(ErrorCode::InvalidField, format!("field `{field}` must be a string"))),
+    }
+}
+
+/// A published message's body, as it travels on the bus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// A raw-mode text frame (UTF-8 guaranteed).
+    Text(Bytes),
+    /// A raw-mode binary frame.
+    Binary(Bytes),
+    /// A protocol-mode `data` value: JSON text as the client sent it.
+    Json(Bytes),
+}
+
+/// How a message is shown to raw-mode clients: the payload unwrapped. A JSON string becomes its
+/// text; any other JSON value is sent as its JSON text.
+pub enum RawFrame {
+    Text(Bytes),
+    Binary(Bytes),
+}
+
+pub fn encode_raw(payload: &Payload) -> RawFrame {
+    match payload {
+        Payload::Text(b) => RawFrame::Text(b.clone()),
+        Payload::Binary(b) => RawFrame::Binary(b.clone()),
+        Payload::Json(json) => {
+            if json.first() == Some(&b'"')
+                && let Ok(s) = serde_json::from_slice::<Cow<'_, str>>(json)
+            {
+                return RawFrame::Text(match s {
+                    Cow::Borrowed(_) => json.slice(1..json.len() - 1),
+                    Cow::Owned(s) => Bytes::from(s),
+                });
+            }
+            RawFrame::Text(json.clone())
+        }
+    }
+}
+
+/// How a message is shown to protocol-mode clients: a `{"type":"message"}` frame. Text payloads
+/// become JSON strings; binary payloads become base64 strings with `"encoding":"base64"`.
+pub fn encode_message(channel: &str, payload: &Payload) -> String {
+    // The channel name needs no escaping (validate_channel), so the frame is assembled directly.
+    let mut out = String::with_capacity(48 + channel.len() + payload_len(payload));
+    out.push_str(r#"{"type":"message","channel":""#);
+    out.push_str(channel);
+    out.push_str(r#"","data":"#);
+    match payload {
+        Payload::Json(json) => out.push_str(std::str::from_utf8(json).unwrap_or("null")),
+        Payload::Text(text) => {
+            let text = std::str::from_utf8(text).unwrap_or_default();
+            out.push_str(&serde_json::to_string(text).unwrap_or_default());
+        }
+        Payload::Binary(bin) => {
+            out.push('"');
+            base64::engine::general_purpose::STANDARD.encode_string(bin, &mut out);
+            out.push_str(r#"","encoding":"base64""#);
+        }
+    }
+    out.push('}');
+    out
+}
+
+fn payload_len(p: &Payload) -> usize {
+    match p {
+        Payload::Text(b) | Payload::Json(b) => b.len() + 8,
+        Payload::Binary(b) => b.len() * 4 / 3 + 30,
+    }
+}
+
+pub fn subscribed_frame(channel: &str) -> String {
+    format!(r#"{{"type":"subscribed","channel":"{channel}"}}"#)
+}
+
+pub fn unsubscribed_frame(channel: &str) -> String {
+    format!(r#"{{"type":"unsubscribed","channel":"{channel}"}}"#)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn parse_err(text: &str) -> ProtocolError {
+        parse_client_frame(text).unwrap_err()
+    }
+
+    #[test]
+    fn parses_the_three_ops() {
+        assert_eq!(parse_client_frame(r#"{"op":"subscribe","channel":"news"}"#), Ok(ClientOp::Subscribe { channel: "news" }));
+        assert_eq!(parse_client_frame(r#"{"op":"unsubscribe","channel":"a:b"}"#), Ok(ClientOp::Unsubscribe { channel: "a:b" }));
+        assert_eq!(
+            parse_client_frame(r#"{"op":"publish","channel":"c","data":{"x":[1, 2]}}"#),
+            Ok(ClientOp::Publish { channel: "c", data: r#"{"x":[1, 2]}"# })
+        );
+    }
+
+    #[test]
+    fn bad_frames_name_what_is_wrong() {
+        assert_eq!(parse_err("not json").code, ErrorCode::InvalidJson);
+        assert_eq!(parse_err("[1,2]").code, ErrorCode::InvalidJson);
+        assert_eq!(parse_err(r#"{"channel":"c"}"#).code, ErrorCode::UnknownOp);
+        let e = parse_err(r#"{"op":"shout","channel":"c"}"#);
+        assert_eq!(e.code, ErrorCode::UnknownOp);
+        assert!(e.message.contains("shout"));
+        let e = parse_err(r#"{"op":"subscribe"}"#);
+        assert_eq!(e.code, ErrorCode::InvalidField);
+        assert!(e.message.contains("`channel`"));
+        let e = parse_err(r#"{"op":"subscribe","channel":7}"#);
+        assert_eq!(e.code, ErrorCode::InvalidField);
+        assert!(e.message.contains("`channel`"));
+        assert_eq!(parse_err(r#"{"op":"subscribe","channel":"a b"}"#).code, ErrorCode::InvalidChannel);
+        assert_eq!(parse_err(r#"{"op":"subscribe","channel":""}"#).code, ErrorCode::InvalidChannel);
+        let e = parse_err(r#"{"op":"publish","channel":"c"}"#);
+        assert!(e.message.contains("`data`"));
+        assert_eq!(parse_err(r#"{"op":"publish","channel":"c","data":null}"#).code, ErrorCode::InvalidField);
+    }
+
+    #[test]
+    fn channel_rule() {
+        assert!(validate_channel("room-1.a_b:c@d").is_ok());
+        assert!(validate_channel(&"x".repeat(MAX_CHANNEL_LEN)).is_ok());
+        assert!(validate_channel(&"x".repeat(MAX_CHANNEL_LEN + 1)).is_err());
+        for bad in ["a/b", "a b", "ü", "a%20", "a\"b"] {
+            assert!(validate_channel(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn error_frames_are_json() {
+        let frame = ProtocolError::new(ErrorCode::UnknownOp, "say \"what\"").to_frame();
+        let v: Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(v, json!({"type":"error","code":"unknown_op","message":"say \"what\""}));
+    }
+
+    #[test]
+    fn message_frames_for_each_payload_kind() {
+        let parse = |p: &Payload| serde_json::from_str::<Value>(&encode_message("c", p)).unwrap();
+        assert_eq!(parse(&Payload::Json(Bytes::from_static(br#"{"a":1}"#))), json!({"type":"message","channel":"c","data":{"a":1}}));
+        assert_eq!(parse(&Payload::Text(Bytes::from_static(b"he said \"hi\"\n"))), json!({"type":"message","channel":"c","data":"he said \"hi\"\n"}));
+        assert_eq!(
+            parse(&Payload::Binary(Bytes::from_static(&[0, 255, 1]))),
+            json!({"type":"message","channel":"c","data":"AP8B","encoding":"base64"})
+        );
+    }
+
+    #[test]
+    fn raw_frames_unwrap_json_strings() {
+        let text = |p: Payload| match encode_raw(&p) {
+            RawFrame::Text(b) => String::from_utf8(b.to_vec()).unwrap(),
+            RawFrame::Binary(_) => panic!("binary"),
+        };
+        assert_eq!(text(Payload::Json(Bytes::from_static(br#""plain""#))), "plain");
+        assert_eq!(text(Payload::Json(Bytes::from_static(br#""tab\there""#))), "tab\there");
+        assert_eq!(text(Payload::Json(Bytes::from_static(br#"{"a":1}"#))), r#"{"a":1}"#);
+        assert_eq!(text(Payload::Text(Bytes::from_static(b"hello"))), "hello");
+        assert!(matches!(encode_raw(&Payload::Binary(Bytes::from_static(b"\x00"))), RawFrame::Binary(_)));
+    }
+}

@@ -1,0 +1,139 @@
+//! The server's lifecycle: accept -> serve -> drain -> exit.
+//!
+//! [`run`] takes bound listeners and a shutdown token, so tests bind port 0 and trigger the
+//! drain themselves. The accept loop never dies on one error. Admission is a semaphore of
+//! `--max-connections` permits; a client that finds none still gets a proper HTTP 503 (at most
+//! [`REFUSALS_IN_FLIGHT`] such answers at once, further sockets are closed at once).
+//!
+//! Drain (the shutdown token fires): readiness goes 503 and new upgrades are refused at once;
+//! the open connections are closed with 1012 in equal batches spread over the first three
+//! quarters of `--drain-timeout`, so their clients reconnect elsewhere gradually rather than in
+//! one stampede; the server then waits for them to finish (at most until the drain timeout),
+//! stops its bus and HTTP listener, and returns.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::bus::{Bus, BusError};
+use crate::config::Config;
+use crate::connection::{self, Shared};
+use crate::metrics::Metrics;
+use crate::outbox::CloseReason;
+
+/// Sockets that may be in the middle of being refused (503) at once.
+pub const REFUSALS_IN_FLIGHT: usize = 1024;
+/// How often the drain closes a batch.
+const DRAIN_TICK: Duration = Duration::from_millis(100);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("HTTP listener failed: {0}")]
+    Http(#[source] std::io::Error),
+}
+
+/// Serves until `shutdown` fires, then drains and returns.
+pub async fn run(ws: TcpListener, http: TcpListener, config: Config, shutdown: CancellationToken) -> Result<(), ServerError> {
+    let metrics = Arc::new(Metrics::new());
+    let tracker = TaskTracker::new();
+    let stop = CancellationToken::new();
+    let bus = Bus::start(config.redis_url.as_deref(), &config.redis_prefix, metrics.clone(), &tracker, stop.clone())?;
+    let shared = Arc::new(Shared::new(&config, bus, metrics));
+
+    let http_task = {
+        let stop = stop.clone();
+        let app = crate::http::router(shared.clone());
+        tokio::spawn(async move { axum::serve(http, app).with_graceful_shutdown(stop.cancelled_owned()).await })
+    };
+    let accept_task = tokio::spawn(accept_loop(ws, shared.clone(), config.max_connections as usize, tracker.clone(), stop.clone()));
+    info!(pod = %config.pod_name, bus = if config.redis_url.is_some() { "redis" } else { "in-process" }, "serving");
+
+    shutdown.cancelled().await;
+    let started = Instant::now();
+    let deadline = started + config.drain_timeout();
+    drain(&shared, config.drain_timeout(), deadline).await;
+    let left = shared.connections.len();
+
+    stop.cancel();
+    let _ = accept_task.await;
+    tracker.close();
+    if tokio::time::timeout_at(deadline.max(Instant::now() + Duration::from_millis(200)), tracker.wait()).await.is_err() {
+        warn!("tasks still running at the drain deadline; exiting anyway");
+    }
+    let http_result = http_task.await;
+    if left == 0 {
+        info!(took = ?started.elapsed(), "drained gracefully");
+    } else {
+        warn!(connections = left, took = ?started.elapsed(), "drain deadline reached with connections still open");
+    }
+    match http_result {
+        Ok(Err(e)) => Err(ServerError::Http(e)),
+        _ => Ok(()),
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, max_connections: usize, tracker: TaskTracker, stop: CancellationToken) {
+    let admission = Arc::new(Semaphore::new(max_connections));
+    let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => match admission.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    tracker.spawn(connection::serve(stream, peer, shared.clone(), Some(permit)));
+                }
+                Err(_) => match refusals.clone().try_acquire_owned() {
+                    Ok(refusal) => {
+                        let shared = shared.clone();
+                        tracker.spawn(async move {
+                            connection::serve(stream, peer, shared, None).await;
+                            drop(refusal);
+                        });
+                    }
+                    Err(_) => shared.metrics.upgrade("full"),
+                },
+            },
+            Err(e) => {
+                // EMFILE, ENFILE, ENOBUFS...: back off briefly instead of spinning; the
+                // listener itself stays usable.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Closes every open connection with 1012, in paced batches, and waits (until `deadline`) for
+/// them to finish.
+async fn drain(shared: &Shared, drain_timeout: Duration, deadline: Instant) {
+    shared.draining.store(true, Ordering::Release);
+    shared.metrics.draining.set(1);
+    let open = shared.connections.snapshot();
+    let window = drain_timeout * 3 / 4;
+    let ticks = (window.as_millis() / DRAIN_TICK.as_millis()).max(1) as usize;
+    let per_tick = open.len().div_ceil(ticks).max(1);
+    info!(connections = open.len(), window = ?window, per_tick, "draining");
+    let mut tick = tokio::time::interval(DRAIN_TICK);
+    for batch in open.chunks(per_tick) {
+        tick.tick().await;
+        for outbox in batch {
+            outbox.close(CloseReason::Draining);
+        }
+    }
+    drop(open);
+    while !shared.connections.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
