@@ -59,7 +59,10 @@ impl BusHealth {
 
 enum Transport {
     Local,
-    Redis { publisher: ConnectionManager, prefix: String },
+    Redis {
+        publisher: ConnectionManager,
+        prefix: String,
+    },
 }
 
 /// The publishing side of the bus, shared by every connection.
@@ -82,7 +85,13 @@ impl Bus {
         let Some(url) = redis_url else {
             metrics.bus_up.set(1);
             let hub = Arc::new(Hub::new(None, metrics));
-            return Ok(Bus { transport: Transport::Local, hub, health: Arc::new(BusHealth { up: AtomicBool::new(true) }) });
+            return Ok(Bus {
+                transport: Transport::Local,
+                hub,
+                health: Arc::new(BusHealth {
+                    up: AtomicBool::new(true),
+                }),
+            });
         };
         let client = redis::Client::open(url).map_err(BusError::InvalidUrl)?;
         let config = ConnectionManagerConfig::new()
@@ -90,20 +99,32 @@ impl Bus {
             .set_response_timeout(Some(COMMAND_TIMEOUT))
             .set_number_of_retries(1)
             .set_max_delay(BACKOFF_MAX);
-        let publisher = ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(BusError::InvalidUrl)?;
+        let publisher = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(BusError::InvalidUrl)?;
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let hub = Arc::new(Hub::new(Some(tx), metrics.clone()));
-        let health = Arc::new(BusHealth { up: AtomicBool::new(false) });
+        let health = Arc::new(BusHealth {
+            up: AtomicBool::new(false),
+        });
         let subscriber = Subscriber {
             client,
-            keys: Keys { prefix: prefix.to_owned() },
+            keys: Keys {
+                prefix: prefix.to_owned(),
+            },
             hub: hub.clone(),
             commands: rx,
             health: health.clone(),
             metrics,
         };
         tracker.spawn(subscriber.run(shutdown));
-        Ok(Bus { transport: Transport::Redis { publisher, prefix: prefix.to_owned() }, hub, health })
+        Ok(Bus {
+            transport: Transport::Redis {
+                publisher,
+                prefix: prefix.to_owned(),
+            },
+            hub,
+            health,
+        })
     }
 
     pub fn hub(&self) -> &Arc<Hub> {
@@ -197,7 +218,12 @@ impl Subscriber {
         }
     }
 
-    async fn session(&mut self, pubsub: redis::aio::PubSub, shutdown: &CancellationToken, backoff: &mut Duration) -> SessionEnd {
+    async fn session(
+        &mut self,
+        pubsub: redis::aio::PubSub,
+        shutdown: &CancellationToken,
+        backoff: &mut Duration,
+    ) -> SessionEnd {
         let (mut sink, mut stream) = pubsub.split();
         // Resubscribe everything the hub has now; commands queued meanwhile are replayed after
         // (a duplicate SUBSCRIBE is harmless, and order keeps unsubscribe-then-subscribe right).
@@ -230,7 +256,7 @@ impl Subscriber {
                     },
                     None => return SessionEnd::Shutdown,
                 },
-                _ = ping.tick() => if let Err(e) = with_timeout(sink.ping::<String>()).await {
+                _ = ping.tick() => if let Err(e) = with_timeout(sink.ping::<redis::Value>()).await {
                     return SessionEnd::Lost(format!("ping failed: {e}"));
                 },
             }
@@ -239,7 +265,10 @@ impl Subscriber {
 
     async fn on_command(&self, sink: &mut PubSubSink, cmd: BusCommand) -> Result<(), String> {
         match cmd {
-            BusCommand::Subscribe { channel, generation } => {
+            BusCommand::Subscribe {
+                channel,
+                generation,
+            } => {
                 with_timeout(sink.subscribe(self.keys.key(&channel))).await?;
                 debug!(%channel, "subscribed on the bus");
                 self.hub.confirm(&channel, generation);
@@ -254,7 +283,9 @@ impl Subscriber {
 
     fn on_message(&self, msg: &redis::Msg) {
         self.metrics.bus_messages.inc();
-        let Some(channel) = self.keys.channel(msg.get_channel_name()) else { return };
+        let Some(channel) = self.keys.channel(msg.get_channel_name()) else {
+            return;
+        };
         match Envelope::decode(Bytes::copy_from_slice(msg.get_payload_bytes())) {
             Ok(envelope) => self.hub.deliver(channel, &envelope),
             Err(e) => {
@@ -284,7 +315,9 @@ mod tests {
 
     #[test]
     fn keys_round_trip_and_ignore_other_prefixes() {
-        let keys = Keys { prefix: "fleet-a".into() };
+        let keys = Keys {
+            prefix: "fleet-a".into(),
+        };
         assert_eq!(keys.key("room:1"), "fleet-a:ch:room:1");
         assert_eq!(keys.channel("fleet-a:ch:room:1"), Some("room:1"));
         assert_eq!(keys.channel("fleet-b:ch:room:1"), None);
@@ -294,7 +327,13 @@ mod tests {
     #[test]
     fn an_invalid_url_is_refused_up_front() {
         let tracker = TaskTracker::new();
-        let r = Bus::start(Some("http://nope"), "p", Arc::new(Metrics::new()), &tracker, CancellationToken::new());
+        let r = Bus::start(
+            Some("http://nope"),
+            "p",
+            Arc::new(Metrics::new()),
+            &tracker,
+            CancellationToken::new(),
+        );
         assert!(matches!(r, Err(BusError::InvalidUrl(_))));
     }
 }

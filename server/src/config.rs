@@ -80,8 +80,9 @@ pub struct Config {
     #[arg(long, env = "WSFLEET_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
-    /// Read buffer per connection, in bytes. Small keeps idle connections cheap.
-    #[arg(long, env = "WSFLEET_READ_BUFFER_SIZE", default_value_t = 4096,
+    /// Read buffer per connection, in bytes. Small keeps idle connections cheap; larger messages
+    /// still arrive whole (the buffer grows for them).
+    #[arg(long, env = "WSFLEET_READ_BUFFER_SIZE", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(256..=1024 * 1024))]
     pub read_buffer_size: u32,
 
@@ -117,12 +118,22 @@ impl Config {
 
     /// Settings for tests and embedders: every default, loopback ports chosen by the caller.
     pub fn for_tests() -> Self {
-        Config::parse_from(["wsfleet-server", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        Config::parse_from([
+            "wsfleet-server",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
     }
 }
 
 fn parse_prefix(s: &str) -> Result<String, String> {
-    if !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+    if !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
         Ok(s.to_owned())
     } else {
         Err("must be 1-64 characters of A-Z a-z 0-9 - _ .".into())
@@ -152,7 +163,14 @@ mod tests {
 
     #[test]
     fn origins_are_comma_separated() {
-        let c = Config::parse_from(["wsfleet-server", "--allowed-origins", "https://a.example,https://b.example"]);
-        assert_eq!(c.allowed_origins, ["https://a.example", "https://b.example"]);
+        let c = Config::parse_from([
+            "wsfleet-server",
+            "--allowed-origins",
+            "https://a.example,https://b.example",
+        ]);
+        assert_eq!(
+            c.allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
     }
 }

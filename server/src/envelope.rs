@@ -39,12 +39,18 @@ pub enum EnvelopeError {
 }
 
 pub fn now_micros() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 impl Envelope {
     pub fn new(payload: Payload) -> Self {
-        Envelope { published_at_micros: now_micros(), payload }
+        Envelope {
+            published_at_micros: now_micros(),
+            payload,
+        }
     }
 
     pub fn encode(&self) -> Bytes {
@@ -68,16 +74,22 @@ impl Envelope {
         if bytes[0] != VERSION {
             return Err(EnvelopeError::Version(bytes[0]));
         }
-        let published_at_micros = u64::from_be_bytes(bytes[2..HEADER].try_into().unwrap_or_default());
+        let published_at_micros =
+            u64::from_be_bytes(bytes[2..HEADER].try_into().unwrap_or_default());
         let body = bytes.slice(HEADER..);
         let payload = match bytes[1] {
-            b't' | b'j' if std::str::from_utf8(&body).is_err() => return Err(EnvelopeError::NotUtf8),
+            b't' | b'j' if std::str::from_utf8(&body).is_err() => {
+                return Err(EnvelopeError::NotUtf8);
+            }
             b't' => Payload::Text(body),
             b'j' => Payload::Json(body),
             b'b' => Payload::Binary(body),
             k => return Err(EnvelopeError::Kind(k)),
         };
-        Ok(Envelope { published_at_micros, payload })
+        Ok(Envelope {
+            published_at_micros,
+            payload,
+        })
     }
 }
 
@@ -93,16 +105,31 @@ mod tests {
             Payload::Json(Bytes::from_static(br#"{"a":[1,2]}"#)),
             Payload::Text(Bytes::new()),
         ] {
-            let e = Envelope { published_at_micros: 1_700_000_000_123_456, payload };
+            let e = Envelope {
+                published_at_micros: 1_700_000_000_123_456,
+                payload,
+            };
             assert_eq!(Envelope::decode(e.encode()), Ok(e));
         }
     }
 
     #[test]
     fn refuses_what_it_cannot_read() {
-        assert_eq!(Envelope::decode(Bytes::from_static(b"\x01t")), Err(EnvelopeError::Short(2)));
-        assert_eq!(Envelope::decode(Bytes::from_static(b"\x02t12345678")), Err(EnvelopeError::Version(2)));
-        assert_eq!(Envelope::decode(Bytes::from_static(b"\x01x12345678")), Err(EnvelopeError::Kind(b'x')));
-        assert_eq!(Envelope::decode(Bytes::from_static(b"\x01t12345678\xff")), Err(EnvelopeError::NotUtf8));
+        assert_eq!(
+            Envelope::decode(Bytes::from_static(b"\x01t")),
+            Err(EnvelopeError::Short(2))
+        );
+        assert_eq!(
+            Envelope::decode(Bytes::from_static(b"\x02t12345678")),
+            Err(EnvelopeError::Version(2))
+        );
+        assert_eq!(
+            Envelope::decode(Bytes::from_static(b"\x01x12345678")),
+            Err(EnvelopeError::Kind(b'x'))
+        );
+        assert_eq!(
+            Envelope::decode(Bytes::from_static(b"\x01t12345678\xff")),
+            Err(EnvelopeError::NotUtf8)
+        );
     }
 }

@@ -27,7 +27,10 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     if shared.draining.load(Ordering::Acquire) {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
     } else if !shared.bus.health.is_up() {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: message bus down\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: message bus down\n",
+        )
     } else {
         (StatusCode::OK, "ok\n")
     }
@@ -35,7 +38,10 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         shared.metrics.render(),
     )
 }

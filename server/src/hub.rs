@@ -75,11 +75,22 @@ pub struct Hub {
 
 impl Hub {
     pub fn new(bus: Option<mpsc::Sender<BusCommand>>, metrics: Arc<Metrics>) -> Self {
-        Hub { channels: RwLock::default(), bus, next_generation: AtomicU64::new(1), metrics }
+        Hub {
+            channels: RwLock::default(),
+            bus,
+            next_generation: AtomicU64::new(1),
+            metrics,
+        }
     }
 
     /// Adds a local subscriber and waits until the bus delivers the channel to this server.
-    pub async fn subscribe(&self, channel: &str, conn: ConnId, outbox: Arc<Outbox>, mode: Mode) -> Result<(), SubscribeError> {
+    pub async fn subscribe(
+        &self,
+        channel: &str,
+        conn: ConnId,
+        outbox: Arc<Outbox>,
+        mode: Mode,
+    ) -> Result<(), SubscribeError> {
         let (entry, created) = {
             let mut channels = write(&self.channels);
             let mut created = false;
@@ -99,10 +110,18 @@ impl Hub {
             (entry, created)
         };
         if created {
-            self.metrics.bus_channels.set(read(&self.channels).len() as i64);
+            self.metrics
+                .bus_channels
+                .set(read(&self.channels).len() as i64);
             if let Some(bus) = &self.bus {
-                let cmd = BusCommand::Subscribe { channel: Arc::from(channel), generation: entry.generation };
-                if tokio::time::timeout(SUBSCRIBE_TIMEOUT, bus.send(cmd)).await.is_err() {
+                let cmd = BusCommand::Subscribe {
+                    channel: Arc::from(channel),
+                    generation: entry.generation,
+                };
+                if tokio::time::timeout(SUBSCRIBE_TIMEOUT, bus.send(cmd))
+                    .await
+                    .is_err()
+                {
                     self.unsubscribe(channel, conn);
                     return Err(SubscribeError::BusUnavailable);
                 }
@@ -117,7 +136,10 @@ impl Hub {
                 notified.await;
             }
         };
-        if tokio::time::timeout(SUBSCRIBE_TIMEOUT, confirmed).await.is_err() {
+        if tokio::time::timeout(SUBSCRIBE_TIMEOUT, confirmed)
+            .await
+            .is_err()
+        {
             self.unsubscribe(channel, conn);
             return Err(SubscribeError::BusUnavailable);
         }
@@ -127,7 +149,9 @@ impl Hub {
     /// Removes a local subscriber; returns whether it was subscribed.
     pub fn unsubscribe(&self, channel: &str, conn: ConnId) -> bool {
         let mut channels = write(&self.channels);
-        let Some(entry) = channels.get(channel) else { return false };
+        let Some(entry) = channels.get(channel) else {
+            return false;
+        };
         let mut subs = lock(&entry.subscribers);
         let was = subs.remove(&conn).is_some();
         if subs.is_empty() {
@@ -137,7 +161,9 @@ impl Hub {
             if let Some(bus) = &self.bus {
                 // The bus drains its queue continuously; if it is momentarily full, the bus task
                 // reconciles its subscriptions against `channels()` on the next reconnect anyway.
-                let _ = bus.try_send(BusCommand::Unsubscribe { channel: Arc::from(channel) });
+                let _ = bus.try_send(BusCommand::Unsubscribe {
+                    channel: Arc::from(channel),
+                });
             }
         }
         was
@@ -155,12 +181,17 @@ impl Hub {
 
     /// Channels with local subscribers and their generations, for the bus to (re)subscribe.
     pub fn channels(&self) -> Vec<(Arc<str>, u64)> {
-        read(&self.channels).iter().map(|(name, c)| (name.clone(), c.generation)).collect()
+        read(&self.channels)
+            .iter()
+            .map(|(name, c)| (name.clone(), c.generation))
+            .collect()
     }
 
     /// Fans one message out to the channel's local subscribers.
     pub fn deliver(&self, channel: &str, envelope: &Envelope) {
-        let Some(entry) = read(&self.channels).get(channel).cloned() else { return };
+        let Some(entry) = read(&self.channels).get(channel).cloned() else {
+            return;
+        };
         let latency = now_micros().saturating_sub(envelope.published_at_micros);
         self.metrics.deliver_latency.observe(latency as f64 / 1e6);
         let mut raw: Option<Message> = None;
@@ -169,11 +200,17 @@ impl Hub {
         let subs = lock(&entry.subscribers);
         for sub in subs.values() {
             let frame = match sub.mode {
-                Mode::Raw => raw.get_or_insert_with(|| match protocol::encode_raw(&envelope.payload) {
-                    RawFrame::Text(b) => Message::Text(Utf8Bytes::try_from(b).unwrap_or_default()),
-                    RawFrame::Binary(b) => Message::Binary(b),
+                Mode::Raw => {
+                    raw.get_or_insert_with(|| match protocol::encode_raw(&envelope.payload) {
+                        RawFrame::Text(b) => {
+                            Message::Text(Utf8Bytes::try_from(b).unwrap_or_default())
+                        }
+                        RawFrame::Binary(b) => Message::Binary(b),
+                    })
+                }
+                Mode::Protocol => proto.get_or_insert_with(|| {
+                    Message::text(protocol::encode_message(channel, &envelope.payload))
                 }),
-                Mode::Protocol => proto.get_or_insert_with(|| Message::text(protocol::encode_message(channel, &envelope.payload))),
             };
             if sub.outbox.push(frame.clone()) == Push::Overflow {
                 slow += 1;
@@ -219,16 +256,31 @@ mod tests {
     #[tokio::test]
     async fn one_encoding_shared_by_all_subscribers_of_a_mode() {
         let hub = local_hub();
-        let (a, b, c) = (Arc::new(Outbox::new(8)), Arc::new(Outbox::new(8)), Arc::new(Outbox::new(8)));
-        hub.subscribe("room", 1, a.clone(), Mode::Protocol).await.unwrap();
-        hub.subscribe("room", 2, b.clone(), Mode::Protocol).await.unwrap();
-        hub.subscribe("room", 3, c.clone(), Mode::Raw).await.unwrap();
+        let (a, b, c) = (
+            Arc::new(Outbox::new(8)),
+            Arc::new(Outbox::new(8)),
+            Arc::new(Outbox::new(8)),
+        );
+        hub.subscribe("room", 1, a.clone(), Mode::Protocol)
+            .await
+            .unwrap();
+        hub.subscribe("room", 2, b.clone(), Mode::Protocol)
+            .await
+            .unwrap();
+        hub.subscribe("room", 3, c.clone(), Mode::Raw)
+            .await
+            .unwrap();
         hub.deliver_payload("room", Payload::Json(bytes::Bytes::from_static(br#""hi""#)));
         let (ma, mb, mc) = (drain(&a).await, drain(&b).await, drain(&c).await);
-        assert_eq!(ma[0], Message::text(r#"{"type":"message","channel":"room","data":"hi"}"#));
+        assert_eq!(
+            ma[0],
+            Message::text(r#"{"type":"message","channel":"room","data":"hi"}"#)
+        );
         assert_eq!(mc[0], Message::text("hi"));
         // Same allocation, not just equal bytes.
-        let (Message::Text(x), Message::Text(y)) = (&ma[0], &mb[0]) else { panic!() };
+        let (Message::Text(x), Message::Text(y)) = (&ma[0], &mb[0]) else {
+            panic!()
+        };
         assert_eq!(x.as_str().as_ptr(), y.as_str().as_ptr());
     }
 
@@ -236,8 +288,12 @@ mod tests {
     async fn a_slow_subscriber_is_closed_and_the_others_keep_receiving() {
         let hub = local_hub();
         let (slow, fast) = (Arc::new(Outbox::new(2)), Arc::new(Outbox::new(100)));
-        hub.subscribe("c", 1, slow.clone(), Mode::Raw).await.unwrap();
-        hub.subscribe("c", 2, fast.clone(), Mode::Raw).await.unwrap();
+        hub.subscribe("c", 1, slow.clone(), Mode::Raw)
+            .await
+            .unwrap();
+        hub.subscribe("c", 2, fast.clone(), Mode::Raw)
+            .await
+            .unwrap();
         for i in 0..10 {
             hub.deliver_payload("c", Payload::Text(format!("{i}").into()));
         }
@@ -251,8 +307,17 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(8);
         let hub = Arc::new(Hub::new(Some(tx), Arc::new(Metrics::new())));
         let h = hub.clone();
-        let sub = tokio::spawn(async move { h.subscribe("c", 1, Arc::new(Outbox::new(4)), Mode::Raw).await });
-        let Some(BusCommand::Subscribe { channel, generation }) = rx.recv().await else { panic!() };
+        let sub = tokio::spawn(async move {
+            h.subscribe("c", 1, Arc::new(Outbox::new(4)), Mode::Raw)
+                .await
+        });
+        let Some(BusCommand::Subscribe {
+            channel,
+            generation,
+        }) = rx.recv().await
+        else {
+            panic!()
+        };
         assert_eq!(&*channel, "c");
         hub.confirm("c", generation + 1); // a stale confirmation does not count
         tokio::task::yield_now().await;
@@ -261,7 +326,10 @@ mod tests {
         sub.await.unwrap().unwrap();
         assert_eq!(hub.channels().len(), 1);
         assert!(hub.unsubscribe("c", 1));
-        assert!(matches!(rx.recv().await, Some(BusCommand::Unsubscribe { .. })));
+        assert!(matches!(
+            rx.recv().await,
+            Some(BusCommand::Unsubscribe { .. })
+        ));
         assert!(hub.channels().is_empty());
         assert!(!hub.unsubscribe("c", 1));
     }
@@ -270,7 +338,9 @@ mod tests {
     async fn an_unconfirmed_subscribe_fails_and_leaves_nothing_behind() {
         let (tx, _rx) = mpsc::channel(8);
         let hub = Hub::new(Some(tx), Arc::new(Metrics::new()));
-        let r = hub.subscribe("c", 1, Arc::new(Outbox::new(4)), Mode::Raw).await;
+        let r = hub
+            .subscribe("c", 1, Arc::new(Outbox::new(4)), Mode::Raw)
+            .await;
         assert!(matches!(r, Err(SubscribeError::BusUnavailable)));
         assert!(hub.channels().is_empty());
     }

@@ -23,10 +23,19 @@ pub fn validate_channel(name: &str) -> Result<(), String> {
         return Err("channel must not be empty".into());
     }
     if name.len() > MAX_CHANNEL_LEN {
-        return Err(format!("channel is {} bytes long; the limit is {MAX_CHANNEL_LEN}", name.len()));
+        return Err(format!(
+            "channel is {} bytes long; the limit is {MAX_CHANNEL_LEN}",
+            name.len()
+        ));
     }
-    match name.bytes().find(|b| !(b.is_ascii_alphanumeric() || b"_-.:@".contains(b))) {
-        Some(b) => Err(format!("channel contains {:?}; allowed are A-Z a-z 0-9 _ - . : @", b as char)),
+    match name
+        .bytes()
+        .find(|b| !(b.is_ascii_alphanumeric() || b"_-.:@".contains(b)))
+    {
+        Some(b) => Err(format!(
+            "channel contains {:?}; allowed are A-Z a-z 0-9 _ - . : @",
+            b as char
+        )),
         None => Ok(()),
     }
 }
@@ -34,10 +43,17 @@ pub fn validate_channel(name: &str) -> Result<(), String> {
 /// What a protocol-mode client asked for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ClientOp<'a> {
-    Subscribe { channel: &'a str },
-    Unsubscribe { channel: &'a str },
+    Subscribe {
+        channel: &'a str,
+    },
+    Unsubscribe {
+        channel: &'a str,
+    },
     /// `data` is the client's JSON value exactly as sent (never re-serialised).
-    Publish { channel: &'a str, data: &'a str },
+    Publish {
+        channel: &'a str,
+        data: &'a str,
+    },
 }
 
 /// Error codes of `{"type":"error"}` frames. Part of the public interface.
@@ -84,12 +100,16 @@ pub struct ProtocolError {
 
 impl ProtocolError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ProtocolError { code, message: message.into() }
+        ProtocolError {
+            code,
+            message: message.into(),
+        }
     }
 
     /// The `{"type":"error",...}` frame for this error.
     pub fn to_frame(&self) -> String {
-        serde_json::json!({"type": "error", "code": self.code.as_str(), "message": self.message}).to_string()
+        serde_json::json!({"type": "error", "code": self.code.as_str(), "message": self.message})
+            .to_string()
     }
 }
 
@@ -113,33 +133,56 @@ struct WireOp<'a> {
 pub fn parse_client_frame(text: &str) -> Result<ClientOp<'_>, ProtocolError> {
     // serde would also accept a JSON array for a struct; the protocol speaks objects only.
     if !text.trim_start().starts_with('{') {
-        return Err(ProtocolError::new(ErrorCode::InvalidJson, "frame is not a JSON object"));
+        return Err(ProtocolError::new(
+            ErrorCode::InvalidJson,
+            "frame is not a JSON object",
+        ));
     }
     let wire: WireOp<'_> = serde_json::from_str(text).map_err(|e| {
-        ProtocolError::new(ErrorCode::InvalidJson, format!("frame is not a JSON object: {e}"))
+        ProtocolError::new(
+            ErrorCode::InvalidJson,
+            format!("frame is not a JSON object: {e}"),
+        )
     })?;
     let op = match wire.op {
-        None => return Err(ProtocolError::new(ErrorCode::UnknownOp, "missing field `op`")),
-        Some(raw) => str_field(raw, "op").map_err(|e| ProtocolError { code: ErrorCode::UnknownOp, ..e })?,
+        None => {
+            return Err(ProtocolError::new(
+                ErrorCode::UnknownOp,
+                "missing field `op`",
+            ));
+        }
+        Some(raw) => str_field(raw, "op").map_err(|e| ProtocolError {
+            code: ErrorCode::UnknownOp,
+            ..e
+        })?,
     };
     let channel = || -> Result<&str, ProtocolError> {
-        let raw = wire
-            .channel
-            .ok_or_else(|| ProtocolError::new(ErrorCode::InvalidField, "missing field `channel`"))?;
+        let raw = wire.channel.ok_or_else(|| {
+            ProtocolError::new(ErrorCode::InvalidField, "missing field `channel`")
+        })?;
         let name = str_field(raw, "channel")?;
         validate_channel(name).map_err(|m| ProtocolError::new(ErrorCode::InvalidChannel, m))?;
         Ok(name)
     };
     match op {
-        "subscribe" => Ok(ClientOp::Subscribe { channel: channel()? }),
-        "unsubscribe" => Ok(ClientOp::Unsubscribe { channel: channel()? }),
+        "subscribe" => Ok(ClientOp::Subscribe {
+            channel: channel()?,
+        }),
+        "unsubscribe" => Ok(ClientOp::Unsubscribe {
+            channel: channel()?,
+        }),
         "publish" => {
             let channel = channel()?;
             let data = wire
                 .data
                 .map(RawValue::get)
                 .filter(|d| *d != "null")
-                .ok_or_else(|| ProtocolError::new(ErrorCode::InvalidField, "missing field `data` (any JSON value but null)"))?;
+                .ok_or_else(|| {
+                    ProtocolError::new(
+                        ErrorCode::InvalidField,
+                        "missing field `data` (any JSON value but null)",
+                    )
+                })?;
             Ok(ClientOp::Publish { channel, data })
         }
         other => Err(ProtocolError::new(
@@ -154,8 +197,14 @@ fn str_field<'a>(raw: &'a RawValue, field: &str) -> Result<&'a str, ProtocolErro
     let s = raw.get();
     match s.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
         Some(inner) if !inner.contains('\\') => Ok(inner),
-        Some(_) => Err(ProtocolError::new(ErrorCode::InvalidChannel, format!("field `{field}` must not contain escapes"))),
-        None => Err(ProtocolError::new(ErrorCode::InvalidField, format!("field `{field}` must be a string"))),
+        Some(_) => Err(ProtocolError::new(
+            ErrorCode::InvalidChannel,
+            format!("field `{field}` must not contain escapes"),
+        )),
+        None => Err(ProtocolError::new(
+            ErrorCode::InvalidField,
+            format!("field `{field}` must be a string"),
+        )),
     }
 }
 
@@ -245,11 +294,20 @@ mod tests {
 
     #[test]
     fn parses_the_three_ops() {
-        assert_eq!(parse_client_frame(r#"{"op":"subscribe","channel":"news"}"#), Ok(ClientOp::Subscribe { channel: "news" }));
-        assert_eq!(parse_client_frame(r#"{"op":"unsubscribe","channel":"a:b"}"#), Ok(ClientOp::Unsubscribe { channel: "a:b" }));
+        assert_eq!(
+            parse_client_frame(r#"{"op":"subscribe","channel":"news"}"#),
+            Ok(ClientOp::Subscribe { channel: "news" })
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"op":"unsubscribe","channel":"a:b"}"#),
+            Ok(ClientOp::Unsubscribe { channel: "a:b" })
+        );
         assert_eq!(
             parse_client_frame(r#"{"op":"publish","channel":"c","data":{"x":[1, 2]}}"#),
-            Ok(ClientOp::Publish { channel: "c", data: r#"{"x":[1, 2]}"# })
+            Ok(ClientOp::Publish {
+                channel: "c",
+                data: r#"{"x":[1, 2]}"#
+            })
         );
     }
 
@@ -267,11 +325,20 @@ mod tests {
         let e = parse_err(r#"{"op":"subscribe","channel":7}"#);
         assert_eq!(e.code, ErrorCode::InvalidField);
         assert!(e.message.contains("`channel`"));
-        assert_eq!(parse_err(r#"{"op":"subscribe","channel":"a b"}"#).code, ErrorCode::InvalidChannel);
-        assert_eq!(parse_err(r#"{"op":"subscribe","channel":""}"#).code, ErrorCode::InvalidChannel);
+        assert_eq!(
+            parse_err(r#"{"op":"subscribe","channel":"a b"}"#).code,
+            ErrorCode::InvalidChannel
+        );
+        assert_eq!(
+            parse_err(r#"{"op":"subscribe","channel":""}"#).code,
+            ErrorCode::InvalidChannel
+        );
         let e = parse_err(r#"{"op":"publish","channel":"c"}"#);
         assert!(e.message.contains("`data`"));
-        assert_eq!(parse_err(r#"{"op":"publish","channel":"c","data":null}"#).code, ErrorCode::InvalidField);
+        assert_eq!(
+            parse_err(r#"{"op":"publish","channel":"c","data":null}"#).code,
+            ErrorCode::InvalidField
+        );
     }
 
     #[test]
@@ -288,14 +355,23 @@ mod tests {
     fn error_frames_are_json() {
         let frame = ProtocolError::new(ErrorCode::UnknownOp, "say \"what\"").to_frame();
         let v: Value = serde_json::from_str(&frame).unwrap();
-        assert_eq!(v, json!({"type":"error","code":"unknown_op","message":"say \"what\""}));
+        assert_eq!(
+            v,
+            json!({"type":"error","code":"unknown_op","message":"say \"what\""})
+        );
     }
 
     #[test]
     fn message_frames_for_each_payload_kind() {
         let parse = |p: &Payload| serde_json::from_str::<Value>(&encode_message("c", p)).unwrap();
-        assert_eq!(parse(&Payload::Json(Bytes::from_static(br#"{"a":1}"#))), json!({"type":"message","channel":"c","data":{"a":1}}));
-        assert_eq!(parse(&Payload::Text(Bytes::from_static(b"he said \"hi\"\n"))), json!({"type":"message","channel":"c","data":"he said \"hi\"\n"}));
+        assert_eq!(
+            parse(&Payload::Json(Bytes::from_static(br#"{"a":1}"#))),
+            json!({"type":"message","channel":"c","data":{"a":1}})
+        );
+        assert_eq!(
+            parse(&Payload::Text(Bytes::from_static(b"he said \"hi\"\n"))),
+            json!({"type":"message","channel":"c","data":"he said \"hi\"\n"})
+        );
         assert_eq!(
             parse(&Payload::Binary(Bytes::from_static(&[0, 255, 1]))),
             json!({"type":"message","channel":"c","data":"AP8B","encoding":"base64"})
@@ -308,10 +384,22 @@ mod tests {
             RawFrame::Text(b) => String::from_utf8(b.to_vec()).unwrap(),
             RawFrame::Binary(_) => panic!("binary"),
         };
-        assert_eq!(text(Payload::Json(Bytes::from_static(br#""plain""#))), "plain");
-        assert_eq!(text(Payload::Json(Bytes::from_static(br#""tab\there""#))), "tab\there");
-        assert_eq!(text(Payload::Json(Bytes::from_static(br#"{"a":1}"#))), r#"{"a":1}"#);
+        assert_eq!(
+            text(Payload::Json(Bytes::from_static(br#""plain""#))),
+            "plain"
+        );
+        assert_eq!(
+            text(Payload::Json(Bytes::from_static(br#""tab\there""#))),
+            "tab\there"
+        );
+        assert_eq!(
+            text(Payload::Json(Bytes::from_static(br#"{"a":1}"#))),
+            r#"{"a":1}"#
+        );
         assert_eq!(text(Payload::Text(Bytes::from_static(b"hello"))), "hello");
-        assert!(matches!(encode_raw(&Payload::Binary(Bytes::from_static(b"\x00"))), RawFrame::Binary(_)));
+        assert!(matches!(
+            encode_raw(&Payload::Binary(Bytes::from_static(b"\x00"))),
+            RawFrame::Binary(_)
+        ));
     }
 }

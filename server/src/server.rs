@@ -30,8 +30,8 @@ use crate::outbox::CloseReason;
 
 /// Sockets that may be in the middle of being refused (503) at once.
 pub const REFUSALS_IN_FLIGHT: usize = 1024;
-/// How often the drain closes a batch.
-const DRAIN_TICK: Duration = Duration::from_millis(100);
+/// The drain closes a batch at most this often.
+const MIN_DRAIN_TICK: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -42,19 +42,40 @@ pub enum ServerError {
 }
 
 /// Serves until `shutdown` fires, then drains and returns.
-pub async fn run(ws: TcpListener, http: TcpListener, config: Config, shutdown: CancellationToken) -> Result<(), ServerError> {
+pub async fn run(
+    ws: TcpListener,
+    http: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
     let metrics = Arc::new(Metrics::new());
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
-    let bus = Bus::start(config.redis_url.as_deref(), &config.redis_prefix, metrics.clone(), &tracker, stop.clone())?;
+    let bus = Bus::start(
+        config.redis_url.as_deref(),
+        &config.redis_prefix,
+        metrics.clone(),
+        &tracker,
+        stop.clone(),
+    )?;
     let shared = Arc::new(Shared::new(&config, bus, metrics));
 
     let http_task = {
         let stop = stop.clone();
         let app = crate::http::router(shared.clone());
-        tokio::spawn(async move { axum::serve(http, app).with_graceful_shutdown(stop.cancelled_owned()).await })
+        tokio::spawn(async move {
+            axum::serve(http, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        })
     };
-    let accept_task = tokio::spawn(accept_loop(ws, shared.clone(), config.max_connections as usize, tracker.clone(), stop.clone()));
+    let accept_task = tokio::spawn(accept_loop(
+        ws,
+        shared.clone(),
+        config.max_connections as usize,
+        tracker.clone(),
+        stop.clone(),
+    ));
     info!(pod = %config.pod_name, bus = if config.redis_url.is_some() { "redis" } else { "in-process" }, "serving");
 
     shutdown.cancelled().await;
@@ -66,7 +87,13 @@ pub async fn run(ws: TcpListener, http: TcpListener, config: Config, shutdown: C
     stop.cancel();
     let _ = accept_task.await;
     tracker.close();
-    if tokio::time::timeout_at(deadline.max(Instant::now() + Duration::from_millis(200)), tracker.wait()).await.is_err() {
+    if tokio::time::timeout_at(
+        deadline.max(Instant::now() + Duration::from_millis(200)),
+        tracker.wait(),
+    )
+    .await
+    .is_err()
+    {
         warn!("tasks still running at the drain deadline; exiting anyway");
     }
     let http_result = http_task.await;
@@ -81,7 +108,13 @@ pub async fn run(ws: TcpListener, http: TcpListener, config: Config, shutdown: C
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, max_connections: usize, tracker: TaskTracker, stop: CancellationToken) {
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    max_connections: usize,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) {
     let admission = Arc::new(Semaphore::new(max_connections));
     let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
     loop {
@@ -92,7 +125,12 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, max_connections
         match accepted {
             Ok((stream, peer)) => match admission.clone().try_acquire_owned() {
                 Ok(permit) => {
-                    tracker.spawn(connection::serve(stream, peer, shared.clone(), Some(permit)));
+                    tracker.spawn(connection::serve(
+                        stream,
+                        peer,
+                        shared.clone(),
+                        Some(permit),
+                    ));
                 }
                 Err(_) => match refusals.clone().try_acquire_owned() {
                     Ok(refusal) => {
@@ -122,12 +160,25 @@ async fn drain(shared: &Shared, drain_timeout: Duration, deadline: Instant) {
     shared.metrics.draining.set(1);
     let open = shared.connections.snapshot();
     let window = drain_timeout * 3 / 4;
-    let ticks = (window.as_millis() / DRAIN_TICK.as_millis()).max(1) as usize;
-    let per_tick = open.len().div_ceil(ticks).max(1);
-    info!(connections = open.len(), window = ?window, per_tick, "draining");
-    let mut tick = tokio::time::interval(DRAIN_TICK);
-    for batch in open.chunks(per_tick) {
-        tick.tick().await;
+    let most_batches = (window.as_millis() / MIN_DRAIN_TICK.as_millis()).max(1) as usize;
+    let per_batch = open.len().div_ceil(most_batches).max(1);
+    let batches = open.len().div_ceil(per_batch).max(1);
+    // Batches are evenly spaced so that the last one goes out at the end of the window.
+    let period = if batches > 1 {
+        window / (batches as u32 - 1)
+    } else {
+        window
+    };
+    info!(
+        connections = open.len(),
+        ?window,
+        per_batch,
+        ?period,
+        "draining"
+    );
+    let start = Instant::now();
+    for (i, batch) in open.chunks(per_batch).enumerate() {
+        tokio::time::sleep_until(start + period * i as u32).await;
         for outbox in batch {
             outbox.close(CloseReason::Draining);
         }

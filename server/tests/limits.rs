@@ -1,0 +1,335 @@
+//! Bad input and hostile clients get a clear answer and harm nobody else: every test keeps a
+//! bystander subscribed on the same server and checks it is still served afterwards.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+/// Checks that a bystander on `server` still receives what a fresh client publishes.
+async fn bystander_still_served(server: &Server, bystander: &mut Ws) {
+    let mut p = connect(&server.url("/ws")).await;
+    publish(&mut p, "calm", json!("still here")).await;
+    assert_eq!(next_json(bystander).await["data"], "still here");
+}
+
+async fn expect_error(ws: &mut Ws, frame: &str, code: &str, mentions: &str) {
+    ws.send(Message::text(frame)).await.unwrap();
+    let reply = next_json(ws).await;
+    assert_eq!(reply["type"], "error", "{frame} -> {reply}");
+    assert_eq!(reply["code"], code, "{frame} -> {reply}");
+    let message = reply["message"].as_str().unwrap();
+    assert!(
+        message.contains(mentions),
+        "{frame} -> {message:?} should mention {mentions:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_get_error_frames_and_the_connection_stays_usable() {
+    let server = Server::start(None, &["--max-subscriptions", "3"]);
+    let mut bystander = subscriber(&server, "calm").await;
+    let mut ws = connect(&server.url("/ws")).await;
+
+    expect_error(&mut ws, "this is not json", "invalid_json", "JSON").await;
+    expect_error(&mut ws, "[1,2,3]", "invalid_json", "object").await;
+    expect_error(
+        &mut ws,
+        r#"{"op":"dance","channel":"c"}"#,
+        "unknown_op",
+        "dance",
+    )
+    .await;
+    expect_error(&mut ws, r#"{"channel":"c"}"#, "unknown_op", "op").await;
+    expect_error(&mut ws, r#"{"op":"subscribe"}"#, "invalid_field", "channel").await;
+    expect_error(
+        &mut ws,
+        r#"{"op":"subscribe","channel":42}"#,
+        "invalid_field",
+        "channel",
+    )
+    .await;
+    expect_error(
+        &mut ws,
+        r#"{"op":"subscribe","channel":"no spaces"}"#,
+        "invalid_channel",
+        "allowed",
+    )
+    .await;
+    expect_error(
+        &mut ws,
+        r#"{"op":"publish","channel":"c"}"#,
+        "invalid_field",
+        "data",
+    )
+    .await;
+    expect_error(
+        &mut ws,
+        r#"{"op":"unsubscribe","channel":"never"}"#,
+        "not_subscribed",
+        "never",
+    )
+    .await;
+    ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    let reply = next_json(&mut ws).await;
+    assert_eq!(reply["code"], "binary_not_supported", "{reply}");
+
+    // Too many subscriptions: the first three work, the fourth is refused, nothing else changes.
+    for ch in ["a", "b", "c"] {
+        send_json(&mut ws, json!({"op":"subscribe","channel":ch})).await;
+        assert_eq!(next_json(&mut ws).await["type"], "subscribed");
+    }
+    expect_error(
+        &mut ws,
+        r#"{"op":"subscribe","channel":"d"}"#,
+        "subscription_limit",
+        "3",
+    )
+    .await;
+    send_json(&mut ws, json!({"op":"unsubscribe","channel":"a"})).await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type":"unsubscribed","channel":"a"})
+    );
+    send_json(&mut ws, json!({"op":"subscribe","channel":"d"})).await;
+    assert_eq!(next_json(&mut ws).await["type"], "subscribed");
+
+    // After all that the same connection still publishes and receives.
+    publish(&mut ws, "d", json!({"ok": true})).await;
+    assert_eq!(next_json(&mut ws).await["data"], json!({"ok": true}));
+    bystander_still_served(&server, &mut bystander).await;
+    assert!(server.metric("wsfleet_protocol_errors_total{code=\"invalid_json\"}") >= 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_is_closed_with_1009() {
+    let server = Server::start(None, &["--max-message-size", "1024"]);
+    let mut bystander = subscriber(&server, "calm").await;
+    for path in ["/ws", "/ws/big"] {
+        let mut ws = connect(&server.url(path)).await;
+        ws.send(Message::text("x".repeat(1025))).await.unwrap();
+        assert_eq!(close_code(&mut ws).await, Some(CloseCode::Size), "{path}");
+    }
+    // A message at the limit is fine.
+    let mut ws = subscriber(&server, "edge").await;
+    let data = "y".repeat(1024 - r#"{"op":"publish","channel":"edge","data":""}"#.len());
+    publish(&mut ws, "edge", json!(data)).await;
+    assert_eq!(next_json(&mut ws).await["data"], json!(data));
+    bystander_still_served(&server, &mut bystander).await;
+}
+
+/// Opens a WebSocket by hand, so a test can send bytes no well-behaved client library would.
+async fn raw_socket(server: &Server, path: &str) -> TcpStream {
+    let mut s = TcpStream::connect(server.ws).await.unwrap();
+    s.write_all(upgrade_request(path, "").as_bytes())
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s
+}
+
+/// A masked client frame.
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    let mut f = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Reads server frames until a close frame and returns its code.
+async fn read_close_code(s: &mut TcpStream) -> u16 {
+    let read = async {
+        loop {
+            let mut h = [0u8; 2];
+            s.read_exact(&mut h).await.unwrap();
+            let len = (h[1] & 0x7f) as usize;
+            assert!(len < 126, "unexpected long frame");
+            let mut payload = vec![0u8; len];
+            s.read_exact(&mut payload).await.unwrap();
+            if h[0] & 0x0f == 0x8 {
+                return u16::from_be_bytes([payload[0], payload[1]]);
+            }
+        }
+    };
+    tokio::time::timeout(TIMEOUT, read)
+        .await
+        .expect("no close frame")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_in_a_text_frame_is_closed_with_1007() {
+    let server = Server::start(None, &[]);
+    let mut bystander = subscriber(&server, "calm").await;
+    for path in ["/ws", "/ws/calm"] {
+        let mut s = raw_socket(&server, path).await;
+        s.write_all(&client_frame(0x1, &[b'o', b'k', 0xff, 0xfe]))
+            .await
+            .unwrap();
+        assert_eq!(read_close_code(&mut s).await, 1007, "{path}");
+    }
+    // The invalid bytes were published nowhere.
+    bystander_still_served(&server, &mut bystander).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_that_never_completes_is_cut_off() {
+    let server = Server::start(None, &["--handshake-timeout", "1"]);
+    let mut bystander = subscriber(&server, "calm").await;
+    let mut stalled = Vec::new();
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(server.ws).await.unwrap();
+        s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        stalled.push(s);
+    }
+    let started = Instant::now();
+    bystander_still_served(&server, &mut bystander).await;
+    for s in &mut stalled {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(TIMEOUT, s.read(&mut buf))
+            .await
+            .expect("server kept a stalled handshake open");
+        assert!(
+            matches!(n, Ok(0) | Err(_)),
+            "expected the server to hang up"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        server.metric("wsfleet_upgrades_total{result=\"timeout\"}"),
+        20.0
+    );
+    bystander_still_served(&server, &mut bystander).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_server_answers_503_with_retry_after_and_forbidden_origins_get_403() {
+    let server = Server::start(
+        None,
+        &[
+            "--max-connections",
+            "2",
+            "--allowed-origins",
+            "https://app.example",
+        ],
+    );
+    let mut bystander = subscriber(&server, "calm").await;
+    let second = connect(&server.url("/ws")).await;
+    let answer = upgrade_answer(server.ws, "/ws", "").await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 5"),
+        "{answer}"
+    );
+    assert_eq!(
+        server.metric("wsfleet_upgrades_total{result=\"full\"}"),
+        1.0
+    );
+    // A slot frees up when a client leaves.
+    drop(second);
+    wait_until("the connection count drops", || {
+        (server.metric("wsfleet_connections") == 1.0).then_some(())
+    });
+    let mut p = connect(&server.url("/ws")).await;
+    publish(&mut p, "calm", json!("room again")).await;
+    assert_eq!(next_json(&mut bystander).await["data"], "room again");
+    drop(p);
+    wait_until("the connection count drops", || {
+        (server.metric("wsfleet_connections") == 1.0).then_some(())
+    });
+
+    let answer = upgrade_answer(server.ws, "/ws", "Origin: https://evil.example\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("evil.example"), "{answer}");
+    let answer = upgrade_answer(server.ws, "/nowhere", "").await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    let answer = upgrade_answer(server.ws, "/ws", "Origin: https://app.example\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_is_closed_with_1013_while_fast_readers_get_everything() {
+    const MESSAGES: usize = 2000;
+    let redis = Redis::start();
+    let server = Server::start(Some(&redis), &["--client-queue", "64"]);
+    // The slow client keeps a tiny receive buffer and does not read until the end.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(server.ws).await.unwrap();
+    let (mut slow, _) =
+        tokio_tungstenite::client_async_with_config(server.url("/ws"), tcp, Some(client_config()))
+            .await
+            .unwrap();
+    send_json(&mut slow, json!({"op":"subscribe","channel":"firehose"})).await;
+    assert_eq!(next_json(&mut slow).await["type"], "subscribed");
+    let fast: Vec<_> =
+        futures_util::future::join_all((0..2).map(|_| subscriber(&server, "firehose"))).await;
+
+    let readers: Vec<_> = fast
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                for i in 0..MESSAGES {
+                    let m = next_json(&mut ws).await;
+                    assert_eq!(m["data"]["i"], i, "fast reader lost or reordered a message");
+                }
+            })
+        })
+        .collect();
+    let mut publisher = connect(&server.url("/ws")).await;
+    let filler = "z".repeat(8000);
+    for i in 0..MESSAGES {
+        publish(
+            &mut publisher,
+            "firehose",
+            json!({"i": i, "filler": filler}),
+        )
+        .await;
+    }
+    for r in readers {
+        r.await.unwrap();
+    }
+    // Now the slow client reads: what was buffered, then the 1013 close.
+    let mut received = 0;
+    let code = loop {
+        match tokio::time::timeout(TIMEOUT, slow.next())
+            .await
+            .expect("slow client got no close")
+        {
+            Some(Ok(Message::Close(f))) => break f.map(|f| f.code),
+            Some(Ok(_)) => received += 1,
+            other => panic!("slow client: {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(CloseCode::Again));
+    assert!(
+        received < MESSAGES,
+        "the slow client was not cut off ({received} messages)"
+    );
+    assert_eq!(server.metric("wsfleet_slow_client_closes_total"), 1.0);
+    eprintln!("slow client received {received} of {MESSAGES} messages before its 1013");
+}

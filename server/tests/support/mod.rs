@@ -1,0 +1,378 @@
+//! Real processes for the black-box tests: `redis-server` and `wsfleet-server` on loopback
+//! ports chosen at run time, WebSocket clients over TCP, and plain HTTP probes. Every process is
+//! stopped by its pid when its handle drops.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+pub type Ws = WebSocketStream<TcpStream>;
+
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+}
+
+/// A port that was free a moment ago (for processes that cannot report the port they bound).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Redis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let mut r = Redis {
+            port: free_port(),
+            child: None,
+        };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port, with no data.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "redis is already running");
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (apt-get install redis-server)");
+        self.child = Some(child);
+        wait_until("redis answers PING", || {
+            let mut s = StdStream::connect(("127.0.0.1", self.port)).ok()?;
+            s.write_all(b"PING\r\n").ok()?;
+            let mut buf = [0u8; 7];
+            s.read_exact(&mut buf).ok()?;
+            (&buf == b"+PONG\r\n").then_some(())
+        });
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), "-KILL");
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Server {
+    pub ws: SocketAddr,
+    pub http: SocketAddr,
+    child: Option<Child>,
+}
+
+impl Server {
+    pub fn start(redis: Option<&Redis>, extra: &[&str]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsfleet-server"));
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--pod-name",
+            "test",
+        ]);
+        if let Some(r) = redis {
+            cmd.args(["--redis-url", &r.url()]);
+        }
+        cmd.args(extra)
+            .env("WSFLEET_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start wsfleet-server");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std_mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening") {
+                    let _ = tx.send(line.clone());
+                }
+                eprintln!("[server] {line}");
+            }
+        });
+        let line = rx
+            .recv_timeout(TIMEOUT)
+            .expect("server did not report its addresses");
+        let field = |name: &str| -> SocketAddr {
+            let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
+            line[start..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let server = Server {
+            ws: field("websocket"),
+            http: field("http"),
+            child: Some(child),
+        };
+        if redis.is_some() {
+            server.wait_ready();
+        }
+        server
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.ws, path)
+    }
+
+    pub fn wait_ready(&self) {
+        wait_until("server /readyz is 200", || {
+            (http_get(self.http, "/readyz").0 == 200).then_some(())
+        });
+    }
+
+    pub fn sigterm(&self) {
+        signal(self.pid(), "-TERM");
+    }
+
+    /// Waits for the process to exit; `None` if it did not within `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut()?;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().ok()? {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// The value of one metric line (first match of `prefix`), 0 if absent.
+    pub fn metric(&self, prefix: &str) -> f64 {
+        let (_, body) = http_get(self.http, "/metrics");
+        body.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        kb * 1024
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), "-KILL");
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A blocking HTTP/1.0 GET: (status, body). Status 0 when nothing answered.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let Ok(mut s) = StdStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return (0, String::new());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .is_err()
+    {
+        return (0, String::new());
+    }
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Sends a raw request and returns the whole HTTP answer head (for refused upgrades).
+pub async fn upgrade_answer(addr: SocketAddr, path: &str, extra_headers: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(upgrade_request(path, extra_headers).as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = async {
+        let mut byte = [0u8; 1];
+        while !buf.ends_with(b"\r\n\r\n") && s.read(&mut byte).await.unwrap_or(0) == 1 {
+            buf.push(byte[0]);
+        }
+        // A refusal carries a body and then the server hangs up; an accepted upgrade stays open.
+        if !buf.starts_with(b"HTTP/1.1 101") {
+            let _ = s.read_to_end(&mut buf).await;
+        }
+    };
+    let _ = tokio::time::timeout(TIMEOUT, read).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+pub fn upgrade_request(path: &str, extra_headers: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
+    )
+}
+
+pub fn client_config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(4096)
+}
+
+pub async fn connect(url: &str) -> Ws {
+    try_connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"))
+}
+
+pub async fn try_connect(url: &str) -> Result<Ws, WsError> {
+    let addr = url
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let tcp = TcpStream::connect(&addr).await.map_err(WsError::Io)?;
+    tcp.set_nodelay(true).ok();
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(url, tcp, Some(client_config())).await?;
+    Ok(ws)
+}
+
+pub async fn send_json(ws: &mut Ws, v: Value) {
+    ws.send(Message::text(v.to_string())).await.unwrap();
+}
+
+/// The next data frame, as it came (text or binary), skipping pings and pongs.
+pub async fn next_message(ws: &mut Ws) -> Message {
+    loop {
+        let msg = tokio::time::timeout(TIMEOUT, ws.next())
+            .await
+            .expect("timed out waiting for a frame")
+            .expect("connection ended")
+            .expect("read failed");
+        match msg {
+            Message::Ping(_) | Message::Pong(_) => continue,
+            m => return m,
+        }
+    }
+}
+
+pub async fn next_json(ws: &mut Ws) -> Value {
+    match next_message(ws).await {
+        Message::Text(t) => {
+            serde_json::from_str(&t).unwrap_or_else(|e| panic!("not JSON ({e}): {t}"))
+        }
+        other => panic!("expected a text frame, got {other:?}"),
+    }
+}
+
+pub async fn next_text(ws: &mut Ws) -> String {
+    match next_message(ws).await {
+        Message::Text(t) => t.to_string(),
+        other => panic!("expected a text frame, got {other:?}"),
+    }
+}
+
+/// A protocol-mode client subscribed to `channel` (the server confirmed it).
+pub async fn subscriber(server: &Server, channel: &str) -> Ws {
+    let mut ws = connect(&server.url("/ws")).await;
+    send_json(
+        &mut ws,
+        serde_json::json!({"op": "subscribe", "channel": channel}),
+    )
+    .await;
+    let reply = next_json(&mut ws).await;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    assert_eq!(reply["channel"], channel);
+    ws
+}
+
+pub async fn publish(ws: &mut Ws, channel: &str, data: Value) {
+    send_json(
+        ws,
+        serde_json::json!({"op": "publish", "channel": channel, "data": data}),
+    )
+    .await;
+}
+
+/// Reads until the server's close frame and returns its code (frames before it are skipped).
+pub async fn close_code(ws: &mut Ws) -> Option<CloseCode> {
+    loop {
+        match tokio::time::timeout(TIMEOUT, ws.next())
+            .await
+            .expect("timed out waiting for a close")
+        {
+            Some(Ok(Message::Close(frame))) => return frame.map(|f| f.code),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return None,
+        }
+    }
+}
