@@ -10,7 +10,13 @@
 //! the hub still has, pings to find half-open connections, and keeps [`BusHealth`] true only
 //! while it is connected (readiness reports it).
 //!
-//! Without Redis, publishing delivers straight into the local hub.
+//! Publishing goes through [`crate::history`]: each message gets its channel's next offset and
+//! is recorded before it is published. After a reconnect the subscriber task refills, from that
+//! history, every message its channels missed while it was away, before it reads any live one
+//! (the hub drops what it already delivered), so a Redis blip within the history window loses
+//! nothing.
+//!
+//! Without Redis, publishing orders, records and delivers straight into the local hub.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,7 +30,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, Sequenced};
+use crate::history::{HistoryConfig, HistoryError, LocalHistory, RedisHistory, Replay, Since};
 use crate::hub::{BusCommand, Hub};
 use crate::metrics::Metrics;
 
@@ -58,11 +65,8 @@ impl BusHealth {
 }
 
 enum Transport {
-    Local,
-    Redis {
-        publisher: ConnectionManager,
-        prefix: String,
-    },
+    Local(LocalHistory),
+    Redis(RedisHistory),
 }
 
 /// The publishing side of the bus, shared by every connection.
@@ -75,23 +79,21 @@ pub struct Bus {
 impl Bus {
     /// Builds the hub and the bus. With a Redis URL, the subscriber task is spawned on `tracker`
     /// and stops on `shutdown`. Fails only on an invalid URL: an unreachable Redis is retried.
+    /// `hold_limit` bounds what the hub holds for one resuming subscriber.
     pub fn start(
         redis_url: Option<&str>,
         prefix: &str,
+        history: HistoryConfig,
+        hold_limit: usize,
         metrics: Arc<Metrics>,
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Bus, BusError> {
         let Some(url) = redis_url else {
             metrics.bus_up.set(1);
-            let hub = Arc::new(Hub::new(None, metrics));
-            return Ok(Bus {
-                transport: Transport::Local,
-                hub,
-                health: Arc::new(BusHealth {
-                    up: AtomicBool::new(true),
-                }),
-            });
+            let hub = Arc::new(Hub::new(None, hold_limit, metrics));
+            let health = Arc::new(BusHealth { up: AtomicBool::new(true) });
+            return Ok(Bus { transport: Transport::Local(LocalHistory::new(history)), hub, health });
         };
         let client = redis::Client::open(url).map_err(BusError::InvalidUrl)?;
         let config = ConnectionManagerConfig::new()
@@ -99,71 +101,62 @@ impl Bus {
             .set_response_timeout(Some(COMMAND_TIMEOUT))
             .set_number_of_retries(1)
             .set_max_delay(BACKOFF_MAX);
-        let publisher = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(BusError::InvalidUrl)?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(BusError::InvalidUrl)?;
+        let history = RedisHistory::new(conn, prefix, history);
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-        let hub = Arc::new(Hub::new(Some(tx), metrics.clone()));
-        let health = Arc::new(BusHealth {
-            up: AtomicBool::new(false),
-        });
+        let hub = Arc::new(Hub::new(Some(tx), hold_limit, metrics.clone()));
+        let health = Arc::new(BusHealth { up: AtomicBool::new(false) });
         let subscriber = Subscriber {
             client,
-            keys: Keys {
-                prefix: prefix.to_owned(),
-            },
+            keys: Keys { prefix: prefix.to_owned() },
+            history: history.clone(),
             hub: hub.clone(),
             commands: rx,
             health: health.clone(),
             metrics,
         };
         tracker.spawn(subscriber.run(shutdown));
-        Ok(Bus {
-            transport: Transport::Redis {
-                publisher,
-                prefix: prefix.to_owned(),
-            },
-            hub,
-            health,
-        })
+        Ok(Bus { transport: Transport::Redis(history), hub, health })
     }
 
     pub fn hub(&self) -> &Arc<Hub> {
         &self.hub
     }
 
-    /// Publishes to every subscriber of `channel` in the fleet.
+    /// Publishes to every subscriber of `channel` in the fleet, in the channel's order.
     pub async fn publish(&self, channel: &str, envelope: Envelope) -> Result<(), BusError> {
         match &self.transport {
-            Transport::Local => {
-                self.hub.deliver(channel, &envelope);
+            Transport::Local(history) => {
+                history.publish(channel, envelope, |msg| self.hub.deliver(channel, msg));
                 Ok(())
             }
-            Transport::Redis { publisher, prefix } => {
-                let key = Keys::channel_key(prefix, channel);
-                let mut conn = publisher.clone();
-                let mut cmd = redis::cmd("PUBLISH");
-                cmd.arg(key).arg(envelope.encode().as_ref());
-                let publish = cmd.query_async::<i64>(&mut conn);
-                match tokio::time::timeout(COMMAND_TIMEOUT + CONNECT_TIMEOUT, publish).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(BusError::Unavailable(e.to_string())),
-                    Err(_) => Err(BusError::Unavailable("PUBLISH timed out".into())),
-                }
-            }
+            Transport::Redis(history) => history.publish(channel, &envelope).await.map(drop).map_err(BusError::from),
+        }
+    }
+
+    /// The channel's position now, and the messages missed since `since`.
+    pub async fn read(&self, channel: &str, since: Option<&Since>) -> Result<Replay, BusError> {
+        match &self.transport {
+            Transport::Local(history) => Ok(history.read(channel, since)),
+            Transport::Redis(history) => history.read(channel, since).await.map_err(BusError::from),
         }
     }
 }
 
+impl From<HistoryError> for BusError {
+    fn from(e: HistoryError) -> Self {
+        BusError::Unavailable(e.to_string())
+    }
+}
+
+/// Maps wsfleet channels to pub/sub channel names and back.
 struct Keys {
     prefix: String,
 }
 
 impl Keys {
-    fn channel_key(prefix: &str, channel: &str) -> String {
-        format!("{prefix}:ch:{channel}")
-    }
     fn key(&self, channel: &str) -> String {
-        Self::channel_key(&self.prefix, channel)
+        format!("{}:ch:{channel}", self.prefix)
     }
     fn channel<'a>(&self, key: &'a str) -> Option<&'a str> {
         key.strip_prefix(self.prefix.as_str())?.strip_prefix(":ch:")
@@ -173,6 +166,7 @@ impl Keys {
 struct Subscriber {
     client: redis::Client,
     keys: Keys,
+    history: RedisHistory,
     hub: Arc<Hub>,
     commands: mpsc::Receiver<BusCommand>,
     health: Arc<BusHealth>,
@@ -237,6 +231,14 @@ impl Subscriber {
                 self.hub.confirm(channel, *generation);
             }
         }
+        // Refill what the channels missed while this server was away, before any live message:
+        // live ones published meanwhile wait in the subscription's buffer, and the hub drops
+        // what it already has.
+        for (channel, _) in &channels {
+            if let Err(e) = self.refill(channel).await {
+                return SessionEnd::Lost(format!("refilling {channel} failed: {e}"));
+            }
+        }
         self.set_up(true);
         *backoff = BACKOFF_MIN;
         info!(channels = channels.len(), "redis bus connected");
@@ -265,10 +267,7 @@ impl Subscriber {
 
     async fn on_command(&self, sink: &mut PubSubSink, cmd: BusCommand) -> Result<(), String> {
         match cmd {
-            BusCommand::Subscribe {
-                channel,
-                generation,
-            } => {
+            BusCommand::Subscribe { channel, generation } => {
                 with_timeout(sink.subscribe(self.keys.key(&channel))).await?;
                 debug!(%channel, "subscribed on the bus");
                 self.hub.confirm(&channel, generation);
@@ -281,13 +280,33 @@ impl Subscriber {
         Ok(())
     }
 
+    async fn refill(&self, channel: &str) -> Result<(), HistoryError> {
+        let Some((epoch, offset)) = self.hub.cursor(channel) else { return Ok(()) };
+        let replay = self.history.read(channel, Some(&Since { epoch: epoch.to_string(), offset })).await?;
+        match replay.recovery {
+            Some(Ok(())) => {
+                if !replay.entries.is_empty() {
+                    info!(%channel, messages = replay.entries.len(), "refilled a gap from history");
+                }
+                self.metrics.bus_refilled.inc_by(replay.entries.len() as u64);
+                for msg in &replay.entries {
+                    self.hub.deliver(channel, msg);
+                }
+            }
+            Some(Err(lost)) => {
+                self.metrics.bus_gaps_lost.inc();
+                warn!(%channel, reason = lost.as_str(), "messages missed during the outage cannot be refilled");
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
     fn on_message(&self, msg: &redis::Msg) {
         self.metrics.bus_messages.inc();
-        let Some(channel) = self.keys.channel(msg.get_channel_name()) else {
-            return;
-        };
-        match Envelope::decode(Bytes::copy_from_slice(msg.get_payload_bytes())) {
-            Ok(envelope) => self.hub.deliver(channel, &envelope),
+        let Some(channel) = self.keys.channel(msg.get_channel_name()) else { return };
+        match Sequenced::decode(Bytes::copy_from_slice(msg.get_payload_bytes())) {
+            Ok(msg) => self.hub.deliver(channel, &msg),
             Err(e) => {
                 self.metrics.bus_undecodable.inc();
                 debug!(%channel, error = %e, "dropped a bus message");
@@ -315,9 +334,7 @@ mod tests {
 
     #[test]
     fn keys_round_trip_and_ignore_other_prefixes() {
-        let keys = Keys {
-            prefix: "fleet-a".into(),
-        };
+        let keys = Keys { prefix: "fleet-a".into() };
         assert_eq!(keys.key("room:1"), "fleet-a:ch:room:1");
         assert_eq!(keys.channel("fleet-a:ch:room:1"), Some("room:1"));
         assert_eq!(keys.channel("fleet-b:ch:room:1"), None);
@@ -327,13 +344,9 @@ mod tests {
     #[test]
     fn an_invalid_url_is_refused_up_front() {
         let tracker = TaskTracker::new();
-        let r = Bus::start(
-            Some("http://nope"),
-            "p",
-            Arc::new(Metrics::new()),
-            &tracker,
-            CancellationToken::new(),
-        );
+        let history = HistoryConfig { size: 10, ttl: Duration::from_secs(10) };
+        let metrics = Arc::new(Metrics::new());
+        let r = Bus::start(Some("http://nope"), "p", history, 10, metrics, &tracker, CancellationToken::new());
         assert!(matches!(r, Err(BusError::InvalidUrl(_))));
     }
 }

@@ -45,6 +45,18 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(64..=16 * 1024 * 1024))]
     pub max_message_size: u32,
 
+    /// Messages kept per channel so clients can resume (`since`) and servers can refill a gap
+    /// after a Redis blip; 0 keeps none (offsets and epochs still work).
+    #[arg(long, env = "WSFLEET_HISTORY_SIZE", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub history_size: u64,
+
+    /// Seconds a channel's order and history outlive its last publish; after that it starts a
+    /// new epoch.
+    #[arg(long, env = "WSFLEET_HISTORY_TTL", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..=30 * 24 * 3600))]
+    pub history_ttl: u64,
+
     /// Seconds over which a draining server (SIGTERM) spreads the closes of its clients (1012).
     #[arg(long, env = "WSFLEET_DRAIN_TIMEOUT", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -103,6 +115,9 @@ pub enum LogFormat {
 }
 
 impl Config {
+    pub fn history(&self) -> crate::history::HistoryConfig {
+        crate::history::HistoryConfig { size: self.history_size, ttl: Duration::from_secs(self.history_ttl) }
+    }
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout)
     }
@@ -118,22 +133,12 @@ impl Config {
 
     /// Settings for tests and embedders: every default, loopback ports chosen by the caller.
     pub fn for_tests() -> Self {
-        Config::parse_from([
-            "wsfleet-server",
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
+        Config::parse_from(["wsfleet-server", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
     }
 }
 
 fn parse_prefix(s: &str) -> Result<String, String> {
-    if !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-    {
+    if !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
         Ok(s.to_owned())
     } else {
         Err("must be 1-64 characters of A-Z a-z 0-9 - _ .".into())
@@ -163,14 +168,7 @@ mod tests {
 
     #[test]
     fn origins_are_comma_separated() {
-        let c = Config::parse_from([
-            "wsfleet-server",
-            "--allowed-origins",
-            "https://a.example,https://b.example",
-        ]);
-        assert_eq!(
-            c.allowed_origins,
-            ["https://a.example", "https://b.example"]
-        );
+        let c = Config::parse_from(["wsfleet-server", "--allowed-origins", "https://a.example,https://b.example"]);
+        assert_eq!(c.allowed_origins, ["https://a.example", "https://b.example"]);
     }
 }

@@ -22,18 +22,17 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::error::{
-    CapacityError, Error as WsError, ProtocolError as WsProtocolError,
-};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError as WsProtocolError};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{StatusCode, header};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tracing::{Instrument, debug};
 
-use crate::bus::Bus;
+use crate::bus::{Bus, BusError};
 use crate::config::Config;
 use crate::envelope::Envelope;
+use crate::history::Since;
 use crate::hub::{ConnId, Mode};
 use crate::metrics::Metrics;
 use crate::outbox::{CloseReason, Outbox};
@@ -142,18 +141,13 @@ impl Refusal {
 
     fn response(self, detail: &str) -> ErrorResponse {
         let (status, body) = match self {
-            Refusal::Draining => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server is draining; connect to another server\n".to_owned(),
-            ),
-            Refusal::Full => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server is at --max-connections; retry later\n".to_owned(),
-            ),
-            Refusal::ForbiddenOrigin => (
-                StatusCode::FORBIDDEN,
-                format!("origin {detail:?} is not allowed\n"),
-            ),
+            Refusal::Draining => {
+                (StatusCode::SERVICE_UNAVAILABLE, "server is draining; connect to another server\n".to_owned())
+            }
+            Refusal::Full => {
+                (StatusCode::SERVICE_UNAVAILABLE, "server is at --max-connections; retry later\n".to_owned())
+            }
+            Refusal::ForbiddenOrigin => (StatusCode::FORBIDDEN, format!("origin {detail:?} is not allowed\n")),
             Refusal::NotFound => (StatusCode::NOT_FOUND, format!("{detail}\n")),
         };
         let mut builder = tokio_tungstenite::tungstenite::http::Response::builder()
@@ -163,9 +157,7 @@ impl Refusal {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             builder = builder.header(header::RETRY_AFTER, RETRY_AFTER_SECS);
         }
-        builder
-            .body(Some(body))
-            .unwrap_or_else(|_| ErrorResponse::new(None))
+        builder.body(Some(body)).unwrap_or_else(|_| ErrorResponse::new(None))
     }
 }
 
@@ -196,31 +188,20 @@ pub fn admit(
                 Ok(()) => Ok(Route::Raw(channel.to_owned())),
                 Err(why) => Err((Refusal::NotFound, format!("invalid channel in path: {why}"))),
             },
-            None => Err((
-                Refusal::NotFound,
-                format!("no WebSocket endpoint at {path}; use /ws or /ws/<channel>"),
-            )),
+            None => Err((Refusal::NotFound, format!("no WebSocket endpoint at {path}; use /ws or /ws/<channel>"))),
         },
     }
 }
 
 /// Serves one accepted TCP connection. `permit` is `None` when the server is full, in which case
 /// the client gets its 503 and nothing else.
-pub async fn serve(
-    stream: TcpStream,
-    peer: SocketAddr,
-    shared: Arc<Shared>,
-    mut permit: Option<OwnedSemaphorePermit>,
-) {
+pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, mut permit: Option<OwnedSemaphorePermit>) {
     let _ = stream.set_nodelay(true);
     let mut decision: Option<Result<Route, Refusal>> = None;
     // The callback's signature is tungstenite's.
     #[allow(clippy::result_large_err)]
     let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-        let origin = req
-            .headers()
-            .get(header::ORIGIN)
-            .and_then(|v| v.to_str().ok());
+        let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok());
         let verdict = admit(
             req.uri().path(),
             origin,
@@ -241,8 +222,7 @@ pub async fn serve(
             }
         }
     };
-    let handshake =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(shared.ws_config));
+    let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(shared.ws_config));
     let ws = match tokio::time::timeout(shared.handshake_timeout, handshake).await {
         Err(_) => {
             shared.metrics.upgrade("timeout");
@@ -270,15 +250,8 @@ pub async fn serve(
     if shared.draining.load(Ordering::Acquire) {
         outbox.close(CloseReason::Draining);
     }
-    let conn = Connection {
-        id,
-        shared: shared.clone(),
-        outbox,
-        subscriptions: HashSet::new(),
-    };
-    conn.run(ws, route)
-        .instrument(tracing::debug_span!("conn", id, %peer))
-        .await;
+    let conn = Connection { id, shared: shared.clone(), outbox, subscriptions: HashSet::new() };
+    conn.run(ws, route).instrument(tracing::debug_span!("conn", id, %peer)).await;
     shared.connections.remove(id);
     // Free the slot before the gauge says so, so that anyone who sees the gauge drop can connect.
     drop(permit);
@@ -301,11 +274,7 @@ impl Connection {
         let mode = match &route {
             Route::Protocol => Mode::Protocol,
             Route::Raw(channel) => {
-                let hub = self.shared.bus.hub();
-                match hub
-                    .subscribe(channel, self.id, self.outbox.clone(), Mode::Raw)
-                    .await
-                {
+                match self.join(channel, Mode::Raw, None).await {
                     Ok(()) => {
                         self.subscriptions.insert(channel.clone());
                     }
@@ -345,12 +314,7 @@ impl Connection {
 
     /// Returns how the write side should finish: `None` when the peer is gone and nothing more
     /// can be written.
-    async fn read_loop(
-        &mut self,
-        mut source: Source,
-        mode: Mode,
-        raw_channel: Option<&str>,
-    ) -> Option<CloseReason> {
+    async fn read_loop(&mut self, mut source: Source, mode: Mode, raw_channel: Option<&str>) -> Option<CloseReason> {
         let metrics = self.shared.metrics.clone();
         loop {
             let msg = match tokio::time::timeout(self.shared.silence_limit, source.next()).await {
@@ -394,14 +358,10 @@ impl Connection {
 
     fn read_error(&self, e: WsError) -> Option<CloseReason> {
         let (reason, code) = match &e {
-            WsError::Capacity(CapacityError::MessageTooLong { .. }) => {
-                (CloseReason::TooLarge, "message_too_large")
-            }
+            WsError::Capacity(CapacityError::MessageTooLong { .. }) => (CloseReason::TooLarge, "message_too_large"),
             WsError::Utf8(_) => (CloseReason::InvalidUtf8, "invalid_utf8"),
             WsError::Protocol(WsProtocolError::ResetWithoutClosingHandshake) => return None,
-            WsError::Protocol(_) | WsError::Capacity(_) => {
-                (CloseReason::ProtocolViolation, "protocol_violation")
-            }
+            WsError::Protocol(_) | WsError::Capacity(_) => (CloseReason::ProtocolViolation, "protocol_violation"),
             _ => {
                 debug!(error = %e, "read failed");
                 return None;
@@ -418,31 +378,28 @@ impl Connection {
             Err(e) => return self.reply_error(&e),
         };
         match op {
-            ClientOp::Subscribe { channel } => {
-                if !self.subscriptions.contains(channel) {
-                    if self.subscriptions.len() >= self.shared.max_subscriptions {
-                        return self.reply_error(&ProtocolError::new(
-                            ErrorCode::SubscriptionLimit,
-                            format!(
-                                "this connection already has {} subscriptions (the limit)",
-                                self.subscriptions.len()
-                            ),
-                        ));
-                    }
-                    let hub = self.shared.bus.hub();
-                    if hub
-                        .subscribe(channel, self.id, self.outbox.clone(), Mode::Protocol)
-                        .await
-                        .is_err()
-                    {
-                        return self.reply_error(&ProtocolError::new(
-                            ErrorCode::BusUnavailable,
-                            format!("could not subscribe to {channel:?}: the message bus is unavailable; retry"),
-                        ));
-                    }
-                    self.subscriptions.insert(channel.to_owned());
+            ClientOp::Subscribe { channel, since } => {
+                if self.subscriptions.contains(channel) {
+                    return self.reply_error(&ProtocolError::new(
+                        ErrorCode::AlreadySubscribed,
+                        format!("already subscribed to {channel:?}; unsubscribe first to resume from another offset"),
+                    ));
                 }
-                self.reply(protocol::subscribed_frame(channel));
+                if self.subscriptions.len() >= self.shared.max_subscriptions {
+                    return self.reply_error(&ProtocolError::new(
+                        ErrorCode::SubscriptionLimit,
+                        format!("this connection already has {} subscriptions (the limit)", self.subscriptions.len()),
+                    ));
+                }
+                match self.join(channel, Mode::Protocol, since.as_ref()).await {
+                    Ok(()) => {
+                        self.subscriptions.insert(channel.to_owned());
+                    }
+                    Err(e) => self.reply_error(&ProtocolError::new(
+                        ErrorCode::BusUnavailable,
+                        format!("could not subscribe to {channel:?}: {e}; retry"),
+                    )),
+                }
             }
             ClientOp::Unsubscribe { channel } => {
                 if self.subscriptions.remove(channel) {
@@ -458,21 +415,34 @@ impl Connection {
             ClientOp::Publish { channel, data } => {
                 let payload = Payload::Json(Bytes::copy_from_slice(data.as_bytes()));
                 if let Err(e) = self.publish(channel, payload).await {
-                    self.reply_error(&ProtocolError::new(
-                        ErrorCode::BusUnavailable,
-                        format!("not published: {e}"),
-                    ));
+                    self.reply_error(&ProtocolError::new(ErrorCode::BusUnavailable, format!("not published: {e}")));
                 }
             }
         }
     }
 
-    async fn publish(&self, channel: &str, payload: Payload) -> Result<(), crate::bus::BusError> {
-        let r = self
-            .shared
-            .bus
-            .publish(channel, Envelope::new(payload))
-            .await;
+    /// Subscribes to `channel` with no gap and no duplicate at the seam: the hub holds live
+    /// messages while the channel's position (and, with `since`, what was missed) is read, then
+    /// queues the `subscribed` reply (protocol mode), the replay and the held messages in order.
+    async fn join(&self, channel: &str, mode: Mode, since: Option<&Since>) -> Result<(), BusError> {
+        let hub = self.shared.bus.hub();
+        hub.subscribe(channel, self.id, self.outbox.clone(), mode, true)
+            .await
+            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+        let replay = match self.shared.bus.read(channel, since).await {
+            Ok(replay) => replay,
+            Err(e) => {
+                hub.unsubscribe(channel, self.id);
+                return Err(e);
+            }
+        };
+        let first = (mode == Mode::Protocol).then(|| Message::text(protocol::subscribed_frame(channel, &replay)));
+        hub.open_gate(channel, self.id, first, &replay.entries, (replay.epoch.clone(), replay.head));
+        Ok(())
+    }
+
+    async fn publish(&self, channel: &str, payload: Payload) -> Result<(), BusError> {
+        let r = self.shared.bus.publish(channel, Envelope::new(payload)).await;
         if let Err(e) = &r {
             self.shared.metrics.publish_failures.inc();
             debug!(%channel, error = %e, "publish failed");
@@ -481,8 +451,7 @@ impl Connection {
     }
 
     fn reply(&self, frame: String) {
-        if self.outbox.push(Message::Text(Utf8Bytes::from(frame))) == crate::outbox::Push::Overflow
-        {
+        if self.outbox.push(Message::Text(Utf8Bytes::from(frame))) == crate::outbox::Push::Overflow {
             self.shared.metrics.slow_client_closes.inc();
         }
     }
@@ -513,10 +482,7 @@ async fn write_loop(mut sink: Sink, outbox: &Outbox, shared: &Shared) {
         if let Some(reason) = close {
             return finish(&mut sink, reason).await;
         }
-        let (frames, bytes) = (
-            batch.len() as u64,
-            batch.iter().map(|m| m.len() as u64).sum::<u64>(),
-        );
+        let (frames, bytes) = (batch.len() as u64, batch.iter().map(|m| m.len() as u64).sum::<u64>());
         let write = async {
             while let Some(msg) = batch.pop_front() {
                 sink.feed(msg).await?;
@@ -552,48 +518,25 @@ mod tests {
     #[test]
     fn routes_both_modes() {
         assert_eq!(admit("/ws", None, &[], false, false), Ok(Route::Protocol));
-        assert_eq!(
-            admit("/ws/news", None, &[], false, false),
-            Ok(Route::Raw("news".into()))
-        );
+        assert_eq!(admit("/ws/news", None, &[], false, false), Ok(Route::Raw("news".into())));
     }
 
     #[test]
     fn refusals_in_order_of_precedence() {
         let allowed = vec!["https://ok.example".to_owned()];
+        assert_eq!(admit("/ws", None, &[], true, true).unwrap_err().0, Refusal::Draining);
+        assert_eq!(admit("/ws", None, &[], false, true).unwrap_err().0, Refusal::Full);
         assert_eq!(
-            admit("/ws", None, &[], true, true).unwrap_err().0,
-            Refusal::Draining
-        );
-        assert_eq!(
-            admit("/ws", None, &[], false, true).unwrap_err().0,
-            Refusal::Full
-        );
-        assert_eq!(
-            admit("/ws", Some("https://evil.example"), &allowed, false, false)
-                .unwrap_err()
-                .0,
+            admit("/ws", Some("https://evil.example"), &allowed, false, false).unwrap_err().0,
             Refusal::ForbiddenOrigin
         );
-        assert_eq!(
-            admit("/ws", Some("https://ok.example"), &allowed, false, false),
-            Ok(Route::Protocol)
-        );
-        assert_eq!(
-            admit("/ws", None, &allowed, false, false),
-            Ok(Route::Protocol)
-        );
+        assert_eq!(admit("/ws", Some("https://ok.example"), &allowed, false, false), Ok(Route::Protocol));
+        assert_eq!(admit("/ws", None, &allowed, false, false), Ok(Route::Protocol));
         let (r, why) = admit("/ws/a%20b", None, &[], false, false).unwrap_err();
         assert_eq!(r, Refusal::NotFound);
         assert!(why.contains("channel"), "{why}");
-        assert_eq!(
-            admit("/other", None, &[], false, false).unwrap_err().0,
-            Refusal::NotFound
-        );
-        assert_eq!(
-            admit("/ws/", None, &[], false, false).unwrap_err().0,
-            Refusal::NotFound
-        );
+        assert_eq!(admit("/other", None, &[], false, false).unwrap_err().0, Refusal::NotFound);
+        assert_eq!(admit("/ws/", None, &[], false, false).unwrap_err().0, Refusal::NotFound);
     }
 
     #[test]
@@ -603,11 +546,6 @@ mod tests {
         assert_eq!(r.headers()[header::RETRY_AFTER], RETRY_AFTER_SECS);
         let r = Refusal::ForbiddenOrigin.response("https://evil.example");
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
-        assert!(
-            r.body()
-                .as_deref()
-                .unwrap_or_default()
-                .contains("evil.example")
-        );
+        assert!(r.body().as_deref().unwrap_or_default().contains("evil.example"));
     }
 }

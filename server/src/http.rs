@@ -27,21 +27,12 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     if shared.draining.load(Ordering::Acquire) {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
     } else if !shared.bus.health.is_up() {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: message bus down\n",
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: message bus down\n")
     } else {
         (StatusCode::OK, "ok\n")
     }
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        shared.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], shared.metrics.render())
 }

@@ -1,13 +1,19 @@
 //! Channel -> local subscribers, and the fan-out of every message that reaches this server.
 //!
 //! * A channel exists here while it has at least one local subscriber. Its first subscriber asks
-//!   the bus to subscribe it; its last one leaving asks the bus to unsubscribe. A subscriber is
-//!   told "subscribed" only once the bus confirms, so it sees every message published after that.
+//!   the bus to subscribe it; its last one leaving asks the bus to unsubscribe. A subscribe
+//!   returns only once the bus confirms, so the subscriber sees every message published after.
 //! * [`Hub::deliver`] renders a message once per client mode (see [`protocol`]) and pushes the
 //!   same reference-counted frame into every subscriber's [`Outbox`]. A full outbox closes that
 //!   client (1013); nobody else waits for it.
-//! * Messages of one channel are delivered under that channel's lock, in the order the bus hands
-//!   them over, so every local subscriber sees one order.
+//! * Order and exactly-once: messages of one channel are delivered under that channel's lock, in
+//!   the order the bus hands them over. The channel remembers the last `(epoch, offset)` it
+//!   delivered and drops anything at or before it, so a gap refilled from history after a bus
+//!   reconnect never duplicates a message.
+//! * The seam of a resume: a protocol subscriber starts *gated*; live messages are held for it
+//!   while its connection reads history. [`Hub::open_gate`] then queues, under the channel lock,
+//!   the `subscribed` reply, the replayed entries and the held messages after the replay's head,
+//!   and from then on skips anything at or before that head. No gap, no duplicate.
 //!
 //! No I/O here: the hub talks to the bus only through a bounded command queue.
 
@@ -20,10 +26,10 @@ use tokio::sync::{Notify, mpsc};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::envelope::{Envelope, now_micros};
+use crate::envelope::{Sequenced, now_micros};
 use crate::metrics::Metrics;
-use crate::outbox::{Outbox, Push};
-use crate::protocol::{self, Payload, RawFrame};
+use crate::outbox::{CloseReason, Outbox, Push};
+use crate::protocol::{self, RawFrame};
 
 /// How long a subscribe waits for the bus to confirm before it fails with `bus_unavailable`.
 pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -39,6 +45,9 @@ pub enum Mode {
 
 pub type ConnId = u64;
 
+/// A position in a channel's order.
+pub type Position = (Arc<str>, u64);
+
 /// What the hub asks of the bus. `generation` ties a confirmation to the channel entry that
 /// asked for it, so a late confirmation never vouches for a newer entry of the same name.
 #[derive(Debug)]
@@ -50,11 +59,23 @@ pub enum BusCommand {
 struct Subscriber {
     outbox: Arc<Outbox>,
     mode: Mode,
+    /// Messages at or before this position are not for this subscriber (it got them, or they
+    /// predate it).
+    skip_through: Option<Position>,
+    /// While gated: live messages held back until the replay is queued.
+    held: Option<Vec<(Position, Message)>>,
+}
+
+#[derive(Default)]
+struct ChannelState {
+    subscribers: HashMap<ConnId, Subscriber>,
+    /// The last position delivered here.
+    cursor: Option<Position>,
 }
 
 struct Channel {
     generation: u64,
-    subscribers: Mutex<HashMap<ConnId, Subscriber>>,
+    state: Mutex<ChannelState>,
     confirmed: AtomicBool,
     confirmed_notify: Notify,
 }
@@ -70,26 +91,25 @@ pub struct Hub {
     /// `None`: in-process bus, where every subscription is confirmed at once.
     bus: Option<mpsc::Sender<BusCommand>>,
     next_generation: AtomicU64,
+    /// Most messages held for one gated subscriber (its outbox limit).
+    hold_limit: usize,
     metrics: Arc<Metrics>,
 }
 
 impl Hub {
-    pub fn new(bus: Option<mpsc::Sender<BusCommand>>, metrics: Arc<Metrics>) -> Self {
-        Hub {
-            channels: RwLock::default(),
-            bus,
-            next_generation: AtomicU64::new(1),
-            metrics,
-        }
+    pub fn new(bus: Option<mpsc::Sender<BusCommand>>, hold_limit: usize, metrics: Arc<Metrics>) -> Self {
+        Hub { channels: RwLock::default(), bus, next_generation: AtomicU64::new(1), hold_limit, metrics }
     }
 
-    /// Adds a local subscriber and waits until the bus delivers the channel to this server.
+    /// Adds a local subscriber and waits until the bus delivers the channel to this server. A
+    /// `gated` subscriber receives nothing until [`Hub::open_gate`].
     pub async fn subscribe(
         &self,
         channel: &str,
         conn: ConnId,
         outbox: Arc<Outbox>,
         mode: Mode,
+        gated: bool,
     ) -> Result<(), SubscribeError> {
         let (entry, created) = {
             let mut channels = write(&self.channels);
@@ -100,28 +120,21 @@ impl Hub {
                     created = true;
                     Arc::new(Channel {
                         generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
-                        subscribers: Mutex::default(),
+                        state: Mutex::default(),
                         confirmed: AtomicBool::new(self.bus.is_none()),
                         confirmed_notify: Notify::new(),
                     })
                 })
                 .clone();
-            lock(&entry.subscribers).insert(conn, Subscriber { outbox, mode });
+            let held = gated.then(Vec::new);
+            lock(&entry.state).subscribers.insert(conn, Subscriber { outbox, mode, skip_through: None, held });
             (entry, created)
         };
         if created {
-            self.metrics
-                .bus_channels
-                .set(read(&self.channels).len() as i64);
+            self.metrics.bus_channels.set(read(&self.channels).len() as i64);
             if let Some(bus) = &self.bus {
-                let cmd = BusCommand::Subscribe {
-                    channel: Arc::from(channel),
-                    generation: entry.generation,
-                };
-                if tokio::time::timeout(SUBSCRIBE_TIMEOUT, bus.send(cmd))
-                    .await
-                    .is_err()
-                {
+                let cmd = BusCommand::Subscribe { channel: Arc::from(channel), generation: entry.generation };
+                if tokio::time::timeout(SUBSCRIBE_TIMEOUT, bus.send(cmd)).await.is_err() {
                     self.unsubscribe(channel, conn);
                     return Err(SubscribeError::BusUnavailable);
                 }
@@ -136,34 +149,52 @@ impl Hub {
                 notified.await;
             }
         };
-        if tokio::time::timeout(SUBSCRIBE_TIMEOUT, confirmed)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(SUBSCRIBE_TIMEOUT, confirmed).await.is_err() {
             self.unsubscribe(channel, conn);
             return Err(SubscribeError::BusUnavailable);
         }
         Ok(())
     }
 
+    /// Ends a subscriber's gate: queues `first` (the reply), then `replay`, then the messages
+    /// held meanwhile that come after `head`; later messages at or before `head` are skipped.
+    /// Also gives the channel its starting cursor, so a bus reconnect knows where to refill from.
+    pub fn open_gate(&self, channel: &str, conn: ConnId, first: Option<Message>, replay: &[Sequenced], head: Position) {
+        let Some(entry) = read(&self.channels).get(channel).cloned() else { return };
+        let mut state = lock(&entry.state);
+        if state.cursor.is_none() {
+            state.cursor = Some(head.clone());
+        }
+        let Some(sub) = state.subscribers.get_mut(&conn) else { return };
+        let held = sub.held.take().unwrap_or_default();
+        let mut frames = first.into_iter().chain(replay.iter().map(|m| render(channel, sub.mode, m)));
+        let mut overflow = frames.any(|f| sub.outbox.push(f) == Push::Overflow);
+        if !overflow {
+            overflow = held
+                .into_iter()
+                .filter(|(pos, _)| !at_or_before(pos, &head))
+                .any(|(_, f)| sub.outbox.push(f) == Push::Overflow);
+        }
+        sub.skip_through = Some(head);
+        if overflow {
+            self.metrics.slow_client_closes.inc();
+        }
+    }
+
     /// Removes a local subscriber; returns whether it was subscribed.
     pub fn unsubscribe(&self, channel: &str, conn: ConnId) -> bool {
         let mut channels = write(&self.channels);
-        let Some(entry) = channels.get(channel) else {
-            return false;
-        };
-        let mut subs = lock(&entry.subscribers);
-        let was = subs.remove(&conn).is_some();
-        if subs.is_empty() {
-            drop(subs);
+        let Some(entry) = channels.get(channel) else { return false };
+        let mut state = lock(&entry.state);
+        let was = state.subscribers.remove(&conn).is_some();
+        if state.subscribers.is_empty() {
+            drop(state);
             channels.remove(channel);
             self.metrics.bus_channels.set(channels.len() as i64);
             if let Some(bus) = &self.bus {
-                // The bus drains its queue continuously; if it is momentarily full, the bus task
-                // reconciles its subscriptions against `channels()` on the next reconnect anyway.
-                let _ = bus.try_send(BusCommand::Unsubscribe {
-                    channel: Arc::from(channel),
-                });
+                // The bus drains its queue continuously; if it is momentarily full, the stale
+                // subscription only costs messages that `deliver` ignores.
+                let _ = bus.try_send(BusCommand::Unsubscribe { channel: Arc::from(channel) });
             }
         }
         was
@@ -181,50 +212,73 @@ impl Hub {
 
     /// Channels with local subscribers and their generations, for the bus to (re)subscribe.
     pub fn channels(&self) -> Vec<(Arc<str>, u64)> {
-        read(&self.channels)
-            .iter()
-            .map(|(name, c)| (name.clone(), c.generation))
-            .collect()
+        read(&self.channels).iter().map(|(name, c)| (name.clone(), c.generation)).collect()
     }
 
-    /// Fans one message out to the channel's local subscribers.
-    pub fn deliver(&self, channel: &str, envelope: &Envelope) {
-        let Some(entry) = read(&self.channels).get(channel).cloned() else {
+    /// The last position delivered on `channel`, for refilling a gap after a bus reconnect.
+    pub fn cursor(&self, channel: &str) -> Option<Position> {
+        let entry = read(&self.channels).get(channel).cloned()?;
+        let state = lock(&entry.state);
+        state.cursor.clone()
+    }
+
+    /// Fans one message out to the channel's local subscribers. Messages at or before the
+    /// channel's cursor (same epoch) were delivered already and are dropped.
+    pub fn deliver(&self, channel: &str, msg: &Sequenced) {
+        let Some(entry) = read(&self.channels).get(channel).cloned() else { return };
+        let mut state = lock(&entry.state);
+        if let Some(cursor) = &state.cursor
+            && cursor.0 == msg.epoch
+            && msg.offset <= cursor.1
+        {
             return;
-        };
-        let latency = now_micros().saturating_sub(envelope.published_at_micros);
+        }
+        let pos: Position = (msg.epoch.clone(), msg.offset);
+        state.cursor = Some(pos.clone());
+        let latency = now_micros().saturating_sub(msg.envelope.published_at_micros);
         self.metrics.deliver_latency.observe(latency as f64 / 1e6);
-        let mut raw: Option<Message> = None;
-        let mut proto: Option<Message> = None;
+        let mut rendered: [Option<Message>; 2] = [None, None];
         let mut slow = 0;
-        let subs = lock(&entry.subscribers);
-        for sub in subs.values() {
-            let frame = match sub.mode {
-                Mode::Raw => {
-                    raw.get_or_insert_with(|| match protocol::encode_raw(&envelope.payload) {
-                        RawFrame::Text(b) => {
-                            Message::Text(Utf8Bytes::try_from(b).unwrap_or_default())
-                        }
-                        RawFrame::Binary(b) => Message::Binary(b),
-                    })
+        for sub in state.subscribers.values_mut() {
+            if sub.skip_through.as_ref().is_some_and(|skip| at_or_before(&pos, skip)) {
+                continue;
+            }
+            let frame = rendered[sub.mode as usize].get_or_insert_with(|| render(channel, sub.mode, msg)).clone();
+            match &mut sub.held {
+                Some(held) if held.len() < self.hold_limit => held.push((pos.clone(), frame)),
+                Some(_) => {
+                    sub.outbox.close(CloseReason::Slow);
+                    slow += 1;
                 }
-                Mode::Protocol => proto.get_or_insert_with(|| {
-                    Message::text(protocol::encode_message(channel, &envelope.payload))
-                }),
-            };
-            if sub.outbox.push(frame.clone()) == Push::Overflow {
-                slow += 1;
+                None => {
+                    if sub.outbox.push(frame) == Push::Overflow {
+                        slow += 1;
+                    }
+                }
             }
         }
-        drop(subs);
+        drop(state);
         if slow > 0 {
             self.metrics.slow_client_closes.inc_by(slow);
         }
     }
+}
 
-    /// Convenience for the in-process bus and tests: deliver a payload published now.
-    pub fn deliver_payload(&self, channel: &str, payload: Payload) {
-        self.deliver(channel, &Envelope::new(payload));
+/// `a` is at or before `b` in the same epoch.
+fn at_or_before(a: &Position, b: &Position) -> bool {
+    a.0 == b.0 && a.1 <= b.1
+}
+
+/// The frame a subscriber of `mode` receives for `msg`.
+fn render(channel: &str, mode: Mode, msg: &Sequenced) -> Message {
+    match mode {
+        Mode::Raw => match protocol::encode_raw(&msg.envelope.payload) {
+            RawFrame::Text(b) => Message::Text(Utf8Bytes::try_from(b).unwrap_or_default()),
+            RawFrame::Binary(b) => Message::Binary(b),
+        },
+        Mode::Protocol => {
+            Message::text(protocol::encode_message(channel, &msg.epoch, msg.offset, &msg.envelope.payload))
+        }
     }
 }
 
@@ -241,10 +295,20 @@ fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope::Envelope;
+    use crate::protocol::Payload;
     use std::collections::VecDeque;
 
     fn local_hub() -> Hub {
-        Hub::new(None, Arc::new(Metrics::new()))
+        Hub::new(None, 16, Arc::new(Metrics::new()))
+    }
+
+    fn seq(epoch: &str, offset: u64, text: &str) -> Sequenced {
+        Sequenced {
+            epoch: Arc::from(epoch),
+            offset,
+            envelope: Envelope::new(Payload::Json(bytes::Bytes::from(serde_json::to_string(text).unwrap()))),
+        }
     }
 
     async fn drain(o: &Outbox) -> Vec<Message> {
@@ -253,34 +317,26 @@ mod tests {
         batch.into()
     }
 
+    fn offsets(frames: &[Message]) -> Vec<u64> {
+        frames
+            .iter()
+            .filter_map(|m| serde_json::from_str::<serde_json::Value>(m.to_text().unwrap()).ok()?["offset"].as_u64())
+            .collect()
+    }
+
     #[tokio::test]
     async fn one_encoding_shared_by_all_subscribers_of_a_mode() {
         let hub = local_hub();
-        let (a, b, c) = (
-            Arc::new(Outbox::new(8)),
-            Arc::new(Outbox::new(8)),
-            Arc::new(Outbox::new(8)),
-        );
-        hub.subscribe("room", 1, a.clone(), Mode::Protocol)
-            .await
-            .unwrap();
-        hub.subscribe("room", 2, b.clone(), Mode::Protocol)
-            .await
-            .unwrap();
-        hub.subscribe("room", 3, c.clone(), Mode::Raw)
-            .await
-            .unwrap();
-        hub.deliver_payload("room", Payload::Json(bytes::Bytes::from_static(br#""hi""#)));
+        let (a, b, c) = (Arc::new(Outbox::new(8)), Arc::new(Outbox::new(8)), Arc::new(Outbox::new(8)));
+        hub.subscribe("room", 1, a.clone(), Mode::Protocol, false).await.unwrap();
+        hub.subscribe("room", 2, b.clone(), Mode::Protocol, false).await.unwrap();
+        hub.subscribe("room", 3, c.clone(), Mode::Raw, false).await.unwrap();
+        hub.deliver("room", &seq("e", 1, "hi"));
         let (ma, mb, mc) = (drain(&a).await, drain(&b).await, drain(&c).await);
-        assert_eq!(
-            ma[0],
-            Message::text(r#"{"type":"message","channel":"room","data":"hi"}"#)
-        );
+        assert_eq!(ma[0], Message::text(r#"{"type":"message","channel":"room","epoch":"e","offset":1,"data":"hi"}"#));
         assert_eq!(mc[0], Message::text("hi"));
         // Same allocation, not just equal bytes.
-        let (Message::Text(x), Message::Text(y)) = (&ma[0], &mb[0]) else {
-            panic!()
-        };
+        let (Message::Text(x), Message::Text(y)) = (&ma[0], &mb[0]) else { panic!() };
         assert_eq!(x.as_str().as_ptr(), y.as_str().as_ptr());
     }
 
@@ -288,14 +344,10 @@ mod tests {
     async fn a_slow_subscriber_is_closed_and_the_others_keep_receiving() {
         let hub = local_hub();
         let (slow, fast) = (Arc::new(Outbox::new(2)), Arc::new(Outbox::new(100)));
-        hub.subscribe("c", 1, slow.clone(), Mode::Raw)
-            .await
-            .unwrap();
-        hub.subscribe("c", 2, fast.clone(), Mode::Raw)
-            .await
-            .unwrap();
-        for i in 0..10 {
-            hub.deliver_payload("c", Payload::Text(format!("{i}").into()));
+        hub.subscribe("c", 1, slow.clone(), Mode::Raw, false).await.unwrap();
+        hub.subscribe("c", 2, fast.clone(), Mode::Raw, false).await.unwrap();
+        for i in 1..=10 {
+            hub.deliver("c", &seq("e", i, "x"));
         }
         assert!(slow.is_closing());
         assert_eq!(drain(&fast).await.len(), 10);
@@ -303,21 +355,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn duplicates_and_stale_offsets_are_dropped_per_channel() {
+        let hub = local_hub();
+        let o = Arc::new(Outbox::new(100));
+        hub.subscribe("c", 1, o.clone(), Mode::Protocol, false).await.unwrap();
+        for (epoch, off) in [("e", 1), ("e", 2), ("e", 2), ("e", 1), ("e", 3), ("f", 1), ("f", 2)] {
+            hub.deliver("c", &seq(epoch, off, "x"));
+        }
+        assert_eq!(offsets(&drain(&o).await), [1, 2, 3, 1, 2]);
+        assert_eq!(hub.cursor("c"), Some((Arc::from("f"), 2)));
+    }
+
+    #[tokio::test]
+    async fn the_resume_seam_has_no_gap_and_no_duplicate() {
+        let hub = local_hub();
+        let o = Arc::new(Outbox::new(100));
+        hub.subscribe("c", 1, o.clone(), Mode::Protocol, true).await.unwrap();
+        // Live messages arrive while the connection reads history (head was 5 at the read).
+        for off in [4, 5, 6, 7] {
+            hub.deliver("c", &seq("e", off, "live"));
+        }
+        let replay: Vec<_> = (3..=5).map(|o| seq("e", o, "replayed")).collect();
+        hub.open_gate("c", 1, Some(Message::text("subscribed")), &replay, (Arc::from("e"), 5));
+        hub.deliver("c", &seq("e", 8, "live"));
+        let frames = drain(&o).await;
+        assert_eq!(frames[0], Message::text("subscribed"));
+        assert_eq!(offsets(&frames), [3, 4, 5, 6, 7, 8]);
+    }
+
+    #[tokio::test]
+    async fn a_gated_subscriber_that_falls_too_far_behind_is_closed() {
+        let hub = Hub::new(None, 3, Arc::new(Metrics::new()));
+        let o = Arc::new(Outbox::new(100));
+        hub.subscribe("c", 1, o.clone(), Mode::Protocol, true).await.unwrap();
+        for off in 1..=5 {
+            hub.deliver("c", &seq("e", off, "x"));
+        }
+        assert!(o.is_closing());
+    }
+
+    #[tokio::test]
     async fn channels_come_and_go_with_their_subscribers() {
         let (tx, mut rx) = mpsc::channel(8);
-        let hub = Arc::new(Hub::new(Some(tx), Arc::new(Metrics::new())));
+        let hub = Arc::new(Hub::new(Some(tx), 16, Arc::new(Metrics::new())));
         let h = hub.clone();
-        let sub = tokio::spawn(async move {
-            h.subscribe("c", 1, Arc::new(Outbox::new(4)), Mode::Raw)
-                .await
-        });
-        let Some(BusCommand::Subscribe {
-            channel,
-            generation,
-        }) = rx.recv().await
-        else {
-            panic!()
-        };
+        let sub = tokio::spawn(async move { h.subscribe("c", 1, Arc::new(Outbox::new(4)), Mode::Raw, false).await });
+        let Some(BusCommand::Subscribe { channel, generation }) = rx.recv().await else { panic!() };
         assert_eq!(&*channel, "c");
         hub.confirm("c", generation + 1); // a stale confirmation does not count
         tokio::task::yield_now().await;
@@ -326,10 +409,7 @@ mod tests {
         sub.await.unwrap().unwrap();
         assert_eq!(hub.channels().len(), 1);
         assert!(hub.unsubscribe("c", 1));
-        assert!(matches!(
-            rx.recv().await,
-            Some(BusCommand::Unsubscribe { .. })
-        ));
+        assert!(matches!(rx.recv().await, Some(BusCommand::Unsubscribe { .. })));
         assert!(hub.channels().is_empty());
         assert!(!hub.unsubscribe("c", 1));
     }
@@ -337,10 +417,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_unconfirmed_subscribe_fails_and_leaves_nothing_behind() {
         let (tx, _rx) = mpsc::channel(8);
-        let hub = Hub::new(Some(tx), Arc::new(Metrics::new()));
-        let r = hub
-            .subscribe("c", 1, Arc::new(Outbox::new(4)), Mode::Raw)
-            .await;
+        let hub = Hub::new(Some(tx), 16, Arc::new(Metrics::new()));
+        let r = hub.subscribe("c", 1, Arc::new(Outbox::new(4)), Mode::Raw, false).await;
         assert!(matches!(r, Err(SubscribeError::BusUnavailable)));
         assert!(hub.channels().is_empty());
     }

@@ -11,6 +11,7 @@
 //! | [`config`] | command line and `WSFLEET_*` environment, parsed once into typed settings |
 //! | [`protocol`] | pure: channel names, the JSON frames of protocol mode, error codes |
 //! | [`envelope`] | pure: how a published message travels on the bus |
+//! | [`history`] | per-channel offsets, epochs and history (Redis scripts, or in-process) |
 //! | [`outbox`] | one client's bounded outbound queue; where slow clients are caught |
 //! | [`hub`] | channel -> local subscribers; encodes each message once and fans it out |
 //! | [`bus`] | Redis pub/sub or in-process; subscribe on demand, reconnect, health |
@@ -26,6 +27,7 @@ pub mod bus;
 pub mod config;
 pub mod connection;
 pub mod envelope;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod metrics;

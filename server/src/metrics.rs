@@ -36,6 +36,8 @@ pub struct Metrics {
     pub bus_channels: Gauge,
     pub bus_messages: Counter,
     pub bus_undecodable: Counter,
+    pub bus_refilled: Counter,
+    pub bus_gaps_lost: Counter,
     pub deliver_latency: Histogram,
     pub draining: Gauge,
 }
@@ -57,36 +59,16 @@ impl Metrics {
             }};
         }
         Metrics {
-            connections: reg!(
-                "connections",
-                "Open WebSocket connections",
-                Gauge::default()
-            ),
+            connections: reg!("connections", "Open WebSocket connections", Gauge::default()),
             upgrades: reg!(
                 "upgrades",
                 "WebSocket upgrade attempts by result (accepted, full, draining, forbidden_origin, not_found, failed, timeout)",
                 Family::<ResultLabel, Counter>::default()
             ),
-            messages_in: reg!(
-                "messages_in",
-                "Data frames received from clients",
-                Counter::default()
-            ),
-            bytes_in: reg!(
-                "bytes_in",
-                "Payload bytes received from clients",
-                Counter::default()
-            ),
-            messages_out: reg!(
-                "messages_out",
-                "Frames written to clients",
-                Counter::default()
-            ),
-            bytes_out: reg!(
-                "bytes_out",
-                "Payload bytes written to clients",
-                Counter::default()
-            ),
+            messages_in: reg!("messages_in", "Data frames received from clients", Counter::default()),
+            bytes_in: reg!("bytes_in", "Payload bytes received from clients", Counter::default()),
+            messages_out: reg!("messages_out", "Frames written to clients", Counter::default()),
+            bytes_out: reg!("bytes_out", "Payload bytes written to clients", Counter::default()),
             slow_client_closes: reg!(
                 "slow_client_closes",
                 "Clients closed with 1013 because their outbound queue filled up",
@@ -97,34 +79,28 @@ impl Metrics {
                 "Error frames and error closes sent to clients, by code",
                 Family::<CodeLabel, Counter>::default()
             ),
-            publish_failures: reg!(
-                "publish_failures",
-                "Client publishes the bus did not accept",
-                Counter::default()
-            ),
-            bus_up: reg!(
-                "bus_up",
-                "1 while the message bus is connected",
-                Gauge::default()
-            ),
+            publish_failures: reg!("publish_failures", "Client publishes the bus did not accept", Counter::default()),
+            bus_up: reg!("bus_up", "1 while the message bus is connected", Gauge::default()),
             bus_reconnects: reg!(
                 "bus_reconnects",
                 "Times the bus subscription connection was re-established",
                 Counter::default()
             ),
-            bus_channels: reg!(
-                "bus_channels",
-                "Channels this server is subscribed to on the bus",
-                Gauge::default()
-            ),
-            bus_messages: reg!(
-                "bus_messages",
-                "Messages received from the bus",
-                Counter::default()
-            ),
+            bus_channels: reg!("bus_channels", "Channels this server is subscribed to on the bus", Gauge::default()),
+            bus_messages: reg!("bus_messages", "Messages received from the bus", Counter::default()),
             bus_undecodable: reg!(
                 "bus_undecodable",
                 "Bus messages dropped because they could not be decoded",
+                Counter::default()
+            ),
+            bus_refilled: reg!(
+                "bus_refilled",
+                "Messages refilled from history after a bus reconnect",
+                Counter::default()
+            ),
+            bus_gaps_lost: reg!(
+                "bus_gaps_lost",
+                "Bus reconnects after which a channel's missed messages were no longer in history",
                 Counter::default()
             ),
             deliver_latency: reg!(
@@ -142,9 +118,7 @@ impl Metrics {
     }
 
     pub fn protocol_error(&self, code: &'static str) {
-        self.protocol_errors
-            .get_or_create(&CodeLabel { code })
-            .inc();
+        self.protocol_errors.get_or_create(&CodeLabel { code }).inc();
     }
 
     /// Prometheus text exposition of every metric.

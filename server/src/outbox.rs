@@ -47,10 +47,7 @@ impl CloseReason {
             CloseReason::BusUnavailable => (CloseCode::Again, "message bus unavailable"),
             CloseReason::PeerClosed => return None,
         };
-        Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        })
+        Some(CloseFrame { code, reason: reason.into() })
     }
 }
 
@@ -77,11 +74,7 @@ pub struct Outbox {
 
 impl Outbox {
     pub fn new(limit: usize) -> Self {
-        Outbox {
-            state: Mutex::new(State::default()),
-            notify: Notify::new(),
-            limit,
-        }
+        Outbox { state: Mutex::new(State::default()), notify: Notify::new(), limit }
     }
 
     pub fn push(&self, msg: Message) -> Push {

@@ -15,6 +15,9 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::envelope::valid_epoch;
+use crate::history::{Replay, Since};
+
 pub const MAX_CHANNEL_LEN: usize = 128;
 
 /// Checks a channel name; the error says what is wrong with it.
@@ -23,19 +26,10 @@ pub fn validate_channel(name: &str) -> Result<(), String> {
         return Err("channel must not be empty".into());
     }
     if name.len() > MAX_CHANNEL_LEN {
-        return Err(format!(
-            "channel is {} bytes long; the limit is {MAX_CHANNEL_LEN}",
-            name.len()
-        ));
+        return Err(format!("channel is {} bytes long; the limit is {MAX_CHANNEL_LEN}", name.len()));
     }
-    match name
-        .bytes()
-        .find(|b| !(b.is_ascii_alphanumeric() || b"_-.:@".contains(b)))
-    {
-        Some(b) => Err(format!(
-            "channel contains {:?}; allowed are A-Z a-z 0-9 _ - . : @",
-            b as char
-        )),
+    match name.bytes().find(|b| !(b.is_ascii_alphanumeric() || b"_-.:@".contains(b))) {
+        Some(b) => Err(format!("channel contains {:?}; allowed are A-Z a-z 0-9 _ - . : @", b as char)),
         None => Ok(()),
     }
 }
@@ -43,8 +37,10 @@ pub fn validate_channel(name: &str) -> Result<(), String> {
 /// What a protocol-mode client asked for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ClientOp<'a> {
+    /// `since`: resume after this position, replaying what was missed.
     Subscribe {
         channel: &'a str,
+        since: Option<Since>,
     },
     Unsubscribe {
         channel: &'a str,
@@ -71,6 +67,8 @@ pub enum ErrorCode {
     SubscriptionLimit,
     /// `unsubscribe` for a channel the connection is not subscribed to.
     NotSubscribed,
+    /// `subscribe` for a channel the connection is already subscribed to.
+    AlreadySubscribed,
     /// Binary frames have no meaning in protocol mode.
     BinaryNotSupported,
     /// The message bus is down; the operation did not happen. Retry later.
@@ -86,6 +84,7 @@ impl ErrorCode {
             ErrorCode::InvalidChannel => "invalid_channel",
             ErrorCode::SubscriptionLimit => "subscription_limit",
             ErrorCode::NotSubscribed => "not_subscribed",
+            ErrorCode::AlreadySubscribed => "already_subscribed",
             ErrorCode::BinaryNotSupported => "binary_not_supported",
             ErrorCode::BusUnavailable => "bus_unavailable",
         }
@@ -100,16 +99,12 @@ pub struct ProtocolError {
 
 impl ProtocolError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ProtocolError {
-            code,
-            message: message.into(),
-        }
+        ProtocolError { code, message: message.into() }
     }
 
     /// The `{"type":"error",...}` frame for this error.
     pub fn to_frame(&self) -> String {
-        serde_json::json!({"type": "error", "code": self.code.as_str(), "message": self.message})
-            .to_string()
+        serde_json::json!({"type": "error", "code": self.code.as_str(), "message": self.message}).to_string()
     }
 }
 
@@ -127,62 +122,64 @@ struct WireOp<'a> {
     channel: Option<&'a RawValue>,
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    since: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireSince {
+    epoch: serde_json::Value,
+    offset: serde_json::Value,
+}
+
+fn parse_since(raw: &RawValue) -> Result<Option<Since>, ProtocolError> {
+    let invalid = |m: &str| ProtocolError::new(ErrorCode::InvalidField, m.to_owned());
+    if raw.get() == "null" {
+        return Ok(None);
+    }
+    let since: WireSince = serde_json::from_str(raw.get())
+        .map_err(|_| invalid("field `since` must be an object {\"epoch\": string, \"offset\": integer}"))?;
+    let epoch = since.epoch.as_str().ok_or_else(|| invalid("field `since.epoch` must be a string"))?;
+    if !valid_epoch(epoch) {
+        return Err(invalid("field `since.epoch` is not an epoch this server issues"));
+    }
+    let offset = since.offset.as_u64().ok_or_else(|| invalid("field `since.offset` must be a non-negative integer"))?;
+    Ok(Some(Since { epoch: epoch.to_owned(), offset }))
 }
 
 /// Parses one protocol-mode text frame.
 pub fn parse_client_frame(text: &str) -> Result<ClientOp<'_>, ProtocolError> {
     // serde would also accept a JSON array for a struct; the protocol speaks objects only.
     if !text.trim_start().starts_with('{') {
-        return Err(ProtocolError::new(
-            ErrorCode::InvalidJson,
-            "frame is not a JSON object",
-        ));
+        return Err(ProtocolError::new(ErrorCode::InvalidJson, "frame is not a JSON object"));
     }
-    let wire: WireOp<'_> = serde_json::from_str(text).map_err(|e| {
-        ProtocolError::new(
-            ErrorCode::InvalidJson,
-            format!("frame is not a JSON object: {e}"),
-        )
-    })?;
+    let wire: WireOp<'_> = serde_json::from_str(text)
+        .map_err(|e| ProtocolError::new(ErrorCode::InvalidJson, format!("frame is not a JSON object: {e}")))?;
     let op = match wire.op {
         None => {
-            return Err(ProtocolError::new(
-                ErrorCode::UnknownOp,
-                "missing field `op`",
-            ));
+            return Err(ProtocolError::new(ErrorCode::UnknownOp, "missing field `op`"));
         }
-        Some(raw) => str_field(raw, "op").map_err(|e| ProtocolError {
-            code: ErrorCode::UnknownOp,
-            ..e
-        })?,
+        Some(raw) => str_field(raw, "op").map_err(|e| ProtocolError { code: ErrorCode::UnknownOp, ..e })?,
     };
     let channel = || -> Result<&str, ProtocolError> {
-        let raw = wire.channel.ok_or_else(|| {
-            ProtocolError::new(ErrorCode::InvalidField, "missing field `channel`")
-        })?;
+        let raw = wire.channel.ok_or_else(|| ProtocolError::new(ErrorCode::InvalidField, "missing field `channel`"))?;
         let name = str_field(raw, "channel")?;
         validate_channel(name).map_err(|m| ProtocolError::new(ErrorCode::InvalidChannel, m))?;
         Ok(name)
     };
     match op {
-        "subscribe" => Ok(ClientOp::Subscribe {
-            channel: channel()?,
-        }),
-        "unsubscribe" => Ok(ClientOp::Unsubscribe {
-            channel: channel()?,
-        }),
+        "subscribe" => {
+            let channel = channel()?;
+            let since = wire.since.map(parse_since).transpose()?.flatten();
+            Ok(ClientOp::Subscribe { channel, since })
+        }
+        "unsubscribe" => Ok(ClientOp::Unsubscribe { channel: channel()? }),
         "publish" => {
             let channel = channel()?;
-            let data = wire
-                .data
-                .map(RawValue::get)
-                .filter(|d| *d != "null")
-                .ok_or_else(|| {
-                    ProtocolError::new(
-                        ErrorCode::InvalidField,
-                        "missing field `data` (any JSON value but null)",
-                    )
-                })?;
+            let data = wire.data.map(RawValue::get).filter(|d| *d != "null").ok_or_else(|| {
+                ProtocolError::new(ErrorCode::InvalidField, "missing field `data` (any JSON value but null)")
+            })?;
             Ok(ClientOp::Publish { channel, data })
         }
         other => Err(ProtocolError::new(
@@ -197,14 +194,10 @@ fn str_field<'a>(raw: &'a RawValue, field: &str) -> Result<&'a str, ProtocolErro
     let s = raw.get();
     match s.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
         Some(inner) if !inner.contains('\\') => Ok(inner),
-        Some(_) => Err(ProtocolError::new(
-            ErrorCode::InvalidChannel,
-            format!("field `{field}` must not contain escapes"),
-        )),
-        None => Err(ProtocolError::new(
-            ErrorCode::InvalidField,
-            format!("field `{field}` must be a string"),
-        )),
+        Some(_) => {
+            Err(ProtocolError::new(ErrorCode::InvalidChannel, format!("field `{field}` must not contain escapes")))
+        }
+        None => Err(ProtocolError::new(ErrorCode::InvalidField, format!("field `{field}` must be a string"))),
     }
 }
 
@@ -244,14 +237,20 @@ pub fn encode_raw(payload: &Payload) -> RawFrame {
     }
 }
 
-/// How a message is shown to protocol-mode clients: a `{"type":"message"}` frame. Text payloads
-/// become JSON strings; binary payloads become base64 strings with `"encoding":"base64"`.
-pub fn encode_message(channel: &str, payload: &Payload) -> String {
-    // The channel name needs no escaping (validate_channel), so the frame is assembled directly.
-    let mut out = String::with_capacity(48 + channel.len() + payload_len(payload));
+/// How a message is shown to protocol-mode clients: a `{"type":"message"}` frame with the
+/// message's place in the channel's order. Text payloads become JSON strings; binary payloads
+/// become base64 strings with `"encoding":"base64"`.
+pub fn encode_message(channel: &str, epoch: &str, offset: u64, payload: &Payload) -> String {
+    // Channel names and epochs need no escaping (validate_channel, valid_epoch), so the frame is
+    // assembled directly.
+    let mut out = String::with_capacity(80 + channel.len() + epoch.len() + payload_len(payload));
     out.push_str(r#"{"type":"message","channel":""#);
     out.push_str(channel);
-    out.push_str(r#"","data":"#);
+    out.push_str(r#"","epoch":""#);
+    out.push_str(epoch);
+    out.push_str(r#"","offset":"#);
+    out.push_str(&offset.to_string());
+    out.push_str(r#","data":"#);
     match payload {
         Payload::Json(json) => out.push_str(std::str::from_utf8(json).unwrap_or("null")),
         Payload::Text(text) => {
@@ -275,8 +274,19 @@ fn payload_len(p: &Payload) -> usize {
     }
 }
 
-pub fn subscribed_frame(channel: &str) -> String {
-    format!(r#"{{"type":"subscribed","channel":"{channel}"}}"#)
+/// The reply to a subscribe: the channel's position, and whether the missed messages follow.
+pub fn subscribed_frame(channel: &str, replay: &Replay) -> String {
+    let mut v = serde_json::json!({
+        "type": "subscribed",
+        "channel": channel,
+        "epoch": &*replay.epoch,
+        "offset": replay.head,
+        "recovered": replay.recovered(),
+    });
+    if let Some(Err(lost)) = replay.recovery {
+        v["reason"] = lost.as_str().into();
+    }
+    v.to_string()
 }
 
 pub fn unsubscribed_frame(channel: &str) -> String {
@@ -296,7 +306,11 @@ mod tests {
     fn parses_the_three_ops() {
         assert_eq!(
             parse_client_frame(r#"{"op":"subscribe","channel":"news"}"#),
-            Ok(ClientOp::Subscribe { channel: "news" })
+            Ok(ClientOp::Subscribe { channel: "news", since: None })
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"op":"subscribe","channel":"news","since":{"epoch":"a-1","offset":7}}"#),
+            Ok(ClientOp::Subscribe { channel: "news", since: Some(Since { epoch: "a-1".into(), offset: 7 }) })
         );
         assert_eq!(
             parse_client_frame(r#"{"op":"unsubscribe","channel":"a:b"}"#),
@@ -304,10 +318,7 @@ mod tests {
         );
         assert_eq!(
             parse_client_frame(r#"{"op":"publish","channel":"c","data":{"x":[1, 2]}}"#),
-            Ok(ClientOp::Publish {
-                channel: "c",
-                data: r#"{"x":[1, 2]}"#
-            })
+            Ok(ClientOp::Publish { channel: "c", data: r#"{"x":[1, 2]}"# })
         );
     }
 
@@ -325,20 +336,29 @@ mod tests {
         let e = parse_err(r#"{"op":"subscribe","channel":7}"#);
         assert_eq!(e.code, ErrorCode::InvalidField);
         assert!(e.message.contains("`channel`"));
-        assert_eq!(
-            parse_err(r#"{"op":"subscribe","channel":"a b"}"#).code,
-            ErrorCode::InvalidChannel
-        );
-        assert_eq!(
-            parse_err(r#"{"op":"subscribe","channel":""}"#).code,
-            ErrorCode::InvalidChannel
-        );
+        assert_eq!(parse_err(r#"{"op":"subscribe","channel":"a b"}"#).code, ErrorCode::InvalidChannel);
+        assert_eq!(parse_err(r#"{"op":"subscribe","channel":""}"#).code, ErrorCode::InvalidChannel);
         let e = parse_err(r#"{"op":"publish","channel":"c"}"#);
         assert!(e.message.contains("`data`"));
-        assert_eq!(
-            parse_err(r#"{"op":"publish","channel":"c","data":null}"#).code,
-            ErrorCode::InvalidField
-        );
+        assert_eq!(parse_err(r#"{"op":"publish","channel":"c","data":null}"#).code, ErrorCode::InvalidField);
+    }
+
+    #[test]
+    fn bad_since_values_name_the_field() {
+        for (since, field) in [
+            (r#""yesterday""#, "`since`"),
+            (r#"{"epoch":"e"}"#, "`since`"),
+            (r#"{"epoch":5,"offset":1}"#, "`since.epoch`"),
+            (r#"{"epoch":"has space","offset":1}"#, "`since.epoch`"),
+            (r#"{"epoch":"e","offset":-1}"#, "`since.offset`"),
+            (r#"{"epoch":"e","offset":"7"}"#, "`since.offset`"),
+            (r#"{"epoch":"e","offset":1.5}"#, "`since.offset`"),
+            (r#"{"epoch":"e","offset":1,"extra":true}"#, "`since`"),
+        ] {
+            let e = parse_err(&format!(r#"{{"op":"subscribe","channel":"c","since":{since}}}"#));
+            assert_eq!(e.code, ErrorCode::InvalidField, "{since}");
+            assert!(e.message.contains(field), "{since}: {}", e.message);
+        }
     }
 
     #[test]
@@ -355,26 +375,25 @@ mod tests {
     fn error_frames_are_json() {
         let frame = ProtocolError::new(ErrorCode::UnknownOp, "say \"what\"").to_frame();
         let v: Value = serde_json::from_str(&frame).unwrap();
-        assert_eq!(
-            v,
-            json!({"type":"error","code":"unknown_op","message":"say \"what\""})
-        );
+        assert_eq!(v, json!({"type":"error","code":"unknown_op","message":"say \"what\""}));
     }
 
     #[test]
     fn message_frames_for_each_payload_kind() {
-        let parse = |p: &Payload| serde_json::from_str::<Value>(&encode_message("c", p)).unwrap();
-        assert_eq!(
-            parse(&Payload::Json(Bytes::from_static(br#"{"a":1}"#))),
-            json!({"type":"message","channel":"c","data":{"a":1}})
-        );
+        let parse = |p: &Payload| serde_json::from_str::<Value>(&encode_message("c", "e-1", 9, p)).unwrap();
+        let frame = |extra: Value| {
+            let mut v = json!({"type":"message","channel":"c","epoch":"e-1","offset":9});
+            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            v
+        };
+        assert_eq!(parse(&Payload::Json(Bytes::from_static(br#"{"a":1}"#))), frame(json!({"data":{"a":1}})));
         assert_eq!(
             parse(&Payload::Text(Bytes::from_static(b"he said \"hi\"\n"))),
-            json!({"type":"message","channel":"c","data":"he said \"hi\"\n"})
+            frame(json!({"data":"he said \"hi\"\n"}))
         );
         assert_eq!(
             parse(&Payload::Binary(Bytes::from_static(&[0, 255, 1]))),
-            json!({"type":"message","channel":"c","data":"AP8B","encoding":"base64"})
+            frame(json!({"data":"AP8B","encoding":"base64"}))
         );
     }
 
@@ -384,22 +403,10 @@ mod tests {
             RawFrame::Text(b) => String::from_utf8(b.to_vec()).unwrap(),
             RawFrame::Binary(_) => panic!("binary"),
         };
-        assert_eq!(
-            text(Payload::Json(Bytes::from_static(br#""plain""#))),
-            "plain"
-        );
-        assert_eq!(
-            text(Payload::Json(Bytes::from_static(br#""tab\there""#))),
-            "tab\there"
-        );
-        assert_eq!(
-            text(Payload::Json(Bytes::from_static(br#"{"a":1}"#))),
-            r#"{"a":1}"#
-        );
+        assert_eq!(text(Payload::Json(Bytes::from_static(br#""plain""#))), "plain");
+        assert_eq!(text(Payload::Json(Bytes::from_static(br#""tab\there""#))), "tab\there");
+        assert_eq!(text(Payload::Json(Bytes::from_static(br#"{"a":1}"#))), r#"{"a":1}"#);
         assert_eq!(text(Payload::Text(Bytes::from_static(b"hello"))), "hello");
-        assert!(matches!(
-            encode_raw(&Payload::Binary(Bytes::from_static(b"\x00"))),
-            RawFrame::Binary(_)
-        ));
+        assert!(matches!(encode_raw(&Payload::Binary(Bytes::from_static(b"\x00"))), RawFrame::Binary(_)));
     }
 }

@@ -54,6 +54,8 @@ pub async fn run(
     let bus = Bus::start(
         config.redis_url.as_deref(),
         &config.redis_prefix,
+        config.history(),
+        config.client_queue as usize,
         metrics.clone(),
         &tracker,
         stop.clone(),
@@ -63,19 +65,10 @@ pub async fn run(
     let http_task = {
         let stop = stop.clone();
         let app = crate::http::router(shared.clone());
-        tokio::spawn(async move {
-            axum::serve(http, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        })
+        tokio::spawn(async move { axum::serve(http, app).with_graceful_shutdown(stop.cancelled_owned()).await })
     };
-    let accept_task = tokio::spawn(accept_loop(
-        ws,
-        shared.clone(),
-        config.max_connections as usize,
-        tracker.clone(),
-        stop.clone(),
-    ));
+    let accept_task =
+        tokio::spawn(accept_loop(ws, shared.clone(), config.max_connections as usize, tracker.clone(), stop.clone()));
     info!(pod = %config.pod_name, bus = if config.redis_url.is_some() { "redis" } else { "in-process" }, "serving");
 
     shutdown.cancelled().await;
@@ -87,12 +80,7 @@ pub async fn run(
     stop.cancel();
     let _ = accept_task.await;
     tracker.close();
-    if tokio::time::timeout_at(
-        deadline.max(Instant::now() + Duration::from_millis(200)),
-        tracker.wait(),
-    )
-    .await
-    .is_err()
+    if tokio::time::timeout_at(deadline.max(Instant::now() + Duration::from_millis(200)), tracker.wait()).await.is_err()
     {
         warn!("tasks still running at the drain deadline; exiting anyway");
     }
@@ -125,12 +113,7 @@ async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => match admission.clone().try_acquire_owned() {
                 Ok(permit) => {
-                    tracker.spawn(connection::serve(
-                        stream,
-                        peer,
-                        shared.clone(),
-                        Some(permit),
-                    ));
+                    tracker.spawn(connection::serve(stream, peer, shared.clone(), Some(permit)));
                 }
                 Err(_) => match refusals.clone().try_acquire_owned() {
                     Ok(refusal) => {
@@ -164,18 +147,8 @@ async fn drain(shared: &Shared, drain_timeout: Duration, deadline: Instant) {
     let per_batch = open.len().div_ceil(most_batches).max(1);
     let batches = open.len().div_ceil(per_batch).max(1);
     // Batches are evenly spaced so that the last one goes out at the end of the window.
-    let period = if batches > 1 {
-        window / (batches as u32 - 1)
-    } else {
-        window
-    };
-    info!(
-        connections = open.len(),
-        ?window,
-        per_batch,
-        ?period,
-        "draining"
-    );
+    let period = if batches > 1 { window / (batches as u32 - 1) } else { window };
+    info!(connections = open.len(), ?window, per_batch, ?period, "draining");
     let start = Instant::now();
     for (i, batch) in open.chunks(per_batch).enumerate() {
         tokio::time::sleep_until(start + period * i as u32).await;

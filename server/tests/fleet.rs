@@ -25,19 +25,16 @@ async fn a_message_published_on_one_server_reaches_every_server_in_protocol_mode
         subs.push(subscriber(s, "news").await);
     }
     let mut publisher = connect(&servers[0].url("/ws")).await;
-    publish(
-        &mut publisher,
-        "news",
-        json!({"headline": "hello fleet", "n": 1}),
-    )
-    .await;
+    publish(&mut publisher, "news", json!({"headline": "hello fleet", "n": 1})).await;
+    let mut epochs = Vec::new();
     for sub in &mut subs {
         let msg = next_json(sub).await;
-        assert_eq!(
-            msg,
-            json!({"type": "message", "channel": "news", "data": {"headline": "hello fleet", "n": 1}})
-        );
+        assert_eq!((&msg["type"], &msg["channel"]), (&json!("message"), &json!("news")), "{msg}");
+        assert_eq!(msg["data"], json!({"headline": "hello fleet", "n": 1}));
+        assert_eq!(msg["offset"], 1, "the channel's first message has offset 1: {msg}");
+        epochs.push(msg["epoch"].clone());
     }
+    assert!(epochs.iter().all(|e| e.is_string() && *e == epochs[0]), "one epoch fleet-wide: {epochs:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,14 +50,10 @@ async fn raw_mode_broadcasts_cluster_wide_and_meets_protocol_mode() {
     let mut sender = connect(&servers[0].url("/ws/lobby")).await;
     let mut seen = vec![false; raws.len()];
     for probe in 0..200 {
-        sender
-            .send(Message::text(format!("probe {probe}")))
-            .await
-            .unwrap();
+        sender.send(Message::text(format!("probe {probe}"))).await.unwrap();
         for (i, ws) in raws.iter_mut().enumerate() {
             while let Ok(Some(Ok(m))) =
-                tokio::time::timeout(Duration::from_millis(20), futures_util::StreamExt::next(ws))
-                    .await
+                tokio::time::timeout(Duration::from_millis(20), futures_util::StreamExt::next(ws)).await
             {
                 if m.is_text() {
                     seen[i] = true;
@@ -71,53 +64,29 @@ async fn raw_mode_broadcasts_cluster_wide_and_meets_protocol_mode() {
             break;
         }
     }
-    assert!(
-        seen.iter().all(|s| *s),
-        "raw subscribers never all received a probe"
-    );
+    assert!(seen.iter().all(|s| *s), "raw subscribers never all received a probe");
     // Drain the protocol client's probes.
-    while let Ok(Some(Ok(_))) = tokio::time::timeout(
-        Duration::from_millis(200),
-        futures_util::StreamExt::next(&mut proto),
-    )
-    .await
+    while let Ok(Some(Ok(_))) =
+        tokio::time::timeout(Duration::from_millis(200), futures_util::StreamExt::next(&mut proto)).await
     {}
     for ws in raws.iter_mut().chain([&mut sender]) {
-        while let Ok(Some(Ok(_))) = tokio::time::timeout(
-            Duration::from_millis(100),
-            futures_util::StreamExt::next(ws),
-        )
-        .await
+        while let Ok(Some(Ok(_))) =
+            tokio::time::timeout(Duration::from_millis(100), futures_util::StreamExt::next(ws)).await
         {}
     }
 
-    sender
-        .send(Message::text("plain text, as-is"))
-        .await
-        .unwrap();
-    sender
-        .send(Message::binary(vec![0u8, 1, 2, 255]))
-        .await
-        .unwrap();
+    sender.send(Message::text("plain text, as-is")).await.unwrap();
+    sender.send(Message::binary(vec![0u8, 1, 2, 255])).await.unwrap();
     for ws in &mut raws {
         assert_eq!(next_message(ws).await, Message::text("plain text, as-is"));
-        assert_eq!(
-            next_message(ws).await,
-            Message::binary(vec![0u8, 1, 2, 255])
-        );
+        assert_eq!(next_message(ws).await, Message::binary(vec![0u8, 1, 2, 255]));
     }
     // The sender is a subscriber of its own channel too, like the seed's broadcast loop.
-    assert_eq!(
-        next_message(&mut sender).await,
-        Message::text("plain text, as-is")
-    );
+    assert_eq!(next_message(&mut sender).await, Message::text("plain text, as-is"));
     // Protocol mode sees raw text as a JSON string and binary as base64.
     assert_eq!(next_json(&mut proto).await["data"], "plain text, as-is");
     let bin = next_json(&mut proto).await;
-    assert_eq!(
-        (bin["data"].as_str(), bin["encoding"].as_str()),
-        (Some("AAEC/w=="), Some("base64"))
-    );
+    assert_eq!((bin["data"].as_str(), bin["encoding"].as_str()), (Some("AAEC/w=="), Some("base64")));
     // And a protocol publish reaches raw clients unwrapped.
     publish(&mut proto, "lobby", json!("from protocol mode")).await;
     for ws in &mut raws {
@@ -167,16 +136,8 @@ async fn concurrent_publishers_on_different_servers_yield_one_order_for_every_su
         assert_eq!(seq, &sequences[0], "two subscribers saw different orders");
     }
     for p in 0..3 {
-        let own: Vec<u64> = sequences[0]
-            .iter()
-            .filter(|v| v["p"] == p)
-            .map(|v| v["n"].as_u64().unwrap())
-            .collect();
-        assert_eq!(
-            own,
-            (0..PER_PUBLISHER as u64).collect::<Vec<_>>(),
-            "publisher {p} lost or reordered messages"
-        );
+        let own: Vec<u64> = sequences[0].iter().filter(|v| v["p"] == p).map(|v| v["n"].as_u64().unwrap()).collect();
+        assert_eq!(own, (0..PER_PUBLISHER as u64).collect::<Vec<_>>(), "publisher {p} lost or reordered messages");
     }
 }
 
@@ -197,11 +158,7 @@ async fn the_fleet_rides_out_a_redis_restart_without_restarting_anything() {
     // Publishing while the bus is down is refused with a clear error, not silently dropped.
     publish(&mut publisher, "alerts", json!("lost")).await;
     let err = next_json(&mut publisher).await;
-    assert_eq!(
-        (err["type"].as_str(), err["code"].as_str()),
-        (Some("error"), Some("bus_unavailable")),
-        "{err}"
-    );
+    assert_eq!((err["type"].as_str(), err["code"].as_str()), (Some("error"), Some("bus_unavailable")), "{err}");
 
     redis.restart();
     for s in &servers {
@@ -238,46 +195,25 @@ async fn sigterm_drains_in_paced_batches_and_the_rest_of_the_fleet_keeps_serving
     assert_eq!(http_get(servers[0].http, "/readyz").0, 503);
     let answer = upgrade_answer(servers[0].ws, "/ws", "").await;
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
-    assert!(
-        answer.to_ascii_lowercase().contains("retry-after"),
-        "{answer}"
-    );
+    assert!(answer.to_ascii_lowercase().contains("retry-after"), "{answer}");
 
     let mut times = Vec::new();
     for c in closes {
         let (code, at) = c.await.unwrap();
-        assert_eq!(
-            code,
-            Some(CloseCode::Restart),
-            "every client is closed with 1012"
-        );
+        assert_eq!(code, Some(CloseCode::Restart), "every client is closed with 1012");
         times.push(at);
     }
     times.sort();
     let spread = *times.last().unwrap() - times[0];
-    eprintln!(
-        "drain: first close after {:?}, last after {:?}",
-        times[0],
-        times.last().unwrap()
-    );
-    assert!(
-        spread >= Duration::from_secs(DRAIN_SECS) / 2,
-        "closes were not spread over the window: {spread:?}"
-    );
+    eprintln!("drain: first close after {:?}, last after {:?}", times[0], times.last().unwrap());
+    assert!(spread >= Duration::from_secs(DRAIN_SECS) / 2, "closes were not spread over the window: {spread:?}");
 
-    let status = servers[0]
-        .wait_exit(Duration::from_secs(DRAIN_SECS + 2))
-        .expect("server did not exit after the drain");
+    let status =
+        servers[0].wait_exit(Duration::from_secs(DRAIN_SECS + 2)).expect("server did not exit after the drain");
     assert!(status.success(), "drained server exited with {status}");
-    assert!(
-        sent.elapsed() <= Duration::from_secs(DRAIN_SECS + 1),
-        "exit came after the drain deadline"
-    );
+    assert!(sent.elapsed() <= Duration::from_secs(DRAIN_SECS + 1), "exit came after the drain deadline");
 
     let mut publisher = connect(&servers[1].url("/ws")).await;
     publish(&mut publisher, "room", json!({"still": "serving"})).await;
-    assert_eq!(
-        next_json(&mut on_c).await["data"],
-        json!({"still": "serving"})
-    );
+    assert_eq!(next_json(&mut on_c).await["data"], json!({"still": "serving"}));
 }

@@ -14,20 +14,14 @@ const CONNECTIONS: usize = 15_000;
 async fn one_server_holds_15000_idle_connections() {
     // This process holds one end of every connection.
     let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap();
-    assert!(
-        limit as usize > CONNECTIONS + 500,
-        "open-file limit {limit} is too low for this test"
-    );
+    assert!(limit as usize > CONNECTIONS + 500, "open-file limit {limit} is too low for this test");
     let server = Server::start(None, &["--max-connections", "20000"]);
     let mut probe = subscriber(&server, "probe").await;
     let before = server.rss_bytes();
 
     let url = server.url("/ws");
-    let clients: Vec<Ws> = futures_util::stream::iter(0..CONNECTIONS)
-        .map(|_| connect(&url))
-        .buffer_unordered(200)
-        .collect()
-        .await;
+    let clients: Vec<Ws> =
+        futures_util::stream::iter(0..CONNECTIONS).map(|_| connect(&url)).buffer_unordered(200).collect().await;
     wait_until("the server counts every connection", || {
         (server.metric("wsfleet_connections") as usize == CONNECTIONS + 1).then_some(())
     });

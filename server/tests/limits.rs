@@ -26,10 +26,7 @@ async fn expect_error(ws: &mut Ws, frame: &str, code: &str, mentions: &str) {
     assert_eq!(reply["type"], "error", "{frame} -> {reply}");
     assert_eq!(reply["code"], code, "{frame} -> {reply}");
     let message = reply["message"].as_str().unwrap();
-    assert!(
-        message.contains(mentions),
-        "{frame} -> {message:?} should mention {mentions:?}"
-    );
+    assert!(message.contains(mentions), "{frame} -> {message:?} should mention {mentions:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,43 +37,13 @@ async fn bad_frames_get_error_frames_and_the_connection_stays_usable() {
 
     expect_error(&mut ws, "this is not json", "invalid_json", "JSON").await;
     expect_error(&mut ws, "[1,2,3]", "invalid_json", "object").await;
-    expect_error(
-        &mut ws,
-        r#"{"op":"dance","channel":"c"}"#,
-        "unknown_op",
-        "dance",
-    )
-    .await;
+    expect_error(&mut ws, r#"{"op":"dance","channel":"c"}"#, "unknown_op", "dance").await;
     expect_error(&mut ws, r#"{"channel":"c"}"#, "unknown_op", "op").await;
     expect_error(&mut ws, r#"{"op":"subscribe"}"#, "invalid_field", "channel").await;
-    expect_error(
-        &mut ws,
-        r#"{"op":"subscribe","channel":42}"#,
-        "invalid_field",
-        "channel",
-    )
-    .await;
-    expect_error(
-        &mut ws,
-        r#"{"op":"subscribe","channel":"no spaces"}"#,
-        "invalid_channel",
-        "allowed",
-    )
-    .await;
-    expect_error(
-        &mut ws,
-        r#"{"op":"publish","channel":"c"}"#,
-        "invalid_field",
-        "data",
-    )
-    .await;
-    expect_error(
-        &mut ws,
-        r#"{"op":"unsubscribe","channel":"never"}"#,
-        "not_subscribed",
-        "never",
-    )
-    .await;
+    expect_error(&mut ws, r#"{"op":"subscribe","channel":42}"#, "invalid_field", "channel").await;
+    expect_error(&mut ws, r#"{"op":"subscribe","channel":"no spaces"}"#, "invalid_channel", "allowed").await;
+    expect_error(&mut ws, r#"{"op":"publish","channel":"c"}"#, "invalid_field", "data").await;
+    expect_error(&mut ws, r#"{"op":"unsubscribe","channel":"never"}"#, "not_subscribed", "never").await;
     ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
     let reply = next_json(&mut ws).await;
     assert_eq!(reply["code"], "binary_not_supported", "{reply}");
@@ -86,18 +53,9 @@ async fn bad_frames_get_error_frames_and_the_connection_stays_usable() {
         send_json(&mut ws, json!({"op":"subscribe","channel":ch})).await;
         assert_eq!(next_json(&mut ws).await["type"], "subscribed");
     }
-    expect_error(
-        &mut ws,
-        r#"{"op":"subscribe","channel":"d"}"#,
-        "subscription_limit",
-        "3",
-    )
-    .await;
+    expect_error(&mut ws, r#"{"op":"subscribe","channel":"d"}"#, "subscription_limit", "3").await;
     send_json(&mut ws, json!({"op":"unsubscribe","channel":"a"})).await;
-    assert_eq!(
-        next_json(&mut ws).await,
-        json!({"type":"unsubscribed","channel":"a"})
-    );
+    assert_eq!(next_json(&mut ws).await, json!({"type":"unsubscribed","channel":"a"}));
     send_json(&mut ws, json!({"op":"subscribe","channel":"d"})).await;
     assert_eq!(next_json(&mut ws).await["type"], "subscribed");
 
@@ -128,20 +86,14 @@ async fn an_oversized_message_is_closed_with_1009() {
 /// Opens a WebSocket by hand, so a test can send bytes no well-behaved client library would.
 async fn raw_socket(server: &Server, path: &str) -> TcpStream {
     let mut s = TcpStream::connect(server.ws).await.unwrap();
-    s.write_all(upgrade_request(path, "").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(upgrade_request(path, "").as_bytes()).await.unwrap();
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut b = [0u8; 1];
         s.read_exact(&mut b).await.unwrap();
         head.push(b[0]);
     }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
     s
 }
 
@@ -170,9 +122,7 @@ async fn read_close_code(s: &mut TcpStream) -> u16 {
             }
         }
     };
-    tokio::time::timeout(TIMEOUT, read)
-        .await
-        .expect("no close frame")
+    tokio::time::timeout(TIMEOUT, read).await.expect("no close frame")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,9 +131,7 @@ async fn invalid_utf8_in_a_text_frame_is_closed_with_1007() {
     let mut bystander = subscriber(&server, "calm").await;
     for path in ["/ws", "/ws/calm"] {
         let mut s = raw_socket(&server, path).await;
-        s.write_all(&client_frame(0x1, &[b'o', b'k', 0xff, 0xfe]))
-            .await
-            .unwrap();
+        s.write_all(&client_frame(0x1, &[b'o', b'k', 0xff, 0xfe])).await.unwrap();
         assert_eq!(read_close_code(&mut s).await, 1007, "{path}");
     }
     // The invalid bytes were published nowhere.
@@ -197,70 +145,38 @@ async fn a_handshake_that_never_completes_is_cut_off() {
     let mut stalled = Vec::new();
     for _ in 0..20 {
         let mut s = TcpStream::connect(server.ws).await.unwrap();
-        s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
-            .await
-            .unwrap();
+        s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n").await.unwrap();
         stalled.push(s);
     }
     let started = Instant::now();
     bystander_still_served(&server, &mut bystander).await;
     for s in &mut stalled {
         let mut buf = [0u8; 64];
-        let n = tokio::time::timeout(TIMEOUT, s.read(&mut buf))
-            .await
-            .expect("server kept a stalled handshake open");
-        assert!(
-            matches!(n, Ok(0) | Err(_)),
-            "expected the server to hang up"
-        );
+        let n = tokio::time::timeout(TIMEOUT, s.read(&mut buf)).await.expect("server kept a stalled handshake open");
+        assert!(matches!(n, Ok(0) | Err(_)), "expected the server to hang up");
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "took {:?}",
-        started.elapsed()
-    );
-    assert_eq!(
-        server.metric("wsfleet_upgrades_total{result=\"timeout\"}"),
-        20.0
-    );
+    assert!(started.elapsed() < Duration::from_secs(4), "took {:?}", started.elapsed());
+    assert_eq!(server.metric("wsfleet_upgrades_total{result=\"timeout\"}"), 20.0);
     bystander_still_served(&server, &mut bystander).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_server_answers_503_with_retry_after_and_forbidden_origins_get_403() {
-    let server = Server::start(
-        None,
-        &[
-            "--max-connections",
-            "2",
-            "--allowed-origins",
-            "https://app.example",
-        ],
-    );
+    let server = Server::start(None, &["--max-connections", "2", "--allowed-origins", "https://app.example"]);
     let mut bystander = subscriber(&server, "calm").await;
     let second = connect(&server.url("/ws")).await;
     let answer = upgrade_answer(server.ws, "/ws", "").await;
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
-    assert!(
-        answer.to_ascii_lowercase().contains("retry-after: 5"),
-        "{answer}"
-    );
-    assert_eq!(
-        server.metric("wsfleet_upgrades_total{result=\"full\"}"),
-        1.0
-    );
+    assert!(answer.to_ascii_lowercase().contains("retry-after: 5"), "{answer}");
+    assert_eq!(server.metric("wsfleet_upgrades_total{result=\"full\"}"), 1.0);
     // A slot frees up when a client leaves.
     drop(second);
-    wait_until("the connection count drops", || {
-        (server.metric("wsfleet_connections") == 1.0).then_some(())
-    });
+    wait_until("the connection count drops", || (server.metric("wsfleet_connections") == 1.0).then_some(()));
     let mut p = connect(&server.url("/ws")).await;
     publish(&mut p, "calm", json!("room again")).await;
     assert_eq!(next_json(&mut bystander).await["data"], "room again");
     drop(p);
-    wait_until("the connection count drops", || {
-        (server.metric("wsfleet_connections") == 1.0).then_some(())
-    });
+    wait_until("the connection count drops", || (server.metric("wsfleet_connections") == 1.0).then_some(()));
 
     let answer = upgrade_answer(server.ws, "/ws", "Origin: https://evil.example\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
@@ -281,13 +197,10 @@ async fn a_slow_reader_is_closed_with_1013_while_fast_readers_get_everything() {
     socket.set_recv_buffer_size(4096).unwrap();
     let tcp = socket.connect(server.ws).await.unwrap();
     let (mut slow, _) =
-        tokio_tungstenite::client_async_with_config(server.url("/ws"), tcp, Some(client_config()))
-            .await
-            .unwrap();
+        tokio_tungstenite::client_async_with_config(server.url("/ws"), tcp, Some(client_config())).await.unwrap();
     send_json(&mut slow, json!({"op":"subscribe","channel":"firehose"})).await;
     assert_eq!(next_json(&mut slow).await["type"], "subscribed");
-    let fast: Vec<_> =
-        futures_util::future::join_all((0..2).map(|_| subscriber(&server, "firehose"))).await;
+    let fast: Vec<_> = futures_util::future::join_all((0..2).map(|_| subscriber(&server, "firehose"))).await;
 
     let readers: Vec<_> = fast
         .into_iter()
@@ -303,12 +216,7 @@ async fn a_slow_reader_is_closed_with_1013_while_fast_readers_get_everything() {
     let mut publisher = connect(&server.url("/ws")).await;
     let filler = "z".repeat(8000);
     for i in 0..MESSAGES {
-        publish(
-            &mut publisher,
-            "firehose",
-            json!({"i": i, "filler": filler}),
-        )
-        .await;
+        publish(&mut publisher, "firehose", json!({"i": i, "filler": filler})).await;
     }
     for r in readers {
         r.await.unwrap();
@@ -316,20 +224,14 @@ async fn a_slow_reader_is_closed_with_1013_while_fast_readers_get_everything() {
     // Now the slow client reads: what was buffered, then the 1013 close.
     let mut received = 0;
     let code = loop {
-        match tokio::time::timeout(TIMEOUT, slow.next())
-            .await
-            .expect("slow client got no close")
-        {
+        match tokio::time::timeout(TIMEOUT, slow.next()).await.expect("slow client got no close") {
             Some(Ok(Message::Close(f))) => break f.map(|f| f.code),
             Some(Ok(_)) => received += 1,
             other => panic!("slow client: {other:?}"),
         }
     };
     assert_eq!(code, Some(CloseCode::Again));
-    assert!(
-        received < MESSAGES,
-        "the slow client was not cut off ({received} messages)"
-    );
+    assert!(received < MESSAGES, "the slow client was not cut off ({received} messages)");
     assert_eq!(server.metric("wsfleet_slow_client_closes_total"), 1.0);
     eprintln!("slow client received {received} of {MESSAGES} messages before its 1013");
 }

@@ -27,11 +27,7 @@ fn signal(pid: u32, sig: &str) {
 
 /// A port that was free a moment ago (for processes that cannot report the port they bound).
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 pub struct Redis {
@@ -41,10 +37,7 @@ pub struct Redis {
 
 impl Redis {
     pub fn start() -> Redis {
-        let mut r = Redis {
-            port: free_port(),
-            child: None,
-        };
+        let mut r = Redis { port: free_port(), child: None };
         r.restart();
         r
     }
@@ -57,16 +50,7 @@ impl Redis {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "redis is already running");
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -105,21 +89,11 @@ pub struct Server {
 impl Server {
     pub fn start(redis: Option<&Redis>, extra: &[&str]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsfleet-server"));
-        cmd.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--pod-name",
-            "test",
-        ]);
+        cmd.args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--pod-name", "test"]);
         if let Some(r) = redis {
             cmd.args(["--redis-url", &r.url()]);
         }
-        cmd.args(extra)
-            .env("WSFLEET_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args(extra).env("WSFLEET_LOG", "info").stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start wsfleet-server");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std_mpsc::channel();
@@ -131,23 +105,12 @@ impl Server {
                 eprintln!("[server] {line}");
             }
         });
-        let line = rx
-            .recv_timeout(TIMEOUT)
-            .expect("server did not report its addresses");
+        let line = rx.recv_timeout(TIMEOUT).expect("server did not report its addresses");
         let field = |name: &str| -> SocketAddr {
             let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
-            line[start..]
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
+            line[start..].split_whitespace().next().unwrap().parse().unwrap()
         };
-        let server = Server {
-            ws: field("websocket"),
-            http: field("http"),
-            child: Some(child),
-        };
+        let server = Server { ws: field("websocket"), http: field("http"), child: Some(child) };
         if redis.is_some() {
             server.wait_ready();
         }
@@ -163,9 +126,7 @@ impl Server {
     }
 
     pub fn wait_ready(&self) {
-        wait_until("server /readyz is 200", || {
-            (http_get(self.http, "/readyz").0 == 200).then_some(())
-        });
+        wait_until("server /readyz is 200", || (http_get(self.http, "/readyz").0 == 200).then_some(()));
     }
 
     pub fn sigterm(&self) {
@@ -234,22 +195,13 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         return (0, String::new());
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .is_err()
-    {
+    if s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).is_err() {
         return (0, String::new());
     }
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let status = resp.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
 }
 
@@ -257,9 +209,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 pub async fn upgrade_answer(addr: SocketAddr, path: &str, extra_headers: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(upgrade_request(path, extra_headers).as_bytes())
-        .await
-        .unwrap();
+    s.write_all(upgrade_request(path, extra_headers).as_bytes()).await.unwrap();
     let mut buf = Vec::new();
     let read = async {
         let mut byte = [0u8; 1];
@@ -287,22 +237,14 @@ pub fn client_config() -> WebSocketConfig {
 }
 
 pub async fn connect(url: &str) -> Ws {
-    try_connect(url)
-        .await
-        .unwrap_or_else(|e| panic!("connect {url}: {e}"))
+    try_connect(url).await.unwrap_or_else(|e| panic!("connect {url}: {e}"))
 }
 
 pub async fn try_connect(url: &str) -> Result<Ws, WsError> {
-    let addr = url
-        .trim_start_matches("ws://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    let addr = url.trim_start_matches("ws://").split('/').next().unwrap().to_owned();
     let tcp = TcpStream::connect(&addr).await.map_err(WsError::Io)?;
     tcp.set_nodelay(true).ok();
-    let (ws, _) =
-        tokio_tungstenite::client_async_with_config(url, tcp, Some(client_config())).await?;
+    let (ws, _) = tokio_tungstenite::client_async_with_config(url, tcp, Some(client_config())).await?;
     Ok(ws)
 }
 
@@ -327,9 +269,7 @@ pub async fn next_message(ws: &mut Ws) -> Message {
 
 pub async fn next_json(ws: &mut Ws) -> Value {
     match next_message(ws).await {
-        Message::Text(t) => {
-            serde_json::from_str(&t).unwrap_or_else(|e| panic!("not JSON ({e}): {t}"))
-        }
+        Message::Text(t) => serde_json::from_str(&t).unwrap_or_else(|e| panic!("not JSON ({e}): {t}")),
         other => panic!("expected a text frame, got {other:?}"),
     }
 }
@@ -344,11 +284,7 @@ pub async fn next_text(ws: &mut Ws) -> String {
 /// A protocol-mode client subscribed to `channel` (the server confirmed it).
 pub async fn subscriber(server: &Server, channel: &str) -> Ws {
     let mut ws = connect(&server.url("/ws")).await;
-    send_json(
-        &mut ws,
-        serde_json::json!({"op": "subscribe", "channel": channel}),
-    )
-    .await;
+    send_json(&mut ws, serde_json::json!({"op": "subscribe", "channel": channel})).await;
     let reply = next_json(&mut ws).await;
     assert_eq!(reply["type"], "subscribed", "{reply}");
     assert_eq!(reply["channel"], channel);
@@ -356,20 +292,13 @@ pub async fn subscriber(server: &Server, channel: &str) -> Ws {
 }
 
 pub async fn publish(ws: &mut Ws, channel: &str, data: Value) {
-    send_json(
-        ws,
-        serde_json::json!({"op": "publish", "channel": channel, "data": data}),
-    )
-    .await;
+    send_json(ws, serde_json::json!({"op": "publish", "channel": channel, "data": data})).await;
 }
 
 /// Reads until the server's close frame and returns its code (frames before it are skipped).
 pub async fn close_code(ws: &mut Ws) -> Option<CloseCode> {
     loop {
-        match tokio::time::timeout(TIMEOUT, ws.next())
-            .await
-            .expect("timed out waiting for a close")
-        {
+        match tokio::time::timeout(TIMEOUT, ws.next()).await.expect("timed out waiting for a close") {
             Some(Ok(Message::Close(frame))) => return frame.map(|f| f.code),
             Some(Ok(_)) => continue,
             Some(Err(_)) | None => return None,
