@@ -119,6 +119,14 @@ impl Bus {
         Ok(Bus { transport: Transport::Redis(history), hub, health })
     }
 
+    /// The Redis connection for small commands (presence), `None` for the in-process bus.
+    pub fn redis_connection(&self) -> Option<ConnectionManager> {
+        match &self.transport {
+            Transport::Local(_) => None,
+            Transport::Redis(history) => Some(history.connection()),
+        }
+    }
+
     pub fn hub(&self) -> &Arc<Hub> {
         &self.hub
     }
@@ -238,6 +246,10 @@ impl Subscriber {
             if let Err(e) = self.refill(channel).await {
                 return SessionEnd::Lost(format!("refilling {channel} failed: {e}"));
             }
+        }
+        // Ready only when publishing works too.
+        if let Err(e) = self.history.ping().await {
+            return SessionEnd::Lost(format!("publishing connection: {e}"));
         }
         self.set_up(true);
         *backoff = BACKOFF_MIN;

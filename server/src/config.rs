@@ -10,9 +10,38 @@ use clap::Parser;
 ///
 /// Clients connect to `/ws/<channel>` (raw mode: every frame sent is published to the channel,
 /// every message on the channel is sent as-is) or to `/ws` (protocol mode: JSON frames to
-/// subscribe, unsubscribe and publish). Health and metrics are served on `--http-listen`.
+/// subscribe, unsubscribe and publish, with per-channel offsets and resume). Health and metrics
+/// are served on `--http-listen`. Every flag can also be set as `WSFLEET_<FLAG>`.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "wsfleet-server", version, about, long_about)]
+#[command(name = "wsfleet-server", version, about, long_about, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: Config,
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Print the live connection count of every server of a fleet, and the total.
+    FleetStats(FleetStatsArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct FleetStatsArgs {
+    /// Redis URL of the fleet's message bus.
+    #[arg(long, env = "WSFLEET_REDIS_URL")]
+    pub redis_url: String,
+    /// Key prefix of the fleet (its servers' `--redis-prefix`).
+    #[arg(long, env = "WSFLEET_REDIS_PREFIX", default_value = "wsfleet", value_parser = parse_prefix)]
+    pub redis_prefix: String,
+    /// Print JSON: `{"pods": {"<pod>": <connections>, ...}, "total": <connections>}`.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Settings of the server itself.
+#[derive(clap::Args, Debug, Clone)]
 pub struct Config {
     /// Address for WebSocket clients.
     #[arg(long, env = "WSFLEET_LISTEN", default_value = "0.0.0.0:8080")]
@@ -133,7 +162,7 @@ impl Config {
 
     /// Settings for tests and embedders: every default, loopback ports chosen by the caller.
     pub fn for_tests() -> Self {
-        Config::parse_from(["wsfleet-server", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        Cli::parse_from(["wsfleet-server", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]).serve
     }
 }
 
@@ -151,7 +180,7 @@ mod tests {
 
     #[test]
     fn defaults_match_the_public_interface() {
-        let c = Config::parse_from(["wsfleet-server"]);
+        let c = Cli::parse_from(["wsfleet-server"]).serve;
         assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(c.http_listen.to_string(), "0.0.0.0:9090");
         assert!(c.redis_url.is_none());
@@ -160,15 +189,22 @@ mod tests {
 
     #[test]
     fn out_of_range_values_are_refused_with_the_flag_named() {
-        let err = Config::try_parse_from(["wsfleet-server", "--max-connections", "0"]).unwrap_err();
+        let err = Cli::try_parse_from(["wsfleet-server", "--max-connections", "0"]).unwrap_err();
         assert!(err.to_string().contains("--max-connections"), "{err}");
-        let err = Config::try_parse_from(["wsfleet-server", "--redis-prefix", "a b"]).unwrap_err();
+        let err = Cli::try_parse_from(["wsfleet-server", "--redis-prefix", "a b"]).unwrap_err();
         assert!(err.to_string().contains("--redis-prefix"), "{err}");
     }
 
     #[test]
+    fn fleet_stats_is_a_subcommand() {
+        let cli = Cli::parse_from(["wsfleet-server", "fleet-stats", "--redis-url", "redis://127.0.0.1:1", "--json"]);
+        let Some(Command::FleetStats(args)) = cli.command else { panic!("no subcommand") };
+        assert!(args.json);
+    }
+
+    #[test]
     fn origins_are_comma_separated() {
-        let c = Config::parse_from(["wsfleet-server", "--allowed-origins", "https://a.example,https://b.example"]);
+        let c = Cli::parse_from(["wsfleet-server", "--allowed-origins", "https://a.example,https://b.example"]).serve;
         assert_eq!(c.allowed_origins, ["https://a.example", "https://b.example"]);
     }
 }

@@ -91,6 +91,7 @@ pub enum HistoryError {
 }
 
 const TIMEOUT: Duration = Duration::from_secs(3);
+const RETRY_DELAY: Duration = Duration::from_millis(50);
 
 /// KEYS: meta hash, history stream. ARGV: pub/sub channel, envelope, history size, ttl seconds,
 /// epoch to use if the channel has none. Returns the new offset.
@@ -155,6 +156,11 @@ impl RedisHistory {
         }
     }
 
+    /// The multiplexed connection this history publishes through, for other small commands.
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
     /// The pub/sub channel a server subscribes to for `channel`.
     pub fn pubsub_key(&self, channel: &str) -> String {
         format!("{}:ch:{channel}", self.prefix)
@@ -170,37 +176,80 @@ impl RedisHistory {
 
     /// Orders, records and publishes one message; returns its offset.
     pub async fn publish(&self, channel: &str, envelope: &Envelope) -> Result<u64, HistoryError> {
-        let mut conn = self.conn.clone();
-        let mut call = self.publish.prepare_invoke();
-        call.key(self.meta_key(channel))
-            .key(self.stream_key(channel))
-            .arg(self.pubsub_key(channel))
-            .arg(envelope.encode().as_ref())
-            .arg(self.config.size)
-            .arg(self.config.ttl.as_secs().max(1))
-            .arg(new_epoch());
-        match tokio::time::timeout(TIMEOUT, call.invoke_async::<u64>(&mut conn)).await {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(HistoryError::Timeout),
-        }
+        let (meta, stream, pubsub) = (self.meta_key(channel), self.stream_key(channel), self.pubsub_key(channel));
+        let body = envelope.encode();
+        // Not idempotent: retried only when the command cannot have reached Redis.
+        self.call(false, |mut conn| {
+            let mut call = self.publish.prepare_invoke();
+            call.key(&meta)
+                .key(&stream)
+                .arg(&pubsub)
+                .arg(body.as_ref())
+                .arg(self.config.size)
+                .arg(self.config.ttl.as_secs().max(1))
+                .arg(new_epoch());
+            async move { call.invoke_async::<u64>(&mut conn).await }
+        })
+        .await
     }
 
     /// The channel's position, and what was missed since `since`.
     pub async fn read(&self, channel: &str, since: Option<&Since>) -> Result<Replay, HistoryError> {
-        let mut conn = self.conn.clone();
-        let mut call = self.read.prepare_invoke();
-        call.key(self.meta_key(channel))
-            .key(self.stream_key(channel))
-            .arg(since.map(|s| s.epoch.as_str()).unwrap_or(""))
-            .arg(since.map(|s| s.offset).unwrap_or(0))
-            .arg(new_epoch())
-            .arg(self.config.ttl.as_secs().max(1));
-        let reply = match tokio::time::timeout(TIMEOUT, call.invoke_async::<Vec<redis::Value>>(&mut conn)).await {
-            Ok(r) => r?,
-            Err(_) => return Err(HistoryError::Timeout),
-        };
+        let (meta, stream) = (self.meta_key(channel), self.stream_key(channel));
+        let reply = self
+            .call(true, |mut conn| {
+                let mut call = self.read.prepare_invoke();
+                call.key(&meta)
+                    .key(&stream)
+                    .arg(since.map(|s| s.epoch.as_str()).unwrap_or(""))
+                    .arg(since.map(|s| s.offset).unwrap_or(0))
+                    .arg(new_epoch())
+                    .arg(self.config.ttl.as_secs().max(1));
+                async move { call.invoke_async::<Vec<redis::Value>>(&mut conn).await }
+            })
+            .await?;
         parse_read_reply(reply, since)
     }
+
+    /// Checks that commands go through (the connection reconnects behind the scenes).
+    pub async fn ping(&self) -> Result<(), HistoryError> {
+        self.call(true, |mut conn| async move { redis::cmd("PING").query_async::<()>(&mut conn).await }).await
+    }
+
+    /// Runs one command with a timeout. After a Redis restart the shared connection fails its
+    /// next command once while it reconnects; that command is retried once, if it is idempotent
+    /// or provably never reached Redis.
+    async fn call<T, F, Fut>(&self, idempotent: bool, command: F) -> Result<T, HistoryError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let mut retried = false;
+        loop {
+            match tokio::time::timeout(TIMEOUT, command(self.conn.clone())).await {
+                Err(_) => return Err(HistoryError::Timeout),
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if !retried && (if idempotent { e.is_connection_dropped() } else { never_sent(&e) }) => {
+                    retried = true;
+                    tokio::time::sleep(RETRY_DELAY).await;
+                }
+                Ok(Err(e)) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// The error proves the command was not written to Redis.
+fn never_sent(e: &redis::RedisError) -> bool {
+    use std::io::ErrorKind::*;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(io.kind(), BrokenPipe | ConnectionRefused | NotConnected);
+        }
+        source = err.source();
+    }
+    e.is_connection_refusal()
 }
 
 fn parse_read_reply(reply: Vec<redis::Value>, since: Option<&Since>) -> Result<Replay, HistoryError> {

@@ -16,6 +16,7 @@
 //! | [`hub`] | channel -> local subscribers; encodes each message once and fans it out |
 //! | [`bus`] | Redis pub/sub or in-process; subscribe on demand, reconnect, health |
 //! | [`connection`] | one WebSocket client: handshake checks, read loop, write loop, keepalive |
+//! | [`presence`] | heartbeats of each server's connection count; the fleet total |
 //! | [`server`] | accept loop, connection limits, drain on shutdown |
 //! | [`http`] | `/livez`, `/readyz`, `/metrics` |
 //! | [`metrics`] | the Prometheus metrics every other module updates |
@@ -32,5 +33,6 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod outbox;
+pub mod presence;
 pub mod protocol;
 pub mod server;

@@ -1,4 +1,5 @@
 //! `wsfleet-server`: parse settings, raise limits, bind, serve until SIGTERM/SIGINT, drain.
+//! Subcommands: `fleet-stats` (the live connection count of every server of a fleet).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -8,10 +9,14 @@ use clap::Parser;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
-use wsfleet_server::config::{Config, LogFormat};
+use wsfleet_server::config::{Cli, Command, Config, FleetStatsArgs, LogFormat};
 
 fn main() -> ExitCode {
-    let config = Config::parse();
+    let cli = Cli::parse();
+    if let Some(Command::FleetStats(args)) = cli.command {
+        return fleet_stats(args);
+    }
+    let config = cli.serve;
     init_tracing(config.log_format);
     raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -41,6 +46,42 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tokio::spawn(wait_for_signal(shutdown.clone()));
     wsfleet_server::server::run(ws, http, config, shutdown).await?;
     Ok(())
+}
+
+fn fleet_stats(args: FleetStatsArgs) -> ExitCode {
+    let run = async {
+        let client = redis::Client::open(args.redis_url.as_str()).context("invalid --redis-url")?;
+        let stats = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            wsfleet_server::presence::fleet_stats(&client, &args.redis_prefix),
+        )
+        .await
+        .context("Redis did not answer in 10 s")?
+        .context("cannot read fleet presence from Redis")?;
+        anyhow::Ok(stats)
+    };
+    let stats = match tokio::runtime::Builder::new_current_thread().enable_all().build().map(|rt| rt.block_on(run)) {
+        Ok(Ok(stats)) => stats,
+        Ok(Err(e)) => {
+            eprintln!("fleet-stats: {e:#}");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("fleet-stats: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let total: u64 = stats.values().sum();
+    if args.json {
+        println!("{}", serde_json::json!({"pods": stats, "total": total}));
+    } else {
+        println!("{:<40} {:>12}", "POD", "CONNECTIONS");
+        for (pod, n) in &stats {
+            println!("{pod:<40} {n:>12}");
+        }
+        println!("{:<40} {total:>12}", "TOTAL");
+    }
+    ExitCode::SUCCESS
 }
 
 /// Binds with a listen backlog far above tokio's default of 128, so connection bursts queue in

@@ -67,6 +67,12 @@ pub async fn run(
         let app = crate::http::router(shared.clone());
         tokio::spawn(async move { axum::serve(http, app).with_graceful_shutdown(stop.cancelled_owned()).await })
     };
+    if let Some(conn) = shared.bus.redis_connection() {
+        let counted = shared.clone();
+        let connections = move || counted.connections.len() as u64;
+        let (prefix, pod) = (config.redis_prefix.clone(), config.pod_name.clone());
+        tracker.spawn(crate::presence::heartbeat(conn, prefix, pod, connections, stop.clone()));
+    }
     let accept_task =
         tokio::spawn(accept_loop(ws, shared.clone(), config.max_connections as usize, tracker.clone(), stop.clone()));
     info!(pod = %config.pod_name, bus = if config.redis_url.is_some() { "redis" } else { "in-process" }, "serving");

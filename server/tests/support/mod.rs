@@ -65,6 +65,13 @@ impl Redis {
         });
     }
 
+    /// Runs `redis-cli` against this server; returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out =
+            Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Kills the process (SIGKILL) and waits for it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -89,7 +96,12 @@ pub struct Server {
 impl Server {
     pub fn start(redis: Option<&Redis>, extra: &[&str]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsfleet-server"));
-        cmd.args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--pod-name", "test"]);
+        static SERVERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        cmd.args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]);
+        if !extra.contains(&"--pod-name") {
+            cmd.args(["--pod-name", &format!("test-{n}")]);
+        }
         if let Some(r) = redis {
             cmd.args(["--redis-url", &r.url()]);
         }
@@ -131,6 +143,13 @@ impl Server {
 
     pub fn sigterm(&self) {
         signal(self.pid(), "-TERM");
+    }
+
+    pub fn sigkill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), "-KILL");
+            let _ = child.wait();
+        }
     }
 
     /// Waits for the process to exit; `None` if it did not within `limit`.
