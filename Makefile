@@ -23,3 +23,8 @@ lint: ## Formatting and clippy, warnings are errors
 .PHONY: test
 test: lint ## Every test: unit, real-process server tests, control-plane tests
 	$(CARGO) test --workspace
+
+.PHONY: bench
+bench: ## Benchmarks (not part of `make test`); figures in bench/results/ and bench/README.md
+	scripts/install-deps.sh
+	bench/history.sh
