@@ -25,6 +25,22 @@ pub struct Cli {
 pub enum Command {
     /// Print the live connection count of every server of a fleet, and the total.
     FleetStats(FleetStatsArgs),
+    /// Write allow-listed kernel settings of this node, report them, then sleep until stopped
+    /// (the node-tuning DaemonSet runs this, privileged, on the host network).
+    Tune(TuneArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TuneArgs {
+    /// A setting to write, as KEY=VALUE (repeat for several); only allow-listed keys are taken.
+    #[arg(long = "sysctl", value_name = "KEY=VALUE")]
+    pub sysctls: Vec<crate::tune::Sysctl>,
+    /// Where the kernel settings are (for tests).
+    #[arg(long, default_value = "/proc/sys")]
+    pub proc_sys: std::path::PathBuf,
+    /// Exit after applying instead of sleeping.
+    #[arg(long)]
+    pub once: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]

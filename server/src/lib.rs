@@ -17,6 +17,7 @@
 //! | [`bus`] | Redis pub/sub or in-process; subscribe on demand, reconnect, health |
 //! | [`connection`] | one WebSocket client: handshake checks, read loop, write loop, keepalive |
 //! | [`presence`] | heartbeats of each server's connection count; the fleet total |
+//! | [`tune`] | the node-tuning subcommand: allow-listed sysctls, written and reported |
 //! | [`server`] | accept loop, connection limits, drain on shutdown |
 //! | [`http`] | `/livez`, `/readyz`, `/metrics` |
 //! | [`metrics`] | the Prometheus metrics every other module updates |
@@ -36,3 +37,4 @@ pub mod outbox;
 pub mod presence;
 pub mod protocol;
 pub mod server;
+pub mod tune;

@@ -9,12 +9,14 @@ use clap::Parser;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
-use wsfleet_server::config::{Cli, Command, Config, FleetStatsArgs, LogFormat};
+use wsfleet_server::config::{Cli, Command, Config, FleetStatsArgs, LogFormat, TuneArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::FleetStats(args)) = cli.command {
-        return fleet_stats(args);
+    match cli.command {
+        Some(Command::FleetStats(args)) => return fleet_stats(args),
+        Some(Command::Tune(args)) => return tune(args),
+        None => {}
     }
     let config = cli.serve;
     init_tracing(config.log_format);
@@ -46,6 +48,40 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tokio::spawn(wait_for_signal(shutdown.clone()));
     wsfleet_server::server::run(ws, http, config, shutdown).await?;
     Ok(())
+}
+
+fn tune(args: TuneArgs) -> ExitCode {
+    init_tracing(LogFormat::Text);
+    let report = wsfleet_server::tune::apply(&args.sysctls, &args.proc_sys);
+    let mut failed = 0;
+    for r in &report {
+        match &r.after {
+            Ok(after) => info!(key = %r.key, before = r.before.as_deref().unwrap_or("?"), after = %after, "tuned"),
+            Err(e) => {
+                failed += 1;
+                error!(key = %r.key, error = %e, "not tuned");
+            }
+        }
+    }
+    info!(applied = report.len() - failed, failed, "node tuning done");
+    if failed > 0 {
+        // Exit non-zero so the DaemonSet pod is not Ready and the failure shows in its status.
+        return ExitCode::FAILURE;
+    }
+    if args.once {
+        return ExitCode::SUCCESS;
+    }
+    let sleep = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        }
+    };
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(sleep),
+        Err(e) => error!(error = %e, "cannot start the runtime"),
+    }
+    ExitCode::SUCCESS
 }
 
 fn fleet_stats(args: FleetStatsArgs) -> ExitCode {
