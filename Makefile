@@ -21,10 +21,31 @@ lint: ## Formatting and clippy, warnings are errors
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 .PHONY: test
-test: lint ## Every test: unit, real-process server tests, control-plane tests
-	$(CARGO) test --workspace
+test: lint ## Every test: unit, real-process server tests, then the control-plane tests
+	$(CARGO) test --workspace --exclude wsfleet-e2e
+	$(MAKE) test-cluster
+
+.PHONY: generate
+generate: ## Regenerate crds/ from the Rust types (a test fails when they drift)
+	$(CARGO) run -q -p wsfleet-operator --bin crdgen > crds/websocketcluster.yaml
 
 .PHONY: bench
 bench: ## Benchmarks (not part of `make test`); figures in bench/results/ and bench/README.md
 	scripts/install-deps.sh
 	bench/history.sh
+
+.PHONY: cluster-up
+cluster-up: ## Start (or reuse) the local Kubernetes control plane on 127.0.0.1; first run builds it
+	tests/cluster/up.sh
+
+.PHONY: cluster-down
+cluster-down: ## Stop the local control plane, every process by its pid
+	tests/cluster/down.sh
+
+.PHONY: cluster-env
+cluster-env: ## Print KUBECONFIG and PATH exports for it: eval "$(make -s cluster-env)"
+	@tests/cluster/env.sh
+
+.PHONY: test-cluster
+test-cluster: ## Control-plane tests (wsfleet-e2e); starts and stops the cluster unless already up
+	tests/cluster/with-cluster.sh $(CARGO) test -p wsfleet-e2e
