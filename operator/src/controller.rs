@@ -1,0 +1,294 @@
+//! Reconcile one `WebSocketCluster`: build (pure) -> apply (server-side apply, one field manager)
+//! -> observe -> status (pure) -> patch status. Events for every child created, changed or
+//! removed and for every failure. Only this module and [`crate::leader`] use the API server.
+//!
+//! Error policy: an invalid spec waits for the user to change it (long requeue; the API server's
+//! validation makes this rare); anything else is transient and retried with backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::FIELD_MANAGER;
+use crate::children;
+use crate::crd::{WebSocketCluster, condition};
+use crate::status::{self, Observed};
+use crate::telemetry::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{kind} {name}: {source}")]
+    Apply {
+        kind: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("status update: {0}")]
+    Status(#[source] kube::Error),
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+}
+
+impl Error {
+    /// Label of the reconcile-errors metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Apply { .. } => "apply",
+            Error::Status(_) => "status",
+            Error::InvalidSpec(_) => "invalid_spec",
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// How often a healthy cluster is looked at again (connections, child status).
+    pub resync: Duration,
+}
+
+impl Context {
+    pub fn new(client: Client, metrics: Arc<Metrics>, resync: Duration, instance: String) -> Self {
+        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(instance) };
+        Context { recorder: Recorder::new(client.clone(), reporter), client, metrics, resync }
+    }
+}
+
+/// Runs the controller until `shutdown`.
+pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
+    let client = ctx.client.clone();
+    let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
+    Controller::new(Api::<WebSocketCluster>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
+        .owns(Api::<Service>::all(client.clone()), owned.clone())
+        .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned.clone())
+        .owns(Api::<DaemonSet>::all(client.clone()), owned)
+        .graceful_shutdown_on(shutdown.cancelled_owned())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => debug!(name = %obj.name, namespace = ?obj.namespace, "reconciled"),
+                Err(e) => debug!(error = %e, "reconcile failed"),
+            }
+        })
+        .await;
+}
+
+pub async fn reconcile(wsc: Arc<WebSocketCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let span = info_span!("reconcile", name = %wsc.name_any(), namespace = ?wsc.namespace());
+    async move {
+        let timer = std::time::Instant::now();
+        ctx.metrics.reconciles.inc();
+        let result = reconcile_inner(&wsc, &ctx).await;
+        ctx.metrics.reconcile_duration.observe(timer.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            ctx.metrics.reconcile_error(e.metric_label());
+            warn!(error = %e, "reconcile failed");
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+async fn reconcile_inner(wsc: &WebSocketCluster, ctx: &Context) -> Result<Action, Error> {
+    let ns = wsc.namespace().ok_or_else(|| Error::InvalidSpec("WebSocketCluster must be namespaced".into()))?;
+    let client = &ctx.client;
+    let mut seen = Observed::default();
+
+    // Build (pure) and apply, one line per child.
+    let applied: Result<(), Error> = async {
+        seen.server = Some(apply(ctx, wsc, &ns, children::build_server_deployment(wsc)).await?);
+        apply(ctx, wsc, &ns, children::build_client_service(wsc)).await?;
+        apply(ctx, wsc, &ns, children::build_pdb(wsc)).await?;
+        seen.redis = apply_or_remove::<Deployment>(
+            ctx,
+            wsc,
+            &ns,
+            children::build_redis_deployment(wsc),
+            children::redis_name(wsc),
+        )
+        .await?;
+        apply_or_remove::<Service>(ctx, wsc, &ns, children::build_redis_service(wsc), children::redis_name(wsc))
+            .await?;
+        seen.tuning = apply_or_remove::<DaemonSet>(
+            ctx,
+            wsc,
+            &ns,
+            children::build_tuning_daemonset(wsc),
+            children::tuning_name(wsc),
+        )
+        .await?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = &applied {
+        seen.apply_error = Some(e.to_string());
+        publish(ctx, wsc, EventType::Warning, "ApplyFailed", "Apply", e.to_string()).await;
+        // Still report what exists.
+        seen.server = Api::<Deployment>::namespaced(client.clone(), &ns)
+            .get_opt(&children::server_name(wsc))
+            .await
+            .ok()
+            .flatten();
+    }
+    seen.connections = Some(read_connections(wsc).await);
+
+    // Status (pure), then one patch of the status subresource.
+    let status = status::compute(wsc, &seen, &Time(k8s_openapi::jiff::Timestamp::now()));
+    let previous_ready = wsc.status.as_ref().and_then(|s| status::find(s, condition::READY)).map(|c| c.status.clone());
+    let ready = status::find(&status, condition::READY).cloned();
+    if wsc.status.as_ref() != Some(&status) {
+        let api = Api::<WebSocketCluster>::namespaced(client.clone(), &ns);
+        let patch = serde_json::json!({
+            "apiVersion": WebSocketCluster::api_version(&()),
+            "kind": WebSocketCluster::kind(&()),
+            "status": status,
+        });
+        api.patch_status(&wsc.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+            .await
+            .map_err(Error::Status)?;
+    }
+    if let Some(ready) = ready
+        && previous_ready.as_deref() != Some(ready.status.as_str())
+    {
+        let kind = if ready.status == "True" { EventType::Normal } else { EventType::Warning };
+        let reason = if ready.status == "True" { "Ready" } else { "NotReady" };
+        publish(ctx, wsc, kind, reason, "Observe", format!("{}: {}", ready.reason, ready.message)).await;
+    }
+    applied?;
+    Ok(Action::requeue(ctx.resync))
+}
+
+pub fn error_policy(_wsc: Arc<WebSocketCluster>, error: &Error, _ctx: Arc<Context>) -> Action {
+    match error {
+        Error::InvalidSpec(_) => Action::requeue(Duration::from_secs(300)),
+        _ => Action::requeue(Duration::from_secs(5)),
+    }
+}
+
+/// Server-side applies one child (force: this operator owns these fields) and publishes an event
+/// when the child was created or changed. Returns the child as the API server has it now.
+async fn apply<K>(ctx: &Context, wsc: &WebSocketCluster, ns: &str, child: K) -> Result<K, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api = Api::<K>::namespaced(ctx.client.clone(), ns);
+    let name = child.meta().name.clone().unwrap_or_default();
+    let kind = kind_of::<K>();
+    let err = |source| Error::Apply { kind, name: name.clone(), source };
+    let before = api.get_opt(&name).await.map_err(err)?.and_then(|o| o.meta().resource_version.clone());
+    let after =
+        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&child)).await.map_err(err)?;
+    let (reason, verb) = match (&before, &after.meta().resource_version) {
+        (None, _) => ("Created", "created"),
+        (Some(b), Some(a)) if b != a => ("Updated", "updated"),
+        _ => return Ok(after),
+    };
+    info!(kind, %name, "{verb}");
+    publish(ctx, wsc, EventType::Normal, reason, "Apply", format!("{kind} {name} {verb}")).await;
+    Ok(after)
+}
+
+/// Applies an optional child, or deletes it when the spec no longer asks for it.
+async fn apply_or_remove<K>(
+    ctx: &Context,
+    wsc: &WebSocketCluster,
+    ns: &str,
+    child: Option<K>,
+    name: String,
+) -> Result<Option<K>, Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    if let Some(child) = child {
+        return apply(ctx, wsc, ns, child).await.map(Some);
+    }
+    let api = Api::<K>::namespaced(ctx.client.clone(), ns);
+    let kind = kind_of::<K>();
+    let owned = api
+        .get_opt(&name)
+        .await
+        .map_err(|source| Error::Apply { kind, name: name.clone(), source })?
+        .is_some_and(|o| {
+            o.owner_references().iter().any(|r| r.uid == wsc.uid().unwrap_or_default() && r.controller == Some(true))
+        });
+    if owned {
+        match api.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(source) => return Err(Error::Apply { kind, name, source }),
+        }
+        info!(kind, %name, "removed: no longer in the spec");
+        publish(
+            ctx,
+            wsc,
+            EventType::Normal,
+            "Deleted",
+            "Delete",
+            format!("{kind} {name} removed: no longer in the spec"),
+        )
+        .await;
+    }
+    Ok(None)
+}
+
+fn kind_of<K: Resource<DynamicType = ()>>() -> &'static str {
+    match K::kind(&()).as_ref() {
+        "Deployment" => "Deployment",
+        "Service" => "Service",
+        "PodDisruptionBudget" => "PodDisruptionBudget",
+        "DaemonSet" => "DaemonSet",
+        _ => "object",
+    }
+}
+
+async fn publish(ctx: &Context, wsc: &WebSocketCluster, type_: EventType, reason: &str, action: &str, note: String) {
+    let reference: ObjectReference = wsc.object_ref(&());
+    let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+    if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+        debug!(error = %e, "could not publish an event");
+    }
+}
+
+/// The fleet's live connection total from the servers' heartbeats in Redis, when the operator
+/// can reach that Redis.
+async fn read_connections(wsc: &WebSocketCluster) -> Result<i64, String> {
+    let Some(url) = children::redis_url(wsc) else {
+        return Err("the Redis URL is in a Secret, which the operator does not read".into());
+    };
+    let read = async {
+        let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
+        wsfleet_server::presence::fleet_stats(&client, &children::redis_prefix(wsc)).await.map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(Duration::from_secs(2), read).await {
+        Ok(Ok(pods)) => Ok(pods.values().sum::<u64>() as i64),
+        Ok(Err(e)) => Err(format!("Redis not reachable from the operator: {e}")),
+        Err(_) => Err("Redis not reachable from the operator: timed out".into()),
+    }
+}

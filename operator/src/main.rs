@@ -1,0 +1,161 @@
+//! `wsfleet-operator`: connect, elect a leader, reconcile `WebSocketCluster`s until SIGTERM.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use kube::api::{Api, ListParams};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+use wsfleet_operator::controller::{self, Context};
+use wsfleet_operator::crd::WebSocketCluster;
+use wsfleet_operator::leader::{Elector, LeaseConfig};
+use wsfleet_operator::telemetry::{self, Metrics};
+
+/// The wsfleet operator: turns each WebSocketCluster into server Deployments, a Redis bus and
+/// node tuning, and keeps them that way. Connects with KUBECONFIG or the in-cluster service
+/// account.
+#[derive(Parser, Debug)]
+#[command(name = "wsfleet-operator", version, about, long_about)]
+struct Args {
+    /// Address for `/healthz`, `/readyz` and `/metrics`.
+    #[arg(long, env = "WSFLEET_OPERATOR_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
+    http_listen: SocketAddr,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "WSFLEET_OPERATOR_LEASE_NAME", default_value = "wsfleet-operator")]
+    lease_name: String,
+    /// Namespace of the leader-election Lease (the operator's own namespace in a cluster).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// This replica's identity in the Lease (default: host name and process id).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds a leader's Lease stays valid without renewal; a standby takes over after that.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=300))]
+    lease_duration: u64,
+    /// Reconcile without leader election (one replica only, e.g. local development).
+    #[arg(long)]
+    no_leader_election: bool,
+    /// Seconds between looks at a healthy cluster (refreshes connections and child status).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    resync_seconds: u64,
+    /// Log format (level from WSFLEET_LOG, default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    init_tracing(args.log_format);
+    match run(args).await {
+        Ok(code) => code,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let metrics = Arc::new(Metrics::new());
+    let http = tokio::net::TcpListener::bind(args.http_listen)
+        .await
+        .with_context(|| format!("cannot listen on --http-listen {}", args.http_listen))?;
+    info!(http = %http.local_addr()?, "listening");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(wait_for_signal(shutdown.clone()));
+    let app = telemetry::router(metrics.clone());
+    let http_stop = shutdown.clone();
+    tokio::spawn(async move { axum::serve(http, app).with_graceful_shutdown(http_stop.cancelled_owned()).await });
+
+    let client =
+        kube::Client::try_default().await.context("cannot build a Kubernetes client (KUBECONFIG or in-cluster)")?;
+    Api::<WebSocketCluster>::all(client.clone()).list(&ListParams::default().limit(1)).await.context(
+        "cannot list WebSocketClusters: is the CRD installed (kubectl apply -f crds/) and may this account list them?",
+    )?;
+    metrics.ready.store(true, Ordering::Release);
+
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics.clone(),
+        Duration::from_secs(args.resync_seconds),
+        identity.clone(),
+    ));
+    if args.no_leader_election {
+        warn!("leader election is off: run only one replica like this");
+        metrics.leader.set(1);
+        controller::run(ctx, shutdown.clone()).await;
+        info!("stopped");
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let elector = Elector::new(
+        client,
+        LeaseConfig {
+            name: args.lease_name,
+            namespace: args.lease_namespace,
+            identity,
+            duration: Duration::from_secs(args.lease_duration),
+        },
+    );
+    if !elector.acquire(&shutdown).await {
+        info!("stopped while standing by");
+        return Ok(ExitCode::SUCCESS);
+    }
+    metrics.leader.set(1);
+    let lost = CancellationToken::new();
+    let stop_controller = CancellationToken::new();
+    let controller = tokio::spawn(controller::run(ctx, stop_controller.clone()));
+    elector.keep(&shutdown, &lost).await;
+    stop_controller.cancel();
+    metrics.leader.set(0);
+    let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    if lost.is_cancelled() {
+        // Exit so that no reconcile of this replica can overlap the new leader's; the pod restarts
+        // as a standby.
+        error!("lost the leadership; exiting");
+        return Ok(ExitCode::FAILURE);
+    }
+    info!("stopped; leadership released");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn default_identity() -> String {
+    let host =
+        std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "operator".into());
+    format!("{host}-{}", std::process::id())
+}
+
+async fn wait_for_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        warn!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    info!("shutdown requested");
+    shutdown.cancel();
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WSFLEET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
