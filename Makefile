@@ -48,4 +48,5 @@ cluster-env: ## Print KUBECONFIG and PATH exports for it: eval "$(make -s cluste
 
 .PHONY: test-cluster
 test-cluster: ## Control-plane tests (wsfleet-e2e); starts and stops the cluster unless already up
+	$(CARGO) build -p wsfleet-operator -p wsfleet-server --bins
 	tests/cluster/with-cluster.sh $(CARGO) test -p wsfleet-e2e

@@ -71,15 +71,25 @@ impl Context {
     }
 }
 
-/// Runs the controller until `shutdown`.
-pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
+/// Runs the controller until `shutdown`, over every namespace or only `namespace`.
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: CancellationToken) {
+    fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
     let client = ctx.client.clone();
+    // Only the children this operator labelled are watched (and cached).
     let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
-    Controller::new(Api::<WebSocketCluster>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
-        .owns(Api::<Service>::all(client.clone()), owned.clone())
-        .owns(Api::<PodDisruptionBudget>::all(client.clone()), owned.clone())
-        .owns(Api::<DaemonSet>::all(client.clone()), owned)
+    Controller::new(api::<WebSocketCluster>(&client, &namespace), watcher::Config::default())
+        .owns(api::<Deployment>(&client, &namespace), owned.clone())
+        .owns(api::<Service>(&client, &namespace), owned.clone())
+        .owns(api::<PodDisruptionBudget>(&client, &namespace), owned.clone())
+        .owns(api::<DaemonSet>(&client, &namespace), owned)
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -141,7 +151,7 @@ async fn reconcile_inner(wsc: &WebSocketCluster, ctx: &Context) -> Result<Action
     .await;
     if let Err(e) = &applied {
         seen.apply_error = Some(e.to_string());
-        publish(ctx, wsc, EventType::Warning, "ApplyFailed", "Apply", e.to_string()).await;
+        publish(ctx, wsc, EventType::Warning, "ApplyFailed", "Apply", e.to_string(), None).await;
         // Still report what exists.
         seen.server = Api::<Deployment>::namespaced(client.clone(), &ns)
             .get_opt(&children::server_name(wsc))
@@ -171,7 +181,7 @@ async fn reconcile_inner(wsc: &WebSocketCluster, ctx: &Context) -> Result<Action
     {
         let kind = if ready.status == "True" { EventType::Normal } else { EventType::Warning };
         let reason = if ready.status == "True" { "Ready" } else { "NotReady" };
-        publish(ctx, wsc, kind, reason, "Observe", format!("{}: {}", ready.reason, ready.message)).await;
+        publish(ctx, wsc, kind, reason, "Observe", format!("{}: {}", ready.reason, ready.message), None).await;
     }
     applied?;
     Ok(Action::requeue(ctx.resync))
@@ -207,7 +217,8 @@ where
         _ => return Ok(after),
     };
     info!(kind, %name, "{verb}");
-    publish(ctx, wsc, EventType::Normal, reason, "Apply", format!("{kind} {name} {verb}")).await;
+    let related = after.object_ref(&());
+    publish(ctx, wsc, EventType::Normal, reason, "Apply", format!("{kind} {name} {verb}"), Some(related)).await;
     Ok(after)
 }
 
@@ -245,15 +256,15 @@ where
             Err(source) => return Err(Error::Apply { kind, name, source }),
         }
         info!(kind, %name, "removed: no longer in the spec");
-        publish(
-            ctx,
-            wsc,
-            EventType::Normal,
-            "Deleted",
-            "Delete",
-            format!("{kind} {name} removed: no longer in the spec"),
-        )
-        .await;
+        let related = ObjectReference {
+            kind: Some(kind.into()),
+            name: Some(name.clone()),
+            namespace: Some(ns.into()),
+            api_version: Some(K::api_version(&()).into_owned()),
+            ..Default::default()
+        };
+        let note = format!("{kind} {name} removed: no longer in the spec");
+        publish(ctx, wsc, EventType::Normal, "Deleted", "Delete", note, Some(related)).await;
     }
     Ok(None)
 }
@@ -268,9 +279,19 @@ fn kind_of<K: Resource<DynamicType = ()>>() -> &'static str {
     }
 }
 
-async fn publish(ctx: &Context, wsc: &WebSocketCluster, type_: EventType, reason: &str, action: &str, note: String) {
+/// Publishes an event about `wsc`; `related` is the child it concerns (events about different
+/// children are separate series, not one aggregated line).
+async fn publish(
+    ctx: &Context,
+    wsc: &WebSocketCluster,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+    related: Option<ObjectReference>,
+) {
     let reference: ObjectReference = wsc.object_ref(&());
-    let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+    let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: related };
     if let Err(e) = ctx.recorder.publish(&event, &reference).await {
         debug!(error = %e, "could not publish an event");
     }
@@ -282,6 +303,11 @@ async fn read_connections(wsc: &WebSocketCluster) -> Result<i64, String> {
     let Some(url) = children::redis_url(wsc) else {
         return Err("the Redis URL is in a Secret, which the operator does not read".into());
     };
+    // A managed Redis is a cluster Service: only reachable (and resolvable) from inside the
+    // cluster. Outside it, say so instead of asking the host's resolver about a cluster name.
+    if wsc.spec.redis.managed.is_some() && std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
+        return Err("the operator runs outside the cluster and cannot reach the managed Redis Service".into());
+    }
     let read = async {
         let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
         wsfleet_server::presence::fleet_stats(&client, &children::redis_prefix(wsc)).await.map_err(|e| e.to_string())

@@ -314,12 +314,27 @@ pub struct NodeTuningSpec {
     /// Kernel settings to write on each node, e.g. `net.core.somaxconn: "65535"`. Keys must be
     /// on the allow-list; values are whole numbers separated by spaces.
     #[serde(default)]
+    #[schemars(schema_with = "sysctls_schema")]
     #[x_kube(validation = Rule::new(sysctl_keys_rule()).message(sysctl_keys_message().as_str()))]
-    #[x_kube(validation = Rule::new("self.all(k, self[k].matches('^[0-9]+( [0-9]+)*$'))").message("sysctl values must be whole numbers separated by single spaces"))]
     pub sysctls: BTreeMap<String, String>,
     /// Nodes to tune (default: every node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
+}
+
+/// The map's shape: at most one entry per allow-listed key (which also bounds the CEL rule's
+/// cost, as the API server requires), values of whole numbers.
+fn sysctls_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "maxProperties": wsfleet_server::tune::ALLOWED_SYSCTLS.len(),
+        "additionalProperties": {
+            "type": "string",
+            "maxLength": 64,
+            "pattern": "^[0-9]+( [0-9]+)*$"
+        },
+        "default": {}
+    })
 }
 
 /// CEL: every key is allow-listed (the same list the server's `tune` subcommand enforces).

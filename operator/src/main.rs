@@ -37,6 +37,9 @@ struct Args {
     /// Seconds a leader's Lease stays valid without renewal; a standby takes over after that.
     #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(3..=300))]
     lease_duration: u64,
+    /// Watch only this namespace (default: every namespace).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
     /// Reconcile without leader election (one replica only, e.g. local development).
     #[arg(long)]
     no_leader_election: bool,
@@ -96,7 +99,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.no_leader_election {
         warn!("leader election is off: run only one replica like this");
         metrics.leader.set(1);
-        controller::run(ctx, shutdown.clone()).await;
+        controller::run(ctx, args.watch_namespace.clone(), shutdown.clone()).await;
         info!("stopped");
         return Ok(ExitCode::SUCCESS);
     }
@@ -117,7 +120,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     metrics.leader.set(1);
     let lost = CancellationToken::new();
     let stop_controller = CancellationToken::new();
-    let controller = tokio::spawn(controller::run(ctx, stop_controller.clone()));
+    let controller = tokio::spawn(controller::run(ctx, args.watch_namespace.clone(), stop_controller.clone()));
     elector.keep(&shutdown, &lost).await;
     stop_controller.cancel();
     metrics.leader.set(0);

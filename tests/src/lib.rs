@@ -209,6 +209,8 @@ pub fn fixture(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read fixture {}: {e}", path.display()))
 }
 
+pub mod processes;
+
 #[cfg(test)]
 mod tests {
     use super::is_loopback_server;

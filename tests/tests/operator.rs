@@ -1,0 +1,367 @@
+//! The operator against the real local control plane: a sample manifest becomes a Ready fleet
+//! with every child, scaling and image changes flow through, deleted children come back,
+//! deletion collects everything, bad manifests are refused with the field named, the fleet
+//! total comes from real servers' heartbeats, and only the Lease holder reconciles.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use wsfleet_e2e::processes::{Proc, metric, operator, workspace_binary};
+use wsfleet_e2e::{TestNamespace, apply, get_json, kubectl, kubectl_run, wait_until};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn install_crd() {
+    let crd = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/websocketcluster.yaml")).unwrap();
+    apply(&crd).ok();
+    kubectl(&["wait", "--for", "condition=established", "crd/websocketclusters.wsfleet.dev", "--timeout=60s"]);
+}
+
+fn sample() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../operator/examples/chat.yaml")).unwrap()
+}
+
+fn wsc(ns: &str, name: &str) -> Value {
+    get_json(&["-n", ns, "websocketcluster", name])
+}
+
+fn condition(obj: &Value, type_: &str) -> Option<Value> {
+    obj["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_).cloned()
+}
+
+fn wait_ready(ns: &str, name: &str) -> Value {
+    wait_until("the WebSocketCluster to be Ready", WAIT, || {
+        let obj = wsc(ns, name);
+        match condition(&obj, "Ready") {
+            Some(c) if c["status"] == "True" => Ok(obj),
+            other => Err(format!("{other:?}")),
+        }
+    })
+}
+
+fn owned_by(child: &Value, owner: &Value) -> bool {
+    child["metadata"]["ownerReferences"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|r| r["uid"] == owner["metadata"]["uid"] && r["kind"] == "WebSocketCluster" && r["controller"] == true)
+}
+
+#[test]
+fn a_sample_manifest_becomes_a_ready_fleet_with_every_child() {
+    install_crd();
+    let ns = TestNamespace::new("sample");
+    let _op = operator(&ns.name, &["--no-leader-election"]);
+    kubectl_run(&["-n", &ns.name, "apply", "-f", "-"], Some(&sample())).ok();
+    let obj = wait_ready(&ns.name, "chat");
+
+    let deploy = get_json(&["-n", &ns.name, "deployment", "chat-server"]);
+    assert!(owned_by(&deploy, &obj));
+    assert_eq!(deploy["spec"]["replicas"], 3);
+    let pod = &deploy["spec"]["template"]["spec"];
+    assert_eq!(pod["terminationGracePeriodSeconds"], 5 + 30 + 10);
+    assert_eq!(pod["containers"][0]["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"], 5);
+    assert_eq!(deploy["spec"]["strategy"]["rollingUpdate"]["maxSurge"], "25%");
+    let svc = get_json(&["-n", &ns.name, "service", "chat"]);
+    assert!(owned_by(&svc, &obj));
+    assert_eq!(svc["spec"]["sessionAffinity"], "ClientIP");
+    assert!(owned_by(&get_json(&["-n", &ns.name, "poddisruptionbudget", "chat-server"]), &obj));
+    assert!(owned_by(&get_json(&["-n", &ns.name, "deployment", "chat-redis"]), &obj));
+    assert!(owned_by(&get_json(&["-n", &ns.name, "service", "chat-redis"]), &obj));
+    let ds = get_json(&["-n", &ns.name, "daemonset", "chat-tuning"]);
+    assert!(owned_by(&ds, &obj));
+    let args = ds["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(args.contains("net.core.somaxconn=65535"), "{args}");
+
+    // Status and printer columns, as a user reads them.
+    assert_eq!(obj["status"]["readyReplicas"], 3);
+    assert_eq!(obj["status"]["observedGeneration"], obj["metadata"]["generation"]);
+    for (type_, status) in [("RedisReady", "True"), ("NodeTuned", "True"), ("Degraded", "False")] {
+        assert_eq!(condition(&obj, type_).unwrap()["status"], status, "{type_}");
+    }
+    let table = kubectl(&["-n", &ns.name, "get", "wsc", "chat"]);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "DESIRED", "READY", "CONNECTIONS", "STATUS", "AGE"]);
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(&row[..3], ["chat", "3", "3"], "{table}");
+    assert!(row.contains(&"AllReplicasReady"), "{table}");
+    let described = kubectl(&["-n", &ns.name, "describe", "wsc", "chat"]);
+    for needle in [
+        "Conditions:",
+        "AllReplicasReady",
+        "Events:",
+        "Deployment chat-server created",
+        "DaemonSet chat-tuning created",
+    ] {
+        assert!(described.contains(needle), "describe lacks {needle:?}:\n{described}");
+    }
+
+    // A deleted child comes back.
+    for (kind, name) in [("service", "chat"), ("daemonset", "chat-tuning")] {
+        let old_uid = get_json(&["-n", &ns.name, kind, name])["metadata"]["uid"].clone();
+        kubectl(&["-n", &ns.name, "delete", kind, name, "--wait=true"]);
+        wait_until(&format!("{kind} {name} to be restored"), WAIT, || {
+            let run = kubectl_run(&["-n", &ns.name, "get", kind, name, "-o", "jsonpath={.metadata.uid}"], None);
+            if run.success && run.stdout != old_uid.as_str().unwrap_or_default() { Ok(()) } else { Err(run.stderr) }
+        });
+    }
+    // An edited child is put back.
+    kubectl(&[
+        "-n",
+        &ns.name,
+        "patch",
+        "service",
+        "chat",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"sessionAffinity":"None"}}"#,
+    ]);
+    kubectl(&["-n", &ns.name, "annotate", "wsc", "chat", "e2e/poke=1"]);
+    wait_until("the Service's affinity to be restored", WAIT, || {
+        let a = get_json(&["-n", &ns.name, "service", "chat"])["spec"]["sessionAffinity"].clone();
+        if a == "ClientIP" { Ok(()) } else { Err(a.to_string()) }
+    });
+}
+
+#[test]
+fn scaling_reaches_the_deployment_and_the_status() {
+    install_crd();
+    let ns = TestNamespace::new("scale");
+    let _op = operator(&ns.name, &["--no-leader-election"]);
+    kubectl_run(&["-n", &ns.name, "apply", "-f", "-"], Some(&sample())).ok();
+    wait_ready(&ns.name, "chat");
+
+    kubectl(&["-n", &ns.name, "scale", "wsc/chat", "--replicas=5"]);
+    for (how, replicas) in [("kubectl scale", 5), ("editing spec.replicas", 2)] {
+        if replicas == 2 {
+            kubectl(&["-n", &ns.name, "patch", "wsc", "chat", "--type", "merge", "-p", r#"{"spec":{"replicas":2}}"#]);
+        }
+        wait_until(&format!("{how} to reach the Deployment and the status"), WAIT, || {
+            let d = get_json(&["-n", &ns.name, "deployment", "chat-server"]);
+            let w = wsc(&ns.name, "chat");
+            let seen =
+                (d["spec"]["replicas"].clone(), w["status"]["replicas"].clone(), w["status"]["readyReplicas"].clone());
+            if seen == (replicas.into(), replicas.into(), replicas.into())
+                && condition(&w, "Ready").unwrap()["status"] == "True"
+            {
+                Ok(())
+            } else {
+                Err(format!("{seen:?}"))
+            }
+        });
+    }
+    // The scale subresource reads the same numbers and the selector.
+    let scale = get_json(&["-n", &ns.name, "--subresource=scale", "wsc", "chat"]);
+    assert_eq!(scale["spec"]["replicas"], 2);
+    assert_eq!(
+        scale["status"]["selector"],
+        "app.kubernetes.io/component=server,app.kubernetes.io/instance=chat,app.kubernetes.io/name=wsfleet"
+    );
+}
+
+#[test]
+fn an_image_change_rolls_the_servers_and_progressing_reports_it() {
+    install_crd();
+    let ns = TestNamespace::new("roll");
+    let _op = operator(&ns.name, &["--no-leader-election"]);
+    kubectl_run(&["-n", &ns.name, "apply", "-f", "-"], Some(&sample())).ok();
+    let before = wait_ready(&ns.name, "chat");
+    let progressing = condition(&before, "Progressing").unwrap();
+    assert_eq!(progressing["status"], "False");
+    let edited_at = Instant::now();
+    std::thread::sleep(Duration::from_millis(1100)); // transition times have 1 s resolution
+    kubectl(&[
+        "-n",
+        &ns.name,
+        "patch",
+        "wsc",
+        "chat",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"image":"ghcr.io/wsfleet/wsfleet-server:0.1.1"}}"#,
+    ]);
+
+    let mut saw_rolling = false;
+    let after = wait_until("the rollout to finish", WAIT, || {
+        let w = wsc(&ns.name, "chat");
+        let p = condition(&w, "Progressing").unwrap();
+        saw_rolling |= p["status"] == "True" && p["reason"] == "RollingOut";
+        let d = get_json(&["-n", &ns.name, "deployment", "chat-server"]);
+        let image = d["spec"]["template"]["spec"]["containers"][0]["image"].clone();
+        let done = image == "ghcr.io/wsfleet/wsfleet-server:0.1.1"
+            && p["status"] == "False"
+            && w["status"]["observedGeneration"] == w["metadata"]["generation"]
+            && w["status"]["updatedReplicas"] == 3;
+        if done { Ok(w) } else { Err(format!("image {image}, Progressing {p}")) }
+    });
+    // Progressing went True and back: either seen directly, or its transition time moved.
+    let p = condition(&after, "Progressing").unwrap();
+    assert!(
+        saw_rolling || p["lastTransitionTime"] != progressing["lastTransitionTime"],
+        "Progressing never reported the rollout (edited {:?} ago): {p}",
+        edited_at.elapsed()
+    );
+    let events = kubectl(&[
+        "-n",
+        &ns.name,
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.kind=WebSocketCluster",
+        "-o",
+        "jsonpath={.items[*].message}",
+    ]);
+    assert!(events.contains("Deployment chat-server updated"), "{events}");
+}
+
+#[test]
+fn deleting_the_cluster_collects_every_child() {
+    install_crd();
+    let ns = TestNamespace::new("gc");
+    let _op = operator(&ns.name, &["--no-leader-election"]);
+    kubectl_run(&["-n", &ns.name, "apply", "-f", "-"], Some(&sample())).ok();
+    wait_ready(&ns.name, "chat");
+    kubectl(&["-n", &ns.name, "delete", "wsc", "chat", "--wait=true"]);
+    wait_until("garbage collection of every child", WAIT, || {
+        let left = kubectl(&["-n", &ns.name, "get", "deployment,service,poddisruptionbudget,daemonset", "-o", "name"]);
+        if left.trim().is_empty() { Ok(()) } else { Err(left) }
+    });
+}
+
+#[test]
+fn bad_manifests_are_refused_with_the_field_named() {
+    install_crd();
+    let ns = TestNamespace::new("bad");
+    let manifest = |spec: &str| {
+        format!(
+            "apiVersion: wsfleet.dev/v1alpha1\nkind: WebSocketCluster\nmetadata:\n  name: bad\n  namespace: {}\nspec:\n{spec}",
+            ns.name
+        )
+    };
+    for (spec, field, why) in [
+        ("  replicas: -1\n  redis: {managed: {}}\n", "spec.replicas", "greater than or equal to 0"),
+        (
+            "  redis: {managed: {}, external: {url: 'redis://r:6379'}}\n",
+            "spec.redis",
+            "exactly one of redis.managed or redis.external",
+        ),
+        ("  redis: {}\n", "spec.redis", "exactly one of redis.managed or redis.external"),
+        (
+            "  redis: {managed: {}}\n  nodeTuning: {enabled: true, sysctls: {kernel.panic: '1'}}\n",
+            "spec.nodeTuning.sysctls",
+            "sysctl keys must be one of",
+        ),
+        (
+            "  redis: {managed: {}}\n  nodeTuning: {sysctls: {net.core.somaxconn: 'lots'}}\n",
+            "spec.nodeTuning.sysctls",
+            "should match",
+        ),
+        (
+            "  redis: {managed: {}}\n  drain: {timeoutSeconds: 0}\n",
+            "spec.drain.timeoutSeconds",
+            "greater than or equal to 1",
+        ),
+        (
+            "  redis: {managed: {}}\n  drain: {timeoutSeconds: 7200}\n",
+            "spec.drain.timeoutSeconds",
+            "less than or equal to 3600",
+        ),
+        ("  redis: {managed: {}}\n  port: 9090\n", "spec.port", "health and metrics port"),
+    ] {
+        let refusal = apply(&manifest(spec)).refused();
+        assert!(refusal.contains(field), "refusal of\n{spec}does not name {field}: {refusal}");
+        assert!(refusal.contains(why), "refusal of\n{spec}does not say {why:?}: {refusal}");
+    }
+    let left = kubectl(&["-n", &ns.name, "get", "wsc", "-o", "name"]);
+    assert!(left.trim().is_empty(), "nothing was half-applied: {left}");
+}
+
+#[test]
+fn the_fleet_total_comes_from_the_servers_heartbeats() {
+    install_crd();
+    let ns = TestNamespace::new("conns");
+    // A real Redis and a real server on loopback, keyed like the fleet's pods would be.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut redis = Command::new("redis-server");
+    redis.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+    let _redis = Proc::spawn("redis", redis, false);
+    let url = format!("redis://127.0.0.1:{port}");
+    wait_until("redis to answer", WAIT, || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).map(drop).map_err(|e| e.to_string())
+    });
+    let mut server = Command::new(workspace_binary("wsfleet-server"));
+    server.args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--redis-url", &url]).args([
+        "--redis-prefix",
+        &format!("{}.live", ns.name),
+        "--pod-name",
+        "live-server-0",
+    ]);
+    let server = Proc::spawn("server", server, true);
+    let ws = server.addr("websocket");
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(ws).unwrap();
+        s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 101");
+        clients.push(s);
+    }
+
+    let _op = operator(&ns.name, &["--no-leader-election"]);
+    let manifest = format!(
+        "apiVersion: wsfleet.dev/v1alpha1\nkind: WebSocketCluster\nmetadata:\n  name: live\n  namespace: {}\nspec:\n  replicas: 1\n  redis:\n    external:\n      url: {url}\n",
+        ns.name
+    );
+    apply(&manifest).ok();
+    let obj = wait_until("the fleet total in the status", WAIT, || {
+        let w = wsc(&ns.name, "live");
+        if w["status"]["connections"] == 3 { Ok(w) } else { Err(w["status"].to_string()) }
+    });
+    assert_eq!(condition(&obj, "RedisReady").unwrap()["status"], "True");
+    let table = kubectl(&["-n", &ns.name, "get", "wsc", "live"]);
+    let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(row[3], "3", "Connections column: {table}");
+    drop(clients);
+}
+
+#[test]
+fn only_the_leader_reconciles_and_a_standby_takes_over() {
+    install_crd();
+    let ns = TestNamespace::new("leader");
+    let lease = ["--lease-duration", "6", "--lease-name", "wsfleet-e2e"];
+    let mut ops = [operator(&ns.name, &lease), operator(&ns.name, &lease)];
+    let http = [ops[0].addr("http"), ops[1].addr("http")];
+    let leader = wait_until("exactly one leader", WAIT, || {
+        let l = [metric(http[0], "wsfleet_operator_leader"), metric(http[1], "wsfleet_operator_leader")];
+        match l {
+            [1.0, 0.0] => Ok(0),
+            [0.0, 1.0] => Ok(1),
+            _ => Err(format!("{l:?}")),
+        }
+    });
+    let standby = 1 - leader;
+    kubectl_run(&["-n", &ns.name, "apply", "-f", "-"], Some(&sample())).ok();
+    wait_ready(&ns.name, "chat");
+    assert!(metric(http[leader], "wsfleet_operator_reconciles_total") >= 1.0, "the leader reconciled");
+    assert_eq!(metric(http[standby], "wsfleet_operator_reconciles_total"), 0.0, "the standby reconciled");
+
+    let killed = Instant::now();
+    ops[leader].kill();
+    wait_until("the standby to take over", Duration::from_secs(20), || {
+        if metric(http[standby], "wsfleet_operator_leader") == 1.0 { Ok(()) } else { Err("standing by".into()) }
+    });
+    let took = killed.elapsed();
+    eprintln!("standby took over {took:?} after the leader was killed (lease 6 s)");
+    assert!(took <= Duration::from_secs(6 + 4), "takeover took {took:?}");
+    kubectl(&["-n", &ns.name, "scale", "wsc/chat", "--replicas=4"]);
+    wait_until("the new leader to reconcile", WAIT, || {
+        let r = get_json(&["-n", &ns.name, "deployment", "chat-server"])["spec"]["replicas"].clone();
+        if r == 4 { Ok(()) } else { Err(r.to_string()) }
+    });
+}
