@@ -12,7 +12,12 @@ build: ## Build every crate (release)
 	$(CARGO) build --release --workspace
 
 .PHONY: run
-run: ## Run a local fleet: redis-server + 3 servers on loopback (Ctrl-C stops it)
+run: ## The main job: local fleet + control plane + operator + a WebSocketCluster (Ctrl-C stops it)
+	scripts/install-deps.sh
+	scripts/run.sh
+
+.PHONY: fleet
+fleet: ## Only the data plane: redis-server + 3 servers on loopback (Ctrl-C stops it)
 	scripts/run-fleet.sh
 
 .PHONY: lint

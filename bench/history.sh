@@ -18,8 +18,8 @@ for size in 0 1000; do
   redis-cli -p "$REDIS_PORT" flushall >/dev/null
   urls=()
   for i in 0 1 2; do
-    read -r ws _http _pid < <(bench_start_server "h$size-$i" --redis-url "$REDIS_URL" --history-size "$size")
-    urls+=("ws://$ws/ws")
+    bench_start_server "h$size-$i" --redis-url "$REDIS_URL" --history-size "$size"
+    urls+=("ws://$SERVER_WS/ws")
   done
   joined=$(IFS=,; echo "${urls[*]}")
   load() { ./target/release/wsfleet-load publish --urls "$joined" --publishers "$PUBLISHERS" --subscribers "$SUBSCRIBERS" "$@"; }

@@ -29,13 +29,14 @@ bench_start_redis() {
   REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 }
 
-# bench_start_server NAME [flags...] -> prints "WS_ADDR HTTP_ADDR PID" once the server is ready
+# bench_start_server NAME [flags...] -> sets SERVER_WS, SERVER_HTTP and SERVER_PID once the server
+# is ready. Call it directly (not in a subshell), so its pid is recorded for bench_stop_all.
 bench_start_server() {
   local name=$1; shift
   local log="$BENCH_DIR/$name.log"
   ./target/release/wsfleet-server --listen 127.0.0.1:0 --http-listen 127.0.0.1:0 --pod-name "$name" "$@" 2>"$log" &
-  local pid=$!
-  BENCH_PIDS+=("$pid")
+  SERVER_PID=$!
+  BENCH_PIDS+=("$SERVER_PID")
   local line=""
   for _ in $(seq 200); do
     line=$(grep -m1 'listening' "$log" 2>/dev/null || true)
@@ -43,12 +44,10 @@ bench_start_server() {
     sleep 0.05
   done
   [ -n "$line" ] || { echo "server $name did not start; see $log" >&2; return 1; }
-  local ws http
-  ws=$(sed -n 's/.*websocket=\([^ ]*\).*/\1/p' <<<"$line")
-  http=$(sed -n 's/.*http=\([^ ]*\).*/\1/p' <<<"$line")
+  SERVER_WS=$(sed -n 's/.*websocket=\([^ ]*\).*/\1/p' <<<"$line")
+  SERVER_HTTP=$(sed -n 's/.*http=\([^ ]*\).*/\1/p' <<<"$line")
   for _ in $(seq 200); do
-    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$http/readyz")" = 200 ] && break
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$SERVER_HTTP/readyz")" = 200 ] && break
     sleep 0.05
   done
-  echo "$ws $http $pid"
 }

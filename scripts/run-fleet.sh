@@ -3,6 +3,10 @@
 # in the foreground. Ctrl-C drains the servers and stops everything this script started.
 #
 #   SERVERS=3 REDIS_PORT=6390 WS_PORT=8081 HTTP_PORT=9091 scripts/run-fleet.sh
+#
+# REDIS_PREFIX sets the servers' --redis-prefix (a WebSocketCluster's fleet uses
+# "<namespace>.<name>", which is how `make run` lets the operator count these servers).
+# QUIET=1 skips the how-to text; SKIP_BUILD=1 uses the binaries already built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,9 +15,10 @@ REDIS_PORT=${REDIS_PORT:-6390}
 WS_PORT=${WS_PORT:-8081}
 HTTP_PORT=${HTTP_PORT:-9091}
 RUN_DIR=${RUN_DIR:-.run/fleet}
+REDIS_PREFIX=${REDIS_PREFIX:-wsfleet}
 
 command -v redis-server >/dev/null || { echo "redis-server is missing: apt-get install redis-server" >&2; exit 1; }
-cargo build --release -p wsfleet-server --bin wsfleet-server --example wscat
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release -p wsfleet-server --bin wsfleet-server --example wscat
 mkdir -p "$RUN_DIR"
 
 pids=()
@@ -26,7 +31,7 @@ stop() {
   kill -TERM "${pids[0]}" 2>/dev/null || true
   wait "${pids[0]}" 2>/dev/null || true
 }
-trap stop INT TERM EXIT
+trap stop INT TERM HUP EXIT
 
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
   --logfile "$RUN_DIR/redis.log" &
@@ -36,7 +41,7 @@ for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break;
 for i in $(seq 0 $((SERVERS - 1))); do
   ./target/release/wsfleet-server \
     --listen "127.0.0.1:$((WS_PORT + i))" --http-listen "127.0.0.1:$((HTTP_PORT + i))" \
-    --redis-url "redis://127.0.0.1:$REDIS_PORT" --pod-name "local-$i" --drain-timeout 5 \
+    --redis-url "redis://127.0.0.1:$REDIS_PORT" --redis-prefix "$REDIS_PREFIX" --pod-name "local-$i" --drain-timeout 5 \
     2> "$RUN_DIR/server-$i.log" &
   pids+=($!)
 done
@@ -47,6 +52,11 @@ for i in $(seq 0 $((SERVERS - 1))); do
   done
 done
 
+if [ -n "${QUIET:-}" ]; then
+  echo "fleet: redis 127.0.0.1:$REDIS_PORT, servers ws://127.0.0.1:$WS_PORT..$((WS_PORT + SERVERS - 1)) (logs in $RUN_DIR/)"
+  wait -n "${pids[@]}" || true
+  exit 0
+fi
 cat <<TXT
 
 wsfleet is running: redis on 127.0.0.1:$REDIS_PORT and $SERVERS servers (logs in $RUN_DIR/).

@@ -208,18 +208,27 @@ where
     let name = child.meta().name.clone().unwrap_or_default();
     let kind = kind_of::<K>();
     let err = |source| Error::Apply { kind, name: name.clone(), source };
-    let before = api.get_opt(&name).await.map_err(err)?.and_then(|o| o.meta().resource_version.clone());
+    let before = api.get_opt(&name).await.map_err(err)?.map(|o| revision(o.meta()));
     let after =
         api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&child)).await.map_err(err)?;
-    let (reason, verb) = match (&before, &after.meta().resource_version) {
-        (None, _) => ("Created", "created"),
-        (Some(b), Some(a)) if b != a => ("Updated", "updated"),
-        _ => return Ok(after),
+    let (reason, verb) = match before {
+        None => ("Created", "created"),
+        Some(b) if b != revision(after.meta()) => ("Updated", "updated"),
+        Some(_) => return Ok(after),
     };
     info!(kind, %name, "{verb}");
     let related = after.object_ref(&());
     publish(ctx, wsc, EventType::Normal, reason, "Apply", format!("{kind} {name} {verb}"), Some(related)).await;
     Ok(after)
+}
+
+/// What changes when a child's spec changes: its generation where it has one (status updates
+/// bump the resourceVersion too, and are no change of ours), else its resourceVersion.
+fn revision(meta: &kube::core::ObjectMeta) -> String {
+    match meta.generation {
+        Some(g) => g.to_string(),
+        None => meta.resource_version.clone().unwrap_or_default(),
+    }
 }
 
 /// Applies an optional child, or deletes it when the spec no longer asks for it.
