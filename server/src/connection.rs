@@ -222,7 +222,8 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, mut
             }
         }
     };
-    let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(shared.ws_config));
+    // Boxed: its state is large and only needed until the upgrade (memory per idle connection).
+    let handshake = Box::pin(tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(shared.ws_config)));
     let ws = match tokio::time::timeout(shared.handshake_timeout, handshake).await {
         Err(_) => {
             shared.metrics.upgrade("timeout");
@@ -274,7 +275,7 @@ impl Connection {
         let mode = match &route {
             Route::Protocol => Mode::Protocol,
             Route::Raw(channel) => {
-                match self.join(channel, Mode::Raw, None).await {
+                match Box::pin(self.join(channel, Mode::Raw, None)).await {
                     Ok(()) => {
                         self.subscriptions.insert(channel.clone());
                     }
@@ -391,7 +392,7 @@ impl Connection {
                         format!("this connection already has {} subscriptions (the limit)", self.subscriptions.len()),
                     ));
                 }
-                match self.join(channel, Mode::Protocol, since.as_ref()).await {
+                match Box::pin(self.join(channel, Mode::Protocol, since.as_ref())).await {
                     Ok(()) => {
                         self.subscriptions.insert(channel.to_owned());
                     }
@@ -442,7 +443,9 @@ impl Connection {
     }
 
     async fn publish(&self, channel: &str, payload: Payload) -> Result<(), BusError> {
-        let r = self.shared.bus.publish(channel, Envelope::new(payload)).await;
+        // Boxed: a publish's state (a Redis script call) would otherwise be part of every idle
+        // connection's task.
+        let r = Box::pin(self.shared.bus.publish(channel, Envelope::new(payload))).await;
         if let Err(e) = &r {
             self.shared.metrics.publish_failures.inc();
             debug!(%channel, error = %e, "publish failed");
