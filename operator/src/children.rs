@@ -166,10 +166,17 @@ fn server_env(wsc: &WebSocketCluster) -> Vec<EnvVar> {
         }),
         (None, None) => {}
     }
-    if let Some(auth) = &spec.auth
-        && !auth.allowed_origins.is_empty()
-    {
-        vars.push(env("WSFLEET_ALLOWED_ORIGINS", auth.allowed_origins.join(",")));
+    if let Some(auth) = &spec.auth {
+        if !auth.allowed_origins.is_empty() {
+            vars.push(env("WSFLEET_ALLOWED_ORIGINS", auth.allowed_origins.join(",")));
+        }
+        if let Some(secret) = &auth.jwt_secret_ref {
+            vars.push(EnvVar {
+                name: "WSFLEET_JWT_SECRET".into(),
+                value_from: Some(EnvVarSource { secret_key_ref: Some(secret.clone()), ..Default::default() }),
+                ..Default::default()
+            });
+        }
     }
     vars
 }
@@ -536,6 +543,23 @@ pub(crate) mod tests {
         let url = env.iter().find(|e| e.name == "WSFLEET_REDIS_URL").unwrap();
         assert_eq!(url.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap().name, "redis-auth");
         assert!(build_redis_deployment(&wsc).is_none() && build_redis_service(&wsc).is_none());
+    }
+
+    #[test]
+    fn auth_reaches_the_servers_environment() {
+        let mut wsc = sample("chat");
+        wsc.spec.auth = Some(
+            serde_json::from_value(serde_json::json!({
+                "allowedOrigins": ["https://a.example", "https://b.example"],
+                "jwtSecretRef": {"name": "chat-jwt", "key": "secret"},
+            }))
+            .unwrap(),
+        );
+        let env = build_server_deployment(&wsc).spec.unwrap().template.spec.unwrap().containers[0].env.clone().unwrap();
+        let get = |n: &str| env.iter().find(|e| e.name == n).cloned().unwrap();
+        assert_eq!(get("WSFLEET_ALLOWED_ORIGINS").value.as_deref(), Some("https://a.example,https://b.example"));
+        let secret = get("WSFLEET_JWT_SECRET").value_from.unwrap().secret_key_ref.unwrap();
+        assert_eq!((secret.name.as_str(), secret.key.as_str()), ("chat-jwt", "secret"));
     }
 
     #[test]

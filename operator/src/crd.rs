@@ -353,6 +353,11 @@ pub struct AuthSpec {
     /// `Origin` values browsers may connect from (exact match); empty allows any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_origins: Vec<String>,
+    /// A Secret key holding an HS256 secret (16 bytes or more). When set, every upgrade needs an
+    /// unexpired JWT signed with it (`Authorization: Bearer <jwt>` or `?access_token=<jwt>`),
+    /// else the server answers 401.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_secret_ref: Option<SecretKeySelector>,
 }
 
 /// What the operator observed, written only through the status subresource.

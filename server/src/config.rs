@@ -137,6 +137,11 @@ pub struct Config {
     #[arg(long, env = "WSFLEET_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
+    /// HS256 secret: when set, every upgrade needs a JWT signed with it and not expired
+    /// (`Authorization: Bearer <jwt>` or `?access_token=<jwt>`), else HTTP 401.
+    #[arg(long, env = "WSFLEET_JWT_SECRET", hide_env_values = true, value_parser = parse_jwt_secret)]
+    pub jwt_secret: Option<String>,
+
     /// Read buffer per connection, in bytes. Small keeps idle connections cheap; larger messages
     /// still arrive whole (the buffer grows for them).
     #[arg(long, env = "WSFLEET_READ_BUFFER_SIZE", default_value_t = 1024,
@@ -179,6 +184,14 @@ impl Config {
     /// Settings for tests and embedders: every default, loopback ports chosen by the caller.
     pub fn for_tests() -> Self {
         Cli::parse_from(["wsfleet-server", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]).serve
+    }
+}
+
+fn parse_jwt_secret(s: &str) -> Result<String, String> {
+    if s.len() >= crate::auth::MIN_SECRET_LEN {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("must be at least {} bytes", crate::auth::MIN_SECRET_LEN))
     }
 }
 

@@ -29,6 +29,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tracing::{Instrument, debug};
 
+use crate::auth::Auth;
 use crate::bus::{Bus, BusError};
 use crate::config::Config;
 use crate::envelope::Envelope;
@@ -51,6 +52,7 @@ pub struct Shared {
     pub connections: Connections,
     ws_config: WebSocketConfig,
     allowed_origins: Vec<String>,
+    auth: Option<Auth>,
     handshake_timeout: Duration,
     ping_interval: Duration,
     silence_limit: Duration,
@@ -59,16 +61,19 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: &Config, bus: Bus, metrics: Arc<Metrics>) -> Self {
+    /// Fails on a JWT secret that is too short.
+    pub fn new(config: &Config, bus: Bus, metrics: Arc<Metrics>) -> Result<Self, String> {
         let max = config.max_message_size as usize;
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(config.read_buffer_size as usize)
             .write_buffer_size(0)
             .max_message_size(Some(max))
             .max_frame_size(Some(max));
-        Shared {
+        let auth = config.jwt_secret.as_deref().map(|s| Auth::new(s.as_bytes())).transpose()?;
+        Ok(Shared {
             bus,
             metrics,
+            auth,
             draining: AtomicBool::new(false),
             connections: Connections::default(),
             ws_config,
@@ -78,7 +83,7 @@ impl Shared {
             silence_limit: config.ping_interval() + config.ping_timeout(),
             max_subscriptions: config.max_subscriptions as usize,
             client_queue: config.client_queue as usize,
-        }
+        })
     }
 }
 
@@ -127,6 +132,7 @@ pub enum Refusal {
     Full,
     ForbiddenOrigin,
     NotFound,
+    Unauthorized,
 }
 
 impl Refusal {
@@ -136,6 +142,7 @@ impl Refusal {
             Refusal::Full => "full",
             Refusal::ForbiddenOrigin => "forbidden_origin",
             Refusal::NotFound => "not_found",
+            Refusal::Unauthorized => "unauthorized",
         }
     }
 
@@ -149,6 +156,7 @@ impl Refusal {
             }
             Refusal::ForbiddenOrigin => (StatusCode::FORBIDDEN, format!("origin {detail:?} is not allowed\n")),
             Refusal::NotFound => (StatusCode::NOT_FOUND, format!("{detail}\n")),
+            Refusal::Unauthorized => (StatusCode::UNAUTHORIZED, format!("{detail}\n")),
         };
         let mut builder = tokio_tungstenite::tungstenite::http::Response::builder()
             .status(status)
@@ -157,15 +165,28 @@ impl Refusal {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             builder = builder.header(header::RETRY_AFTER, RETRY_AFTER_SECS);
         }
+        if status == StatusCode::UNAUTHORIZED {
+            builder = builder.header(header::WWW_AUTHENTICATE, "Bearer");
+        }
         builder.body(Some(body)).unwrap_or_else(|_| ErrorResponse::new(None))
     }
 }
 
-/// Pure routing and admission: what to do with one upgrade request.
+/// What admission looks at in an upgrade request.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UpgradeRequest<'a> {
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub origin: Option<&'a str>,
+    pub authorization: Option<&'a str>,
+}
+
+/// Pure routing and admission: what to do with one upgrade request. Checked in this order:
+/// draining, full, origin, path, token.
 pub fn admit(
-    path: &str,
-    origin: Option<&str>,
+    req: &UpgradeRequest<'_>,
     allowed_origins: &[String],
+    auth: Option<&Auth>,
     draining: bool,
     full: bool,
 ) -> Result<Route, (Refusal, String)> {
@@ -175,22 +196,28 @@ pub fn admit(
     if full {
         return Err((Refusal::Full, String::new()));
     }
-    if let Some(origin) = origin
+    if let Some(origin) = req.origin
         && !allowed_origins.is_empty()
         && !allowed_origins.iter().any(|o| o == origin)
     {
         return Err((Refusal::ForbiddenOrigin, origin.to_owned()));
     }
-    match path {
-        "/ws" => Ok(Route::Protocol),
-        _ => match path.strip_prefix("/ws/") {
+    let route = match req.path {
+        "/ws" => Route::Protocol,
+        path => match path.strip_prefix("/ws/") {
             Some(channel) => match protocol::validate_channel(channel) {
-                Ok(()) => Ok(Route::Raw(channel.to_owned())),
-                Err(why) => Err((Refusal::NotFound, format!("invalid channel in path: {why}"))),
+                Ok(()) => Route::Raw(channel.to_owned()),
+                Err(why) => return Err((Refusal::NotFound, format!("invalid channel in path: {why}"))),
             },
-            None => Err((Refusal::NotFound, format!("no WebSocket endpoint at {path}; use /ws or /ws/<channel>"))),
+            None => {
+                return Err((Refusal::NotFound, format!("no WebSocket endpoint at {path}; use /ws or /ws/<channel>")));
+            }
         },
+    };
+    if let Some(auth) = auth {
+        auth.check(crate::auth::token(req.authorization, req.query)).map_err(|why| (Refusal::Unauthorized, why))?;
     }
+    Ok(route)
 }
 
 /// Serves one accepted TCP connection. `permit` is `None` when the server is full, in which case
@@ -201,11 +228,17 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, mut
     // The callback's signature is tungstenite's.
     #[allow(clippy::result_large_err)]
     let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-        let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok());
+        let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+        let upgrade = UpgradeRequest {
+            path: req.uri().path(),
+            query: req.uri().query(),
+            origin: header(header::ORIGIN),
+            authorization: header(header::AUTHORIZATION),
+        };
         let verdict = admit(
-            req.uri().path(),
-            origin,
+            &upgrade,
             &shared.allowed_origins,
+            shared.auth.as_ref(),
             shared.draining.load(Ordering::Acquire),
             permit.is_none(),
         );
@@ -518,28 +551,40 @@ async fn finish(sink: &mut Sink, reason: CloseReason) {
 mod tests {
     use super::*;
 
+    fn req(path: &str) -> UpgradeRequest<'_> {
+        UpgradeRequest { path, ..Default::default() }
+    }
+
     #[test]
     fn routes_both_modes() {
-        assert_eq!(admit("/ws", None, &[], false, false), Ok(Route::Protocol));
-        assert_eq!(admit("/ws/news", None, &[], false, false), Ok(Route::Raw("news".into())));
+        assert_eq!(admit(&req("/ws"), &[], None, false, false), Ok(Route::Protocol));
+        assert_eq!(admit(&req("/ws/news"), &[], None, false, false), Ok(Route::Raw("news".into())));
     }
 
     #[test]
     fn refusals_in_order_of_precedence() {
         let allowed = vec!["https://ok.example".to_owned()];
-        assert_eq!(admit("/ws", None, &[], true, true).unwrap_err().0, Refusal::Draining);
-        assert_eq!(admit("/ws", None, &[], false, true).unwrap_err().0, Refusal::Full);
+        let auth = Auth::new(b"0123456789abcdef0123456789abcdef").unwrap();
+        let refusal = |r: &UpgradeRequest<'_>, auth: Option<&Auth>, draining, full| {
+            admit(r, &allowed, auth, draining, full).unwrap_err().0
+        };
+        let evil = UpgradeRequest { origin: Some("https://evil.example"), ..req("/nowhere") };
+        assert_eq!(refusal(&evil, Some(&auth), true, true), Refusal::Draining);
+        assert_eq!(refusal(&evil, Some(&auth), false, true), Refusal::Full);
+        assert_eq!(refusal(&evil, Some(&auth), false, false), Refusal::ForbiddenOrigin);
+        assert_eq!(refusal(&req("/nowhere"), Some(&auth), false, false), Refusal::NotFound);
+        assert_eq!(refusal(&req("/ws"), Some(&auth), false, false), Refusal::Unauthorized);
+        let ok = UpgradeRequest { origin: Some("https://ok.example"), ..req("/ws") };
+        assert_eq!(admit(&ok, &allowed, None, false, false), Ok(Route::Protocol));
         assert_eq!(
-            admit("/ws", Some("https://evil.example"), &allowed, false, false).unwrap_err().0,
-            Refusal::ForbiddenOrigin
+            admit(&req("/ws"), &allowed, None, false, false),
+            Ok(Route::Protocol),
+            "no Origin header: not a browser"
         );
-        assert_eq!(admit("/ws", Some("https://ok.example"), &allowed, false, false), Ok(Route::Protocol));
-        assert_eq!(admit("/ws", None, &allowed, false, false), Ok(Route::Protocol));
-        let (r, why) = admit("/ws/a%20b", None, &[], false, false).unwrap_err();
+        let (r, why) = admit(&req("/ws/a%20b"), &[], None, false, false).unwrap_err();
         assert_eq!(r, Refusal::NotFound);
         assert!(why.contains("channel"), "{why}");
-        assert_eq!(admit("/other", None, &[], false, false).unwrap_err().0, Refusal::NotFound);
-        assert_eq!(admit("/ws/", None, &[], false, false).unwrap_err().0, Refusal::NotFound);
+        assert_eq!(refusal(&req("/ws/"), None, false, false), Refusal::NotFound);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! | [`outbox`] | one client's bounded outbound queue; where slow clients are caught |
 //! | [`hub`] | channel -> local subscribers; encodes each message once and fans it out |
 //! | [`bus`] | Redis pub/sub or in-process; subscribe on demand, reconnect, health |
+//! | [`auth`] | optional JWT check at the handshake |
 //! | [`connection`] | one WebSocket client: handshake checks, read loop, write loop, keepalive |
 //! | [`presence`] | heartbeats of each server's connection count; the fleet total |
 //! | [`tune`] | the node-tuning subcommand: allow-listed sysctls, written and reported |
@@ -25,6 +26,7 @@
 //! Library entry points take their listeners and their shutdown trigger as arguments
 //! ([`server::run`]); the binary binds ports, raises limits and listens for signals.
 
+pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod connection;

@@ -37,6 +37,8 @@ const MIN_DRAIN_TICK: Duration = Duration::from_millis(100);
 pub enum ServerError {
     #[error(transparent)]
     Bus(#[from] BusError),
+    #[error("invalid settings: {0}")]
+    Config(String),
     #[error("HTTP listener failed: {0}")]
     Http(#[source] std::io::Error),
 }
@@ -60,7 +62,7 @@ pub async fn run(
         &tracker,
         stop.clone(),
     )?;
-    let shared = Arc::new(Shared::new(&config, bus, metrics));
+    let shared = Arc::new(Shared::new(&config, bus, metrics).map_err(ServerError::Config)?);
 
     let http_task = {
         let stop = stop.clone();

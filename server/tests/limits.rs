@@ -235,3 +235,48 @@ async fn a_slow_reader_is_closed_with_1013_while_fast_readers_get_everything() {
     assert_eq!(server.metric("wsfleet_slow_client_closes_total"), 1.0);
     eprintln!("slow client received {received} of {MESSAGES} messages before its 1013");
 }
+
+fn jwt(secret: &[u8], exp_in: i64) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    jsonwebtoken::encode(
+        &header,
+        &json!({"sub": "e2e", "exp": now + exp_in}),
+        &jsonwebtoken::EncodingKey::from_secret(secret).unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_jwt_secret_only_valid_tokens_get_in() {
+    const SECRET: &str = "a-secret-of-at-least-16-bytes";
+    let server = Server::start(None, &["--jwt-secret", SECRET]);
+    for (headers, path, why) in [
+        (String::new(), "/ws".to_owned(), "missing token"),
+        (format!("Authorization: Bearer {}\r\n", jwt(SECRET.as_bytes(), -120)), "/ws".to_owned(), "Expired"),
+        (
+            format!("Authorization: Bearer {}\r\n", jwt(b"another-secret-of-enough-length", 60)),
+            "/ws".to_owned(),
+            "invalid token",
+        ),
+        (String::new(), "/ws?access_token=garbage".to_owned(), "invalid token"),
+    ] {
+        let answer = upgrade_answer(server.ws, &path, &headers).await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        assert!(answer.contains(why), "{answer} should say {why}");
+        assert!(answer.to_ascii_lowercase().contains("www-authenticate: bearer"), "{answer}");
+    }
+    let good = jwt(SECRET.as_bytes(), 60);
+    let answer = upgrade_answer(server.ws, "/ws", &format!("Authorization: Bearer {good}\r\n")).await;
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    let answer = upgrade_answer(server.ws, &format!("/ws/room?access_token={good}"), "").await;
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    assert_eq!(server.metric("wsfleet_upgrades_total{result=\"unauthorized\"}"), 4.0);
+    // A secret too short is refused before the server starts.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsfleet-server"))
+        .args(["--jwt-secret", "short"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--jwt-secret"));
+}
