@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::envelope::{Envelope, Sequenced};
-use crate::history::{HistoryConfig, HistoryError, LocalHistory, RedisHistory, Replay, Since};
+use crate::history::{HistoryConfig, HistoryError, LocalHistory, Lost, RedisHistory, Replay, Since};
 use crate::hub::{BusCommand, Hub};
 use crate::metrics::Metrics;
 
@@ -258,12 +258,10 @@ impl Subscriber {
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                // Subscribe/unsubscribe and the liveness ping come before messages, so a message
+                // flood cannot starve them (subscribes would time out).
                 biased;
                 _ = shutdown.cancelled() => return SessionEnd::Shutdown,
-                msg = stream.next() => match msg {
-                    Some(msg) => self.on_message(&msg),
-                    None => return SessionEnd::Lost("connection closed".into()),
-                },
                 cmd = self.commands.recv() => match cmd {
                     Some(cmd) => if let Err(e) = self.on_command(&mut sink, cmd).await {
                         return SessionEnd::Lost(e);
@@ -272,6 +270,10 @@ impl Subscriber {
                 },
                 _ = ping.tick() => if let Err(e) = with_timeout(sink.ping::<redis::Value>()).await {
                     return SessionEnd::Lost(format!("ping failed: {e}"));
+                },
+                msg = stream.next() => match msg {
+                    Some(msg) => self.on_message(&msg),
+                    None => return SessionEnd::Lost("connection closed".into()),
                 },
             }
         }
@@ -301,6 +303,17 @@ impl Subscriber {
                     info!(%channel, messages = replay.entries.len(), "refilled a gap from history");
                 }
                 self.metrics.bus_refilled.inc_by(replay.entries.len() as u64);
+                for msg in &replay.entries {
+                    self.hub.deliver(channel, msg);
+                }
+            }
+            Some(Err(Lost::EpochChanged)) => {
+                // Redis lost the old sequence; deliver the new one from its start, so nothing
+                // published after the loss is missed either.
+                self.metrics.bus_gaps_lost.inc();
+                warn!(%channel, epoch = %replay.epoch, "the channel's history was lost; continuing with its new epoch");
+                let fresh = Since { epoch: replay.epoch.to_string(), offset: 0 };
+                let replay = self.history.read(channel, Some(&fresh)).await?;
                 for msg in &replay.entries {
                     self.hub.deliver(channel, msg);
                 }
@@ -356,7 +369,7 @@ mod tests {
     #[test]
     fn an_invalid_url_is_refused_up_front() {
         let tracker = TaskTracker::new();
-        let history = HistoryConfig { size: 10, ttl: Duration::from_secs(10) };
+        let history = HistoryConfig { size: 10, ttl: Duration::from_secs(10), max_replay: 10 };
         let metrics = Arc::new(Metrics::new());
         let r = Bus::start(Some("http://nope"), "p", history, 10, metrics, &tracker, CancellationToken::new());
         assert!(matches!(r, Err(BusError::InvalidUrl(_))));

@@ -166,7 +166,12 @@ pub enum LogFormat {
 
 impl Config {
     pub fn history(&self) -> crate::history::HistoryConfig {
-        crate::history::HistoryConfig { size: self.history_size, ttl: Duration::from_secs(self.history_ttl) }
+        crate::history::HistoryConfig {
+            size: self.history_size,
+            ttl: Duration::from_secs(self.history_ttl),
+            // Room in the client's queue for the `subscribed` reply and live messages.
+            max_replay: (self.client_queue as u64 * 3 / 4).max(1),
+        }
     }
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout)

@@ -308,11 +308,11 @@ impl Connection {
         let mode = match &route {
             Route::Protocol => Mode::Protocol,
             Route::Raw(channel) => {
-                match Box::pin(self.join(channel, Mode::Raw, None)).await {
-                    Ok(()) => {
-                        self.subscriptions.insert(channel.clone());
-                    }
-                    Err(_) => self.outbox.close(CloseReason::BusUnavailable),
+                // Recorded before the join, so the cleanup below covers a join cut short.
+                self.subscriptions.insert(channel.clone());
+                if Box::pin(self.join(channel, Mode::Raw, None)).await.is_err() {
+                    self.subscriptions.remove(channel);
+                    self.outbox.close(CloseReason::BusUnavailable);
                 }
                 Mode::Raw
             }
@@ -366,7 +366,11 @@ impl Connection {
                     metrics.bytes_in.inc_by(text.len() as u64);
                     match (mode, raw_channel) {
                         (Mode::Raw, Some(channel)) => {
-                            let _ = self.publish(channel, Payload::Text(text.into())).await;
+                            // Raw mode has no error frame: a publish the bus refused ends the
+                            // connection (1013) rather than vanishing silently.
+                            if self.publish(channel, Payload::Text(text.into())).await.is_err() {
+                                return Some(CloseReason::BusUnavailable);
+                            }
                         }
                         _ => self.on_protocol_frame(&text).await,
                     }
@@ -376,7 +380,11 @@ impl Connection {
                     metrics.bytes_in.inc_by(bytes.len() as u64);
                     match (mode, raw_channel) {
                         (Mode::Raw, Some(channel)) => {
-                            let _ = self.publish(channel, Payload::Binary(bytes)).await;
+                            // Raw mode has no error frame: a publish the bus refused ends the
+                            // connection (1013) rather than vanishing silently.
+                            if self.publish(channel, Payload::Binary(bytes)).await.is_err() {
+                                return Some(CloseReason::BusUnavailable);
+                            }
                         }
                         _ => self.reply_error(&ProtocolError::new(
                             ErrorCode::BinaryNotSupported,
@@ -425,14 +433,15 @@ impl Connection {
                         format!("this connection already has {} subscriptions (the limit)", self.subscriptions.len()),
                     ));
                 }
-                match Box::pin(self.join(channel, Mode::Protocol, since.as_ref())).await {
-                    Ok(()) => {
-                        self.subscriptions.insert(channel.to_owned());
-                    }
-                    Err(e) => self.reply_error(&ProtocolError::new(
+                // Recorded before the join, so the connection's cleanup covers a join cut short
+                // (the connection closing while the bus is slow to confirm).
+                self.subscriptions.insert(channel.to_owned());
+                if let Err(e) = Box::pin(self.join(channel, Mode::Protocol, since.as_ref())).await {
+                    self.subscriptions.remove(channel);
+                    self.reply_error(&ProtocolError::new(
                         ErrorCode::BusUnavailable,
                         format!("could not subscribe to {channel:?}: {e}; retry"),
-                    )),
+                    ));
                 }
             }
             ClientOp::Unsubscribe { channel } => {
@@ -509,8 +518,12 @@ async fn write_loop(mut sink: Sink, outbox: &Outbox, shared: &Shared) {
         let close = tokio::select! {
             close = outbox.next_batch(&mut batch) => close,
             _ = ping.tick() => {
-                if sink.send(Message::Ping(Bytes::new())).await.is_err() {
-                    return;
+                // A peer that stopped reading must not hold the write loop here: give up on the
+                // ping when the client is marked slow or the ping cannot go out in time.
+                let ping = tokio::time::timeout(shared.silence_limit, sink.send(Message::Ping(Bytes::new())));
+                tokio::select! {
+                    r = ping => if !matches!(r, Ok(Ok(()))) { return },
+                    _ = outbox.slow() => return finish(&mut sink, CloseReason::Slow).await,
                 }
                 continue;
             }

@@ -30,6 +30,9 @@ pub struct HistoryConfig {
     pub size: u64,
     /// Seconds a channel's state outlives its last publish.
     pub ttl: Duration,
+    /// Most messages one resume (or one gap refill) replays; a longer gap is reported as
+    /// `history_gap`. Below the per-client queue, so a replay never overflows it.
+    pub max_replay: u64,
 }
 
 /// Where a client left off.
@@ -113,7 +116,9 @@ return offset
 ";
 
 /// KEYS: meta hash, history stream. ARGV: since epoch ('' for none), since offset, epoch to use
-/// if the channel has none, ttl seconds. Returns {epoch, head, status, envelope...}.
+/// if the channel has none, ttl seconds, most entries to replay (a longer gap is a history_gap:
+/// one client must not make Redis build an unbounded reply). Returns {epoch, head, status,
+/// envelope...}.
 const READ_SCRIPT: &str = r"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
@@ -128,7 +133,8 @@ if ARGV[1] ~= epoch then return {epoch, head, 'epoch_changed'} end
 local since = tonumber(ARGV[2])
 if since > head then return {epoch, head, 'offset_ahead'} end
 if since == head then return {epoch, head, 'ok'} end
-local entries = redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+')
+if head - since > tonumber(ARGV[5]) then return {epoch, head, 'history_gap'} end
+local entries = redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+', 'COUNT', ARGV[5])
 if #entries == 0 or entries[1][1] ~= (since + 1) .. '-0' then return {epoch, head, 'history_gap'} end
 local out = {epoch, head, 'ok'}
 for _, e in ipairs(entries) do out[#out + 1] = e[2][2] end
@@ -204,7 +210,8 @@ impl RedisHistory {
                     .arg(since.map(|s| s.epoch.as_str()).unwrap_or(""))
                     .arg(since.map(|s| s.offset).unwrap_or(0))
                     .arg(new_epoch())
-                    .arg(self.config.ttl.as_secs().max(1));
+                    .arg(self.config.ttl.as_secs().max(1))
+                    .arg(self.config.max_replay);
                 async move { call.invoke_async::<Vec<redis::Value>>(&mut conn).await }
             })
             .await?;
@@ -239,16 +246,10 @@ impl RedisHistory {
     }
 }
 
-/// The error proves the command was not written to Redis.
+/// The error proves the command was not written to Redis: the connection was refused. (A broken
+/// pipe does not: redis-rs reports every request in flight on a dropped connection that way,
+/// including ones Redis already ran, and running a publish twice would publish it twice.)
 fn never_sent(e: &redis::RedisError) -> bool {
-    use std::io::ErrorKind::*;
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return matches!(io.kind(), BrokenPipe | ConnectionRefused | NotConnected);
-        }
-        source = err.source();
-    }
     e.is_connection_refusal()
 }
 
@@ -320,7 +321,7 @@ impl LocalHistory {
             Err(Lost::EpochChanged)
         } else if since.offset > head {
             Err(Lost::OffsetAhead)
-        } else if since.offset + 1 < first_kept {
+        } else if since.offset + 1 < first_kept || head - since.offset > self.config.max_replay {
             Err(Lost::HistoryGap)
         } else {
             Ok(())
@@ -368,7 +369,7 @@ mod tests {
     }
 
     fn local(size: u64) -> LocalHistory {
-        LocalHistory::new(HistoryConfig { size, ttl: Duration::from_secs(60) })
+        LocalHistory::new(HistoryConfig { size, ttl: Duration::from_secs(60), max_replay: 100 })
     }
 
     fn publish_all(h: &LocalHistory, msgs: &[&'static str]) -> Vec<u64> {
@@ -415,6 +416,18 @@ mod tests {
     }
 
     #[test]
+    fn a_resume_never_replays_more_than_max_replay() {
+        let h = local(1000);
+        let epoch = h.read("c", None).epoch.to_string();
+        for _ in 0..150 {
+            h.publish("c", env("x"), |_| {});
+        }
+        let lost = |offset| h.read("c", Some(&Since { epoch: epoch.clone(), offset })).recovery;
+        assert_eq!(lost(49), Some(Err(Lost::HistoryGap)), "101 behind, the cap is 100");
+        assert_eq!(lost(50), Some(Ok(())));
+    }
+
+    #[test]
     fn no_history_still_orders_and_knows_when_nothing_was_missed() {
         let h = local(0);
         let epoch = h.read("c", None).epoch.to_string();
@@ -425,7 +438,7 @@ mod tests {
 
     #[test]
     fn an_idle_channel_past_its_ttl_starts_a_new_epoch() {
-        let h = LocalHistory::new(HistoryConfig { size: 10, ttl: Duration::from_millis(1) });
+        let h = LocalHistory::new(HistoryConfig { size: 10, ttl: Duration::from_millis(1), max_replay: 100 });
         let first = h.read("c", None).epoch;
         publish_all(&h, &["a"]);
         std::thread::sleep(Duration::from_millis(5));

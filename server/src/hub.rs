@@ -170,9 +170,10 @@ impl Hub {
         let mut frames = first.into_iter().chain(replay.iter().map(|m| render(channel, sub.mode, m)));
         let mut overflow = frames.any(|f| sub.outbox.push(f) == Push::Overflow);
         if !overflow {
+            // Held messages of the replay's epoch after its head; older epochs are history.
             overflow = held
                 .into_iter()
-                .filter(|(pos, _)| !at_or_before(pos, &head))
+                .filter(|(pos, _)| pos.0 == head.0 && pos.1 > head.1)
                 .any(|(_, f)| sub.outbox.push(f) == Push::Overflow);
         }
         sub.skip_through = Some(head);
@@ -247,8 +248,10 @@ impl Hub {
             match &mut sub.held {
                 Some(held) if held.len() < self.hold_limit => held.push((pos.clone(), frame)),
                 Some(_) => {
-                    sub.outbox.close(CloseReason::Slow);
-                    slow += 1;
+                    if !sub.outbox.is_closing() {
+                        sub.outbox.close(CloseReason::Slow);
+                        slow += 1;
+                    }
                 }
                 None => {
                     if sub.outbox.push(frame) == Push::Overflow {
