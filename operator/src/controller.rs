@@ -45,6 +45,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// The spec itself is at fault (the API server refused a child as invalid), not the moment.
+    pub fn is_invalid_spec(&self) -> bool {
+        match self {
+            Error::InvalidSpec(_) => true,
+            Error::Apply { source: kube::Error::Api(status), .. } => status.code == 422 || status.code == 400,
+            _ => false,
+        }
+    }
+
     /// Label of the reconcile-errors metric.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -62,12 +71,36 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// How often a healthy cluster is looked at again (connections, child status).
     pub resync: Duration,
+    /// The last fleet total read per cluster, and when: Redis is read at most once per resync,
+    /// so the status patches a changing total causes cannot drive a reconcile loop.
+    connections: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, Result<i64, String>)>>,
 }
 
 impl Context {
     pub fn new(client: Client, metrics: Arc<Metrics>, resync: Duration, instance: String) -> Self {
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(instance) };
-        Context { recorder: Recorder::new(client.clone(), reporter), client, metrics, resync }
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            resync,
+            connections: Default::default(),
+        }
+    }
+
+    async fn connections(&self, wsc: &WebSocketCluster) -> Result<i64, String> {
+        let key = format!("{}/{}", wsc.namespace().unwrap_or_default(), wsc.name_any());
+        if let Some((at, value)) = self.connections.lock().unwrap_or_else(|e| e.into_inner()).get(&key)
+            && at.elapsed() < self.resync
+        {
+            return value.clone();
+        }
+        let value = read_connections(wsc).await;
+        self.connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, (std::time::Instant::now(), value.clone()));
+        value
     }
 }
 
@@ -120,6 +153,10 @@ pub async fn reconcile(wsc: Arc<WebSocketCluster>, ctx: Arc<Context>) -> Result<
 
 async fn reconcile_inner(wsc: &WebSocketCluster, ctx: &Context) -> Result<Action, Error> {
     let ns = wsc.namespace().ok_or_else(|| Error::InvalidSpec("WebSocketCluster must be namespaced".into()))?;
+    if wsc.metadata.deletion_timestamp.is_some() {
+        // Garbage collection removes the children; applying them now would bring them back.
+        return Ok(Action::await_change());
+    }
     let client = &ctx.client;
     let mut seen = Observed::default();
 
@@ -153,13 +190,13 @@ async fn reconcile_inner(wsc: &WebSocketCluster, ctx: &Context) -> Result<Action
         seen.apply_error = Some(e.to_string());
         publish(ctx, wsc, EventType::Warning, "ApplyFailed", "Apply", e.to_string(), None).await;
         // Still report what exists.
-        seen.server = Api::<Deployment>::namespaced(client.clone(), &ns)
-            .get_opt(&children::server_name(wsc))
-            .await
-            .ok()
-            .flatten();
+        let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+        seen.server = deployments.get_opt(&children::server_name(wsc)).await.ok().flatten();
+        seen.redis = deployments.get_opt(&children::redis_name(wsc)).await.ok().flatten();
+        let daemonsets = Api::<DaemonSet>::namespaced(client.clone(), &ns);
+        seen.tuning = daemonsets.get_opt(&children::tuning_name(wsc)).await.ok().flatten();
     }
-    seen.connections = Some(read_connections(wsc).await);
+    seen.connections = Some(ctx.connections(wsc).await);
 
     // Status (pure), then one patch of the status subresource.
     let status = status::compute(wsc, &seen, &Time(k8s_openapi::jiff::Timestamp::now()));
@@ -188,9 +225,11 @@ async fn reconcile_inner(wsc: &WebSocketCluster, ctx: &Context) -> Result<Action
 }
 
 pub fn error_policy(_wsc: Arc<WebSocketCluster>, error: &Error, _ctx: Arc<Context>) -> Action {
-    match error {
-        Error::InvalidSpec(_) => Action::requeue(Duration::from_secs(300)),
-        _ => Action::requeue(Duration::from_secs(5)),
+    if error.is_invalid_spec() {
+        // Retrying cannot help; a change of the spec triggers the next reconcile.
+        Action::requeue(Duration::from_secs(300))
+    } else {
+        Action::requeue(Duration::from_secs(5))
     }
 }
 

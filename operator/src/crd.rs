@@ -73,9 +73,10 @@ pub struct WebSocketClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 
-    /// WebSocket port of the servers and of the client Service.
+    /// WebSocket port of the servers and of the client Service (1024 or above: the servers run
+    /// without privileges).
     #[serde(default = "default_port")]
-    #[schemars(range(min = 1, max = 65535))]
+    #[schemars(range(min = 1024, max = 65535))]
     #[x_kube(validation = Rule::new("self != 9090").message("port 9090 is the servers' health and metrics port"))]
     pub port: i32,
 
@@ -228,9 +229,9 @@ fn default_pubsub_limit() -> String {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.url) != has(self.urlSecretRef)").message("set exactly one of redis.external.url or redis.external.urlSecretRef"))]
 pub struct ExternalRedis {
-    /// Redis URL, e.g. `redis://redis.example:6379`.
+    /// Redis URL, e.g. `redis://redis.example:6379` (TLS, `rediss://`, is not supported yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^rediss?://"))]
+    #[schemars(regex(pattern = r"^redis://"))]
     pub url: Option<String>,
     /// A Secret key holding the Redis URL (for URLs with a password).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -282,6 +283,7 @@ fn default_drain() -> i64 {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(self.maxSurge in ['0', '0%'] && self.maxUnavailable in ['0', '0%'])").message("rollout.maxSurge and rollout.maxUnavailable cannot both be zero"))]
 pub struct RolloutSpec {
     /// Extra pods during a rollout: a number or a percentage of replicas.
     #[serde(default = "default_surge")]

@@ -5,7 +5,10 @@
 //! `duration`; the holder renews it every `duration / 3`. Every write carries the Lease's
 //! resourceVersion, so two candidates can never both win. A leader that cannot renew within
 //! `duration` steps down (its `lost` token fires) before anyone else may take over; a leader
-//! that stops releases the Lease so a standby takes over at once.
+//! that stops releases the Lease, after its work has stopped, so a standby takes over at once.
+//! Expiry compares the holder's renewTime with this candidate's clock, so replicas are assumed to
+//! have clocks within a fraction of `duration` of each other (NTP). (client-go instead times
+//! expiry from when it last saw the record change, which needs no such assumption.)
 
 use std::time::Duration;
 
@@ -109,26 +112,26 @@ impl Elector {
         }
     }
 
-    /// Renews the Lease until `shutdown` (then releases it) or until leadership is lost (then
-    /// fires `lost`). Never returns while this candidate still leads.
+    /// Renews the Lease until `shutdown` or until leadership is lost (then fires `lost`). On
+    /// shutdown the caller stops its work first and then calls [`Elector::release`], so no
+    /// standby starts while this replica may still act.
     pub async fn keep(&self, shutdown: &CancellationToken, lost: &CancellationToken) {
         let mut last_renewal = tokio::time::Instant::now();
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => {
-                    self.release().await;
-                    return;
-                }
+                _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(self.config.renew_every()) => {}
             }
-            match self.try_hold().await {
-                Ok(true) => last_renewal = tokio::time::Instant::now(),
-                Ok(false) => {
+            // Bounded: a hung API call must not outlive the Lease (the check below steps down).
+            match tokio::time::timeout(self.config.renew_every(), self.try_hold()).await {
+                Ok(Ok(true)) => last_renewal = tokio::time::Instant::now(),
+                Ok(Ok(false)) => {
                     warn!("another replica took the leader Lease; stepping down");
                     lost.cancel();
                     return;
                 }
-                Err(e) => warn!(error = %e, "cannot renew the leader Lease"),
+                Ok(Err(e)) => warn!(error = %e, "cannot renew the leader Lease"),
+                Err(_) => warn!("renewing the leader Lease timed out"),
             }
             // Step down before the Lease could expire in anyone else's eyes.
             if last_renewal.elapsed() >= self.config.duration.saturating_sub(self.config.renew_every()) {
@@ -139,7 +142,8 @@ impl Elector {
         }
     }
 
-    async fn release(&self) {
+    /// Gives the Lease up (if this candidate still holds it) so a standby takes over at once.
+    pub async fn release(&self) {
         let Ok(Some(mut lease)) = self.api.get_opt(&self.config.name).await else { return };
         let Some(spec) = lease.spec.as_mut() else { return };
         if spec.holder_identity.as_deref() != Some(self.config.identity.as_str()) {

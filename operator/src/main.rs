@@ -123,8 +123,12 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let controller = tokio::spawn(controller::run(ctx, args.watch_namespace.clone(), stop_controller.clone()));
     elector.keep(&shutdown, &lost).await;
     stop_controller.cancel();
-    metrics.leader.set(0);
     let _ = tokio::time::timeout(Duration::from_secs(10), controller).await;
+    metrics.leader.set(0);
+    if !lost.is_cancelled() {
+        // Only now that no reconcile of ours can run does a standby get the Lease.
+        elector.release().await;
+    }
     if lost.is_cancelled() {
         // Exit so that no reconcile of this replica can overlap the new leader's; the pod restarts
         // as a standby.

@@ -271,6 +271,13 @@ fn bad_manifests_are_refused_with_the_field_named() {
             "less than or equal to 3600",
         ),
         ("  redis: {managed: {}}\n  port: 9090\n", "spec.port", "health and metrics port"),
+        ("  redis: {managed: {}}\n  port: 80\n", "spec.port", "greater than or equal to 1024"),
+        ("  redis: {external: {url: 'rediss://r:6379'}}\n", "spec.redis.external.url", "should match"),
+        (
+            "  redis: {managed: {}}\n  rollout: {maxSurge: '0', maxUnavailable: '0%'}\n",
+            "spec.rollout",
+            "cannot both be zero",
+        ),
     ] {
         let refusal = apply(&manifest(spec)).refused();
         assert!(refusal.contains(field), "refusal of\n{spec}does not name {field}: {refusal}");
