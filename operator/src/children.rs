@@ -419,7 +419,14 @@ pub fn build_tuning_daemonset(wsc: &WebSocketCluster) -> Option<DaemonSet> {
         image: Some(wsc.spec.image.clone()),
         image_pull_policy: wsc.spec.image_pull_policy.map(|p| p.as_str().to_owned()),
         args: Some(args),
-        security_context: Some(SecurityContext { privileged: Some(true), ..Default::default() }),
+        // Root and privileged: node sysctls live under the host's /proc/sys. The server image
+        // runs as a non-root user otherwise.
+        security_context: Some(SecurityContext {
+            privileged: Some(true),
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            ..Default::default()
+        }),
         resources: Some(ResourceRequirements {
             requests: Some(BTreeMap::from([
                 ("cpu".into(), Quantity("10m".into())),
@@ -589,7 +596,8 @@ pub(crate) mod tests {
         let pod = ds.spec.unwrap().template.spec.unwrap();
         assert_eq!(pod.host_network, Some(true));
         assert_eq!(pod.containers[0].args.clone().unwrap(), ["tune", "--sysctl", "net.core.somaxconn=65535"]);
-        assert_eq!(pod.containers[0].security_context.as_ref().unwrap().privileged, Some(true));
+        let security = pod.containers[0].security_context.as_ref().unwrap();
+        assert_eq!((security.privileged, security.run_as_user), (Some(true), Some(0)));
     }
 
     #[test]

@@ -64,6 +64,9 @@ impl Error {
     }
 }
 
+/// A fleet total (or why it is unknown) and when it was read.
+type ConnectionsRead = (std::time::Instant, Result<i64, String>);
+
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
@@ -73,7 +76,7 @@ pub struct Context {
     pub resync: Duration,
     /// The last fleet total read per cluster, and when: Redis is read at most once per resync,
     /// so the status patches a changing total causes cannot drive a reconcile loop.
-    connections: std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, Result<i64, String>)>>,
+    connections: std::sync::Mutex<std::collections::HashMap<String, ConnectionsRead>>,
 }
 
 impl Context {
@@ -341,7 +344,7 @@ async fn publish(
     let reference: ObjectReference = wsc.object_ref(&());
     let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: related };
     if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-        debug!(error = %e, "could not publish an event");
+        warn!(error = %e, "could not publish an event");
     }
 }
 

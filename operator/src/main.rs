@@ -84,7 +84,11 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
 
     let client =
         kube::Client::try_default().await.context("cannot build a Kubernetes client (KUBECONFIG or in-cluster)")?;
-    Api::<WebSocketCluster>::all(client.clone()).list(&ListParams::default().limit(1)).await.context(
+    let probe: Api<WebSocketCluster> = match &args.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    probe.list(&ListParams::default().limit(1)).await.context(
         "cannot list WebSocketClusters: is the CRD installed (kubectl apply -f crds/) and may this account list them?",
     )?;
     metrics.ready.store(true, Ordering::Release);
