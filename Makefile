@@ -31,8 +31,9 @@ test: lint ## Every test: unit, real-process server tests, then the control-plan
 	$(MAKE) test-cluster
 
 .PHONY: generate
-generate: ## Regenerate crds/ from the Rust types (a test fails when they drift)
+generate: ## Regenerate crds/ and the chart's copy from the Rust types (tests fail when they drift)
 	$(CARGO) run -q -p wsfleet-operator --bin crdgen > crds/websocketcluster.yaml
+	cp crds/websocketcluster.yaml charts/wsfleet/files/crds/websocketcluster.yaml
 
 .PHONY: bench
 bench: ## Benchmarks (not part of `make test`); figures in bench/results/ and bench/README.md
@@ -54,4 +55,5 @@ cluster-env: ## Print KUBECONFIG and PATH exports for it: eval "$(make -s cluste
 .PHONY: test-cluster
 test-cluster: ## Control-plane tests (wsfleet-e2e); starts and stops the cluster unless already up
 	$(CARGO) build -p wsfleet-operator -p wsfleet-server --bins
+	tests/cluster/build-helm.sh > /dev/null
 	tests/cluster/with-cluster.sh $(CARGO) test -p wsfleet-e2e

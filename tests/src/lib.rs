@@ -209,6 +209,7 @@ pub fn fixture(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read fixture {}: {e}", path.display()))
 }
 
+pub mod chart;
 pub mod processes;
 
 #[cfg(test)]
