@@ -39,6 +39,7 @@ generate: ## Regenerate crds/ and the chart's copy from the Rust types (tests fa
 bench: ## Benchmarks (not part of `make test`); figures in bench/results/ and bench/README.md
 	scripts/install-deps.sh
 	bench/history.sh
+	bench/connections.sh
 
 .PHONY: cluster-up
 cluster-up: ## Start (or reuse) the local Kubernetes control plane on 127.0.0.1; first run builds it

@@ -38,6 +38,9 @@ use crate::metrics::Metrics;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 const PING_EVERY: Duration = Duration::from_secs(2);
+/// A subscription connection whose PING is unanswered this long is taken as dead. Generous: a
+/// busy server (or machine) must not drop a healthy bus.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
 /// Channels per SUBSCRIBE command when resubscribing after a reconnect.
@@ -268,8 +271,10 @@ impl Subscriber {
                     },
                     None => return SessionEnd::Shutdown,
                 },
-                _ = ping.tick() => if let Err(e) = with_timeout(sink.ping::<redis::Value>()).await {
-                    return SessionEnd::Lost(format!("ping failed: {e}"));
+                _ = ping.tick() => match tokio::time::timeout(PING_TIMEOUT, sink.ping::<redis::Value>()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return SessionEnd::Lost(format!("ping failed: {e}")),
+                    Err(_) => return SessionEnd::Lost(format!("ping unanswered for {PING_TIMEOUT:?}")),
                 },
                 msg = stream.next() => match msg {
                     Some(msg) => self.on_message(&msg),

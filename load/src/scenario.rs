@@ -1,0 +1,377 @@
+//! `connections`: the road to a million connections, for one server stack at a time.
+//!
+//! Starts a `redis-server` and `--servers` server processes (wsfleet, or the seed's Node.js
+//! `ws` + `ioredis` baseline), then steps the number of held connections up through `--steps`,
+//! adding `hold` client processes (each bound to its own loopback source addresses). At every
+//! step it records: connections held and failed, time to establish them, server resident memory
+//! per connection, kernel memory per connection, server CPU while idle, then the time until one
+//! broadcast reaches every connection, and publish-to-deliver latency under a steady broadcast
+//! rate. It stops at the last step, or earlier when connections fail or memory runs low, and
+//! says why. Prints one JSON document.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use crate::now_micros;
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stack {
+    Wsfleet,
+    Node,
+}
+
+#[derive(clap::Args)]
+pub struct ScenarioArgs {
+    /// Server stack to measure.
+    #[arg(long, value_enum)]
+    stack: Stack,
+    /// Server processes (each holds at most ~19,000 connections: its open-file limit).
+    #[arg(long, default_value_t = 16)]
+    servers: usize,
+    /// Cumulative connection counts to measure at.
+    #[arg(long, value_delimiter = ',', default_value = "10000,50000,100000,200000,250000")]
+    steps: Vec<usize>,
+    /// Connections per client process.
+    #[arg(long, default_value_t = 15_000)]
+    per_client: usize,
+    /// Client source addresses: 127.0.0.2 up to 127.0.0.(1 + N).
+    #[arg(long, default_value_t = 16)]
+    sources: usize,
+    /// New connections per second per client process.
+    #[arg(long, default_value_t = 2000)]
+    rate: u64,
+    /// The wsfleet-server binary.
+    #[arg(long, default_value = "target/release/wsfleet-server")]
+    server_bin: PathBuf,
+    /// The baseline server script (run with `node`).
+    #[arg(long, default_value = "bench/baseline/server.js")]
+    node_server: PathBuf,
+    /// Single broadcasts timed per step.
+    #[arg(long, default_value_t = 3)]
+    broadcasts: u64,
+    /// Deliveries per second during the latency phase (its broadcasts are spaced so that every
+    /// connection gets one each `connections / this` seconds, at least 0.2 s apart).
+    #[arg(long, default_value_t = 40_000)]
+    sustained_deliveries: u64,
+    /// Broadcasts in the latency phase.
+    #[arg(long, default_value_t = 8)]
+    sustained_messages: u64,
+    /// Stop before a step when the machine has less memory available than this (MiB).
+    #[arg(long, default_value_t = 3072)]
+    min_free_mib: u64,
+}
+
+/// Child processes killed (by pid) when dropped.
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+        }
+        for c in &mut self.0 {
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Client {
+    stdin: ChildStdin,
+    connections: usize,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_port(port: u16, limit: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if start.elapsed() > limit {
+            bail!("nothing listens on 127.0.0.1:{port} after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn meminfo(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .map(|kb: u64| kb * 1024)
+        .unwrap_or(0)
+}
+
+fn rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .map(|kb: u64| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// utime + stime in clock ticks (100 per second).
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = after.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+/// Sends one raw-mode broadcast through server `addr` on a short-lived connection.
+fn broadcast(addr: SocketAddr, seq: u64) -> anyhow::Result<()> {
+    let stream = TcpStream::connect(addr)?;
+    stream.set_nodelay(true)?;
+    let (mut ws, _) = tungstenite::client(format!("ws://{addr}/ws/bench"), stream).context("publisher handshake")?;
+    ws.send(Message::text(json!({"t": now_micros(), "seq": seq}).to_string()))?;
+    let _ = ws.close(None);
+    let _ = ws.flush();
+    Ok(())
+}
+
+pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let mut procs = Procs(Vec::new());
+    let redis_port = free_port()?;
+    procs.0.push(
+        Command::new("redis-server")
+            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--client-output-buffer-limit", "pubsub 256mb 64mb 60"])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("redis-server")?,
+    );
+    wait_port(redis_port, Duration::from_secs(10))?;
+
+    let mut servers = Vec::new();
+    let mut server_pids = Vec::new();
+    for i in 0..args.servers {
+        let port = free_port()?;
+        let child = match args.stack {
+            Stack::Wsfleet => Command::new(&args.server_bin)
+                .args(["--listen", &format!("127.0.0.1:{port}"), "--http-listen", "127.0.0.1:0"])
+                .args(["--redis-url", &format!("redis://127.0.0.1:{redis_port}"), "--pod-name", &format!("s{i}")])
+                .args(["--max-connections", "19500"])
+                .env("WSFLEET_LOG", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .context("wsfleet-server")?,
+            Stack::Node => Command::new("node")
+                .arg(&args.node_server)
+                .args([port.to_string(), redis_port.to_string()])
+                .stdout(Stdio::null())
+                .spawn()
+                .context("node baseline server")?,
+        };
+        server_pids.push(child.id());
+        procs.0.push(child);
+        wait_port(port, Duration::from_secs(15))?;
+        servers.push(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let base_rss: u64 = server_pids.iter().map(|p| rss(*p)).sum();
+    let base_slab = meminfo("Slab:");
+    let urls: Vec<String> = servers.iter().map(|a| format!("ws://{a}/ws/bench")).collect();
+
+    let (tx, events) = mpsc::channel::<(usize, Value)>();
+    let mut clients: Vec<Client> = Vec::new();
+    let mut client_procs = Procs(Vec::new());
+    let mut held = 0usize;
+    let mut seq = 0u64;
+    let mut steps = Vec::new();
+    let mut stopped = None;
+    let me = std::env::current_exe()?;
+
+    for &target in &args.steps {
+        let available = meminfo("MemAvailable:");
+        if available < args.min_free_mib * 1024 * 1024 {
+            stopped = Some(format!("memory: {} MiB available before the {target} step", available >> 20));
+            break;
+        }
+        if target > args.servers * 19_000 {
+            stopped = Some(format!("{target} connections need more than {} server processes", args.servers));
+            break;
+        }
+        // Add client processes up to the target.
+        let ramp_start = Instant::now();
+        let mut new = Vec::new();
+        while held + new.iter().sum::<usize>() < target {
+            let n = args.per_client.min(target - held - new.iter().sum::<usize>());
+            let index = clients.len();
+            let sources: Vec<String> =
+                (0..args.sources).map(|s| format!("127.0.0.{}", 2 + (index + s) % args.sources)).collect();
+            let mut child = Command::new(&me)
+                .args(["hold", "--urls", &urls.join(","), "--connections", &n.to_string()])
+                .args(["--sources", &sources.join(","), "--rate", &args.rate.to_string(), "--hold-seconds", "1800"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("hold client")?;
+            let out = child.stdout.take().context("client stdout")?;
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if let Ok(v) = serde_json::from_str::<Value>(&line)
+                        && tx.send((index, v)).is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            let stdin = child.stdin.take().context("client stdin")?;
+            client_procs.0.push(child);
+            new.push(n);
+            clients.push(Client { stdin, connections: 0 });
+        }
+        // Wait for every new client's ready line.
+        let mut failed = 0u64;
+        let mut first_error = Value::Null;
+        let mut waiting = new.len();
+        while waiting > 0 {
+            let (i, v) = events.recv_timeout(Duration::from_secs(300)).context("a client never became ready")?;
+            if v["event"] == "ready" {
+                clients[i].connections = v["connections"].as_u64().unwrap_or(0) as usize;
+                failed += v["failed"].as_u64().unwrap_or(0);
+                if first_error.is_null() && !v["first_error"].is_null() {
+                    first_error = v["first_error"].clone();
+                }
+                waiting -= 1;
+            }
+        }
+        let establish = ramp_start.elapsed().as_secs_f64();
+        held = clients.iter().map(|c| c.connections).sum();
+        std::thread::sleep(Duration::from_secs(2));
+
+        let server_rss: u64 = server_pids.iter().map(|p| rss(*p)).sum();
+        let slab = meminfo("Slab:");
+        let ticks0: u64 = server_pids.iter().map(|p| cpu_ticks(*p)).sum();
+        std::thread::sleep(Duration::from_secs(3));
+        let ticks1: u64 = server_pids.iter().map(|p| cpu_ticks(*p)).sum();
+        let idle_cpu = (ticks1 - ticks0) as f64 / 3.0; // percent of one core (100 ticks/s)
+
+        // Single broadcasts: time until the last connection has it.
+        let mut fanout = Vec::new();
+        for _ in 0..args.broadcasts {
+            seq += 1;
+            broadcast(servers[0], seq)?;
+            let (received, last_us) = collect_seq(&events, seq, clients.len())?;
+            fanout.push(json!({"seq": seq, "received": received, "last_ms": last_us as f64 / 1000.0,
+                "deliveries_per_s": (received as f64 / (last_us.max(1) as f64 / 1e6)).round()}));
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        // Steady broadcasts: latency percentiles.
+        for c in &mut clients {
+            let _ = writeln!(c.stdin, "report");
+        }
+        drain_latency(&events, clients.len())?;
+        let period = Duration::from_secs_f64((held as f64 / args.sustained_deliveries.max(1) as f64).max(0.2));
+        let sustained_start = Instant::now();
+        let first_sustained = seq + 1;
+        for k in 0..args.sustained_messages {
+            seq += 1;
+            broadcast(servers[(k as usize) % servers.len()], seq)?;
+            let next = sustained_start + period * (k as u32 + 1);
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+        let mut sustained_received = 0;
+        for s in first_sustained..=seq {
+            sustained_received += collect_seq(&events, s, clients.len())?.0;
+        }
+        for c in &mut clients {
+            let _ = writeln!(c.stdin, "report");
+        }
+        let latency = drain_latency(&events, clients.len())?;
+
+        let step = json!({
+            "target": target,
+            "held": held,
+            "failed": failed,
+            "first_error": first_error,
+            "establish_seconds": establish,
+            "server_rss_bytes": server_rss,
+            "server_bytes_per_connection": (server_rss.saturating_sub(base_rss)) as f64 / held.max(1) as f64,
+            "kernel_slab_bytes_per_connection": (slab.saturating_sub(base_slab)) as f64 / held.max(1) as f64,
+            "idle_cpu_percent_of_a_core": idle_cpu,
+            "broadcast": fanout,
+            "sustained": {"messages": args.sustained_messages, "every_seconds": period.as_secs_f64(),
+                          "deliveries_per_s": held as f64 / period.as_secs_f64(),
+                          "deliveries": sustained_received, "latency_ms": latency},
+        });
+        eprintln!("{step}");
+        steps.push(step);
+        if (failed as f64) > 0.005 * target as f64 {
+            stopped = Some(format!("{failed} connections failed at the {target} step: {first_error}"));
+            break;
+        }
+    }
+    for c in &mut clients {
+        let _ = writeln!(c.stdin, "exit");
+    }
+    let doc = json!({
+        "stack": format!("{:?}", args.stack).to_lowercase(),
+        "servers": args.servers,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "steps": steps,
+        "stopped": stopped.unwrap_or_else(|| "all steps done".into()),
+    });
+    println!("{doc}");
+    drop(client_procs);
+    drop(procs);
+    Ok(())
+}
+
+/// Waits (at most 30 s) for every client's report of broadcast `seq`: (deliveries, slowest
+/// latency µs). A client that never saw the message does not report it; its connections count
+/// as not delivered.
+fn collect_seq(events: &mpsc::Receiver<(usize, Value)>, seq: u64, clients: usize) -> anyhow::Result<(u64, u64)> {
+    let (mut reported, mut received, mut last) = (0, 0, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reported < clients {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok((_, v)) = events.recv_timeout(left) else {
+            eprintln!("broadcast {seq}: {reported} of {clients} client processes reported it");
+            break;
+        };
+        if v["event"] == "seq" && v["seq"] == seq {
+            reported += 1;
+            received += v["received"].as_u64().unwrap_or(0);
+            last = last.max(v["last_us"].as_u64().unwrap_or(0));
+        }
+    }
+    Ok((received, last))
+}
+
+/// Collects one `latency` line from every client: count-weighted p50, worst p99 and p99.9 (ms;
+/// the clients' histograms have power-of-two buckets, so these are upper bounds).
+fn drain_latency(events: &mpsc::Receiver<(usize, Value)>, clients: usize) -> anyhow::Result<Value> {
+    let (mut n, mut total, mut p50w, mut p99, mut p999) = (0, 0u64, 0f64, 0u64, 0u64);
+    while n < clients {
+        let (_, v) = events.recv_timeout(Duration::from_secs(30)).context("latency report")?;
+        if v["event"] == "latency" {
+            n += 1;
+            let count = v["count"].as_u64().unwrap_or(0);
+            total += count;
+            p50w += count as f64 * v["p50_us"].as_u64().unwrap_or(0) as f64;
+            p99 = p99.max(v["p99_us"].as_u64().unwrap_or(0));
+            p999 = p999.max(v["p999_us"].as_u64().unwrap_or(0));
+        }
+    }
+    Ok(
+        json!({"count": total, "p50": p50w / total.max(1) as f64 / 1000.0, "p99": p99 as f64 / 1000.0, "p999": p999 as f64 / 1000.0}),
+    )
+}
