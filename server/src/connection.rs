@@ -547,6 +547,11 @@ async fn write_loop(mut sink: Sink, outbox: &Outbox, shared: &Shared) {
         }
         shared.metrics.messages_out.inc_by(frames);
         shared.metrics.bytes_out.inc_by(bytes);
+        // The batch's buffer goes back to the outbox on the next swap; after a burst, let an idle
+        // connection shrink back to nothing rather than keep its peak.
+        if batch.capacity() > 64 {
+            batch = VecDeque::new();
+        }
     }
 }
 

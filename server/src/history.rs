@@ -276,6 +276,9 @@ fn parse_read_reply(reply: Vec<redis::Value>, since: Option<&Since>) -> Result<R
     Ok(Replay { epoch, head, recovery, entries })
 }
 
+/// Channel entries the in-process history keeps before it sweeps expired ones.
+const SWEEP_AT: usize = 4096;
+
 /// Order and history for the in-process bus, with the semantics of the Redis scripts.
 pub struct LocalHistory {
     config: HistoryConfig,
@@ -343,8 +346,13 @@ impl LocalHistory {
         Replay { epoch, head, recovery: Some(outcome), entries }
     }
 
-    /// The channel's state, replaced by a fresh epoch when it outlived its TTL.
+    /// The channel's state, replaced by a fresh epoch when it outlived its TTL. Channels past
+    /// their TTL are forgotten once the map has grown, so clients naming ever new channels do
+    /// not grow it without bound.
     fn channel<'a>(&self, channels: &'a mut HashMap<String, LocalChannel>, channel: &str) -> &'a mut LocalChannel {
+        if channels.len() >= SWEEP_AT && !channels.contains_key(channel) {
+            channels.retain(|_, c| c.touched.elapsed() <= self.config.ttl);
+        }
         let fresh = || LocalChannel {
             epoch: Arc::from(new_epoch()),
             head: 0,
