@@ -166,7 +166,7 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
             Stack::Wsfleet => Command::new(&args.server_bin)
                 .args(["--listen", &format!("127.0.0.1:{port}"), "--http-listen", "127.0.0.1:0"])
                 .args(["--redis-url", &format!("redis://127.0.0.1:{redis_port}"), "--pod-name", &format!("s{i}")])
-                .args(["--max-connections", "19500"])
+                .args(["--max-connections", "19500", "--worker-threads", "1"])
                 .env("WSFLEET_LOG", "warn")
                 .stdout(Stdio::null())
                 .spawn()

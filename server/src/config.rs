@@ -153,6 +153,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub listen_backlog: u32,
 
+    /// Worker threads of the runtime (0: one per core). Several server processes on one host
+    /// do better with 1 each than with one per core each.
+    #[arg(long, env = "WSFLEET_WORKER_THREADS", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..=1024))]
+    pub worker_threads: u16,
+
     /// Log format.
     #[arg(long, env = "WSFLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
