@@ -15,6 +15,7 @@ use wsfleet_operator::controller::{self, Context};
 use wsfleet_operator::crd::WebSocketCluster;
 use wsfleet_operator::leader::{Elector, LeaseConfig};
 use wsfleet_operator::telemetry::{self, Metrics};
+use wsfleet_server::config::LogFormat;
 
 /// The wsfleet operator: turns each WebSocketCluster into server Deployments, a Redis bus and
 /// node tuning, and keeps them that way. Connects with KUBECONFIG or the in-cluster service
@@ -51,16 +52,10 @@ struct Args {
     log_format: LogFormat,
 }
 
-#[derive(clap::ValueEnum, Debug, Clone, Copy)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    init_tracing(args.log_format);
+    args.log_format.init_tracing();
     match run(args).await {
         Ok(code) => code,
         Err(e) => {
@@ -158,15 +153,4 @@ async fn wait_for_signal(shutdown: CancellationToken) {
     tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     info!("shutdown requested");
     shutdown.cancel();
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WSFLEET_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }

@@ -170,6 +170,21 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// Logs to stderr in this format, at the level `WSFLEET_LOG` sets (default `info`), with
+    /// colours only on a terminal. Both wsfleet binaries start with this.
+    pub fn init_tracing(self) {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("WSFLEET_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+        match self {
+            LogFormat::Text => builder.init(),
+            LogFormat::Json => builder.json().init(),
+        }
+    }
+}
+
 impl Config {
     pub fn history(&self) -> crate::history::HistoryConfig {
         crate::history::HistoryConfig {

@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         None => {}
     }
     let config = cli.serve;
-    init_tracing(config.log_format);
+    config.log_format.init_tracing();
     raise_open_files_limit();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if config.worker_threads > 0 {
@@ -55,7 +55,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 fn tune(args: TuneArgs) -> ExitCode {
-    init_tracing(LogFormat::Text);
+    LogFormat::Text.init_tracing();
     let report = wsfleet_server::tune::apply(&args.sysctls, &args.proc_sys);
     let mut failed = 0;
     for r in &report {
@@ -152,16 +152,5 @@ fn raise_open_files_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => info!(limit, "open-file limit"),
         Err(e) => warn!(error = %e, "cannot raise the open-file limit"),
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WSFLEET_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }
