@@ -203,6 +203,27 @@ impl Drop for TestNamespace {
     }
 }
 
+/// Applies a CustomResourceDefinition and waits until the API server serves it. Safe to call
+/// from tests running at once, in this process or others: one call at a time per process,
+/// server-side apply (creating twice is no conflict), and a wait that tolerates a CRD whose
+/// status is not written yet.
+pub fn install_crd(manifest: &str, name: &str) {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    kubectl_run(
+        &["apply", "--server-side", "--force-conflicts", "--field-manager=wsfleet-e2e", "-f", "-"],
+        Some(manifest),
+    )
+    .ok();
+    wait_until(&format!("CRD {name} to be established"), Duration::from_secs(60), || {
+        let run = kubectl_run(
+            &["get", "crd", name, "-o", "jsonpath={.status.conditions[?(@.type==\"Established\")].status}"],
+            None,
+        );
+        if run.success && run.stdout.trim() == "True" { Ok(()) } else { Err(format!("{}{}", run.stdout, run.stderr)) }
+    });
+}
+
 /// Reads a file from `tests/fixtures/`.
 pub fn fixture(name: &str) -> String {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name);

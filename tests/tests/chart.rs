@@ -48,8 +48,7 @@ fn install_crd() {
         let crd = render("wsfleet", "default", &["crds.install=true"]);
         let crd: Vec<String> =
             documents(&crd).into_iter().filter(|d| kind_of(d) == "CustomResourceDefinition").collect();
-        kubectl_run(&["apply", "-f", "-"], Some(&crd.join("---\n"))).ok();
-        kubectl(&["wait", "--for", "condition=established", "crd/websocketclusters.wsfleet.dev", "--timeout=60s"]);
+        wsfleet_e2e::install_crd(&crd.join("---\n"), "websocketclusters.wsfleet.dev");
         *done = true;
     }
 }
@@ -216,7 +215,16 @@ fn the_operator_reconciles_on_the_chart_service_account_alone() {
     // The release as installed, CRD included (crds.install defaults to true).
     let yaml = render(&release, &release_ns.name, &[]);
     let (objects, _cluster_scoped) = install_without_deployment(&release_ns.name, &yaml);
-    kubectl(&["wait", "--for", "condition=established", "crd/websocketclusters.wsfleet.dev", "--timeout=60s"]);
+    wsfleet_e2e::wait_until("the CRD to be established", std::time::Duration::from_secs(60), || {
+        let s = kubectl(&[
+            "get",
+            "crd",
+            "websocketclusters.wsfleet.dev",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
+        ]);
+        if s.trim() == "True" { Ok(()) } else { Err(s) }
+    });
     let account = find(&objects, "ServiceAccount")["metadata"]["name"].as_str().unwrap().to_owned();
     kubectl(&["-n", &release_ns.name, "get", "serviceaccount", &account]);
     let deployment = to_json(&documents(&yaml).into_iter().find(|d| kind_of(d) == "Deployment").unwrap()).remove(0);

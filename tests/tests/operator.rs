@@ -14,8 +14,7 @@ const WAIT: Duration = Duration::from_secs(60);
 
 fn install_crd() {
     let crd = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/websocketcluster.yaml")).unwrap();
-    apply(&crd).ok();
-    kubectl(&["wait", "--for", "condition=established", "crd/websocketclusters.wsfleet.dev", "--timeout=60s"]);
+    wsfleet_e2e::install_crd(&crd, "websocketclusters.wsfleet.dev");
 }
 
 fn sample() -> String {
