@@ -241,6 +241,7 @@ pub fn error_policy(_wsc: Arc<WebSocketCluster>, error: &Error, _ctx: Arc<Contex
 async fn apply<K>(ctx: &Context, wsc: &WebSocketCluster, ns: &str, child: K) -> Result<K, Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + k8s_openapi::Resource
         + Clone
         + Serialize
         + DeserializeOwned
@@ -248,7 +249,7 @@ where
 {
     let api = Api::<K>::namespaced(ctx.client.clone(), ns);
     let name = child.meta().name.clone().unwrap_or_default();
-    let kind = kind_of::<K>();
+    let kind = <K as k8s_openapi::Resource>::KIND;
     let err = |source| Error::Apply { kind, name: name.clone(), source };
     let before = api.get_opt(&name).await.map_err(err)?.map(|o| revision(o.meta()));
     let after =
@@ -283,6 +284,7 @@ async fn apply_or_remove<K>(
 ) -> Result<Option<K>, Error>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + k8s_openapi::Resource
         + Clone
         + Serialize
         + DeserializeOwned
@@ -292,7 +294,7 @@ where
         return apply(ctx, wsc, ns, child).await.map(Some);
     }
     let api = Api::<K>::namespaced(ctx.client.clone(), ns);
-    let kind = kind_of::<K>();
+    let kind = <K as k8s_openapi::Resource>::KIND;
     let owned = api
         .get_opt(&name)
         .await
@@ -318,16 +320,6 @@ where
         publish(ctx, wsc, EventType::Normal, "Deleted", "Delete", note, Some(related)).await;
     }
     Ok(None)
-}
-
-fn kind_of<K: Resource<DynamicType = ()>>() -> &'static str {
-    match K::kind(&()).as_ref() {
-        "Deployment" => "Deployment",
-        "Service" => "Service",
-        "PodDisruptionBudget" => "PodDisruptionBudget",
-        "DaemonSet" => "DaemonSet",
-        _ => "object",
-    }
 }
 
 /// Publishes an event about `wsc`; `related` is the child it concerns (events about different

@@ -111,7 +111,6 @@ impl Bus {
         let health = Arc::new(BusHealth { up: AtomicBool::new(false) });
         let subscriber = Subscriber {
             client,
-            keys: Keys { prefix: prefix.to_owned() },
             history: history.clone(),
             hub: hub.clone(),
             commands: rx,
@@ -160,23 +159,8 @@ impl From<HistoryError> for BusError {
     }
 }
 
-/// Maps wsfleet channels to pub/sub channel names and back.
-struct Keys {
-    prefix: String,
-}
-
-impl Keys {
-    fn key(&self, channel: &str) -> String {
-        format!("{}:ch:{channel}", self.prefix)
-    }
-    fn channel<'a>(&self, key: &'a str) -> Option<&'a str> {
-        key.strip_prefix(self.prefix.as_str())?.strip_prefix(":ch:")
-    }
-}
-
 struct Subscriber {
     client: redis::Client,
-    keys: Keys,
     history: RedisHistory,
     hub: Arc<Hub>,
     commands: mpsc::Receiver<BusCommand>,
@@ -234,7 +218,7 @@ impl Subscriber {
         // (a duplicate SUBSCRIBE is harmless, and order keeps unsubscribe-then-subscribe right).
         let channels = self.hub.channels();
         for chunk in channels.chunks(RESUBSCRIBE_CHUNK) {
-            let keys: Vec<String> = chunk.iter().map(|(c, _)| self.keys.key(c)).collect();
+            let keys: Vec<String> = chunk.iter().map(|(c, _)| self.history.pubsub_key(c)).collect();
             if let Err(e) = with_timeout(sink.subscribe(keys)).await {
                 return SessionEnd::Lost(format!("resubscribe failed: {e}"));
             }
@@ -287,12 +271,12 @@ impl Subscriber {
     async fn on_command(&self, sink: &mut PubSubSink, cmd: BusCommand) -> Result<(), String> {
         match cmd {
             BusCommand::Subscribe { channel, generation } => {
-                with_timeout(sink.subscribe(self.keys.key(&channel))).await?;
+                with_timeout(sink.subscribe(self.history.pubsub_key(&channel))).await?;
                 debug!(%channel, "subscribed on the bus");
                 self.hub.confirm(&channel, generation);
             }
             BusCommand::Unsubscribe { channel } => {
-                with_timeout(sink.unsubscribe(self.keys.key(&channel))).await?;
+                with_timeout(sink.unsubscribe(self.history.pubsub_key(&channel))).await?;
                 debug!(%channel, "unsubscribed on the bus");
             }
         }
@@ -334,7 +318,7 @@ impl Subscriber {
 
     fn on_message(&self, msg: &redis::Msg) {
         self.metrics.bus_messages.inc();
-        let Some(channel) = self.keys.channel(msg.get_channel_name()) else { return };
+        let Some(channel) = self.history.channel_of(msg.get_channel_name()) else { return };
         match Sequenced::decode(Bytes::copy_from_slice(msg.get_payload_bytes())) {
             Ok(msg) => self.hub.deliver(channel, &msg),
             Err(e) => {
@@ -361,15 +345,6 @@ async fn with_timeout<T>(f: impl Future<Output = redis::RedisResult<T>>) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keys_round_trip_and_ignore_other_prefixes() {
-        let keys = Keys { prefix: "fleet-a".into() };
-        assert_eq!(keys.key("room:1"), "fleet-a:ch:room:1");
-        assert_eq!(keys.channel("fleet-a:ch:room:1"), Some("room:1"));
-        assert_eq!(keys.channel("fleet-b:ch:room:1"), None);
-        assert_eq!(keys.channel("fleet-a:xx:room:1"), None);
-    }
 
     #[test]
     fn an_invalid_url_is_refused_up_front() {

@@ -206,11 +206,6 @@ impl Config {
     pub fn ping_timeout(&self) -> Duration {
         Duration::from_secs(self.ping_timeout)
     }
-
-    /// Settings for tests and embedders: every default, loopback ports chosen by the caller.
-    pub fn for_tests() -> Self {
-        Cli::parse_from(["wsfleet-server", "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]).serve
-    }
 }
 
 fn parse_jwt_secret(s: &str) -> Result<String, String> {

@@ -172,6 +172,11 @@ impl RedisHistory {
         format!("{}:ch:{channel}", self.prefix)
     }
 
+    /// The wsfleet channel of a pub/sub channel name, `None` for another fleet's.
+    pub fn channel_of<'a>(&self, pubsub_key: &'a str) -> Option<&'a str> {
+        pubsub_key.strip_prefix(&*self.prefix)?.strip_prefix(":ch:")
+    }
+
     fn meta_key(&self, channel: &str) -> String {
         format!("{}:meta:{channel}", self.prefix)
     }
@@ -453,6 +458,19 @@ mod tests {
         let r = h.read("c", Some(&Since { epoch: first.to_string(), offset: 1 }));
         assert_eq!(r.recovery, Some(Err(Lost::EpochChanged)));
         assert_eq!(r.head, 0);
+    }
+
+    #[tokio::test]
+    async fn pubsub_keys_round_trip_and_ignore_other_fleets() {
+        let client = redis::Client::open("redis://127.0.0.1:1").unwrap();
+        let config = redis::aio::ConnectionManagerConfig::new();
+        let conn = ConnectionManager::new_lazy_with_config(client, config).unwrap();
+        let h =
+            RedisHistory::new(conn, "fleet-a", HistoryConfig { size: 1, ttl: Duration::from_secs(1), max_replay: 1 });
+        assert_eq!(h.pubsub_key("room:1"), "fleet-a:ch:room:1");
+        assert_eq!(h.channel_of("fleet-a:ch:room:1"), Some("room:1"));
+        assert_eq!(h.channel_of("fleet-b:ch:room:1"), None);
+        assert_eq!(h.channel_of("fleet-a:xx:room:1"), None);
     }
 
     #[test]

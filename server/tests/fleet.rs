@@ -11,12 +11,6 @@ use support::*;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-fn fleet(n: usize, extra: &[&str]) -> (Redis, Vec<Server>) {
-    let redis = Redis::start();
-    let servers = (0..n).map(|_| Server::start(Some(&redis), extra)).collect();
-    (redis, servers)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_published_on_one_server_reaches_every_server_in_protocol_mode() {
     let (_redis, servers) = fleet(3, &[]);

@@ -11,12 +11,6 @@ use support::*;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
-fn fleet(n: usize, extra: &[&str]) -> (Redis, Vec<Server>) {
-    let redis = Redis::start();
-    let servers = (0..n).map(|_| Server::start(Some(&redis), extra)).collect();
-    (redis, servers)
-}
-
 async fn subscribe_since(ws: &mut Ws, channel: &str, since: Option<(&str, u64)>) -> Value {
     let mut op = json!({"op": "subscribe", "channel": channel});
     if let Some((epoch, offset)) = since {

@@ -197,6 +197,13 @@ impl Drop for Server {
     }
 }
 
+/// One real redis-server and `n` servers on it.
+pub fn fleet(n: usize, extra: &[&str]) -> (Redis, Vec<Server>) {
+    let redis = Redis::start();
+    let servers = (0..n).map(|_| Server::start(Some(&redis), extra)).collect();
+    (redis, servers)
+}
+
 pub fn wait_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + TIMEOUT;
     loop {
