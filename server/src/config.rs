@@ -142,9 +142,10 @@ pub struct Config {
     #[arg(long, env = "WSFLEET_JWT_SECRET", hide_env_values = true, value_parser = parse_jwt_secret)]
     pub jwt_secret: Option<String>,
 
-    /// Read buffer per connection, in bytes. Small keeps idle connections cheap; larger messages
-    /// still arrive whole (the buffer grows for them).
-    #[arg(long, env = "WSFLEET_READ_BUFFER_SIZE", default_value_t = 1024,
+    /// Bytes taken from a socket per read. The buffer belongs to the worker thread, not to the
+    /// connection: an idle connection holds no read buffer, and a message larger than this still
+    /// arrives whole.
+    #[arg(long, env = "WSFLEET_READ_BUFFER_SIZE", default_value_t = 16_384,
           value_parser = clap::value_parser!(u32).range(256..=1024 * 1024))]
     pub read_buffer_size: u32,
 

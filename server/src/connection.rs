@@ -1,48 +1,55 @@
 //! One WebSocket client, from its first byte to its last.
 //!
-//! * Handshake: bounded by `--handshake-timeout`; refused with a plain HTTP answer when the
-//!   server is full or draining (503 + Retry-After), the Origin is not allowed (403) or the path
-//!   is neither `/ws` nor `/ws/<channel>` (404).
-//! * Then one task runs two futures side by side: the read loop (client frames -> bus, ops,
-//!   replies) and the write loop (outbox -> socket, in batches, plus keepalive pings). Only the
-//!   write loop writes; everything else pushes into the connection's [`Outbox`].
-//! * The read loop drops a peer that stays silent past `ping interval + ping timeout`. A write
-//!   that blocks while the outbox overflows is abandoned for a 1013 close.
+//! * Upgrade: the request head is read and answered within `--handshake-timeout`; refused with
+//!   a plain HTTP answer when the server is full or draining (503 + Retry-After), the Origin is
+//!   not allowed (403), the path is neither `/ws` nor `/ws/<channel>` (404), the token is missing
+//!   or bad (401) or the request is not a WebSocket upgrade (400, 405, 426, 431).
+//! * Then one task runs two futures side by side on the same socket: the read loop (client
+//!   frames -> bus, ops, replies) and the write loop (outbox -> socket). Only the write loop
+//!   writes; everything else pushes ready-made frames into the connection's [`Outbox`].
+//! * The write loop hands every queued frame to one vectored write: frames are encoded once per
+//!   message (see [`frame`]) and shared by every recipient, so a burst costs one syscall per
+//!   client, not one per message, and nothing is copied per client.
+//! * The read loop reads with the worker thread's buffer and keeps bytes only while a frame is
+//!   incomplete: an idle connection holds no buffer. It drops a peer that stays silent past
+//!   `ping interval + ping timeout`. A write that blocks while the outbox overflows is abandoned
+//!   for a 1013 close.
 //! * On the way out, every subscription is removed from the hub; nothing outlives the task.
 
+use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use bytes::{Buf, Bytes};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError as WsProtocolError};
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::{StatusCode, header};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tracing::{Instrument, debug};
 
 use crate::auth::Auth;
 use crate::bus::{Bus, BusError};
 use crate::config::Config;
 use crate::envelope::Envelope;
+use crate::frame::{self, Frame, FrameError, Incoming};
 use crate::history::Since;
 use crate::hub::{ConnId, Mode};
 use crate::metrics::Metrics;
 use crate::outbox::{CloseReason, Outbox};
 use crate::protocol::{self, ClientOp, ErrorCode, Payload, ProtocolError};
+use crate::upgrade::{self, HeadError};
 
 /// How long a closing connection waits for its close frame to go out and the peer's reply.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `Retry-After` seconds on a 503.
 const RETRY_AFTER_SECS: &str = "5";
+/// Frames handed to one vectored write, at most.
+const MAX_IOV: usize = 64;
+/// Reads from one socket before its queued messages are handled.
+const MAX_READS: usize = 8;
 
 /// What every connection shares.
 pub struct Shared {
@@ -50,7 +57,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub draining: AtomicBool,
     pub connections: Connections,
-    ws_config: WebSocketConfig,
+    max_message: usize,
+    read_buffer: usize,
     allowed_origins: Vec<String>,
     auth: Option<Auth>,
     handshake_timeout: Duration,
@@ -63,12 +71,6 @@ pub struct Shared {
 impl Shared {
     /// Fails on a JWT secret that is too short.
     pub fn new(config: &Config, bus: Bus, metrics: Arc<Metrics>) -> Result<Self, String> {
-        let max = config.max_message_size as usize;
-        let ws_config = WebSocketConfig::default()
-            .read_buffer_size(config.read_buffer_size as usize)
-            .write_buffer_size(0)
-            .max_message_size(Some(max))
-            .max_frame_size(Some(max));
         let auth = config.jwt_secret.as_deref().map(|s| Auth::new(s.as_bytes())).transpose()?;
         Ok(Shared {
             bus,
@@ -76,7 +78,8 @@ impl Shared {
             auth,
             draining: AtomicBool::new(false),
             connections: Connections::default(),
-            ws_config,
+            max_message: config.max_message_size as usize,
+            read_buffer: config.read_buffer_size as usize,
             allowed_origins: config.allowed_origins.clone(),
             handshake_timeout: config.handshake_timeout(),
             ping_interval: config.ping_interval(),
@@ -146,29 +149,23 @@ impl Refusal {
         }
     }
 
-    fn response(self, detail: &str) -> ErrorResponse {
-        let (status, body) = match self {
+    fn response(self, detail: &str) -> Vec<u8> {
+        let retry = [("Retry-After", RETRY_AFTER_SECS)];
+        match self {
             Refusal::Draining => {
-                (StatusCode::SERVICE_UNAVAILABLE, "server is draining; connect to another server\n".to_owned())
+                upgrade::response(503, "Service Unavailable", &retry, "server is draining; connect to another server\n")
             }
             Refusal::Full => {
-                (StatusCode::SERVICE_UNAVAILABLE, "server is at --max-connections; retry later\n".to_owned())
+                upgrade::response(503, "Service Unavailable", &retry, "server is at --max-connections; retry later\n")
             }
-            Refusal::ForbiddenOrigin => (StatusCode::FORBIDDEN, format!("origin {detail:?} is not allowed\n")),
-            Refusal::NotFound => (StatusCode::NOT_FOUND, format!("{detail}\n")),
-            Refusal::Unauthorized => (StatusCode::UNAUTHORIZED, format!("{detail}\n")),
-        };
-        let mut builder = tokio_tungstenite::tungstenite::http::Response::builder()
-            .status(status)
-            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-            .header(header::CONNECTION, "close");
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            builder = builder.header(header::RETRY_AFTER, RETRY_AFTER_SECS);
+            Refusal::ForbiddenOrigin => {
+                upgrade::response(403, "Forbidden", &[], &format!("origin {detail:?} is not allowed\n"))
+            }
+            Refusal::NotFound => upgrade::response(404, "Not Found", &[], &format!("{detail}\n")),
+            Refusal::Unauthorized => {
+                upgrade::response(401, "Unauthorized", &[("WWW-Authenticate", "Bearer")], &format!("{detail}\n"))
+            }
         }
-        if status == StatusCode::UNAUTHORIZED {
-            builder = builder.header(header::WWW_AUTHENTICATE, "Bearer");
-        }
-        builder.body(Some(body)).unwrap_or_else(|_| ErrorResponse::new(None))
     }
 }
 
@@ -222,60 +219,29 @@ pub fn admit(
 
 /// Serves one accepted TCP connection. `permit` is `None` when the server is full, in which case
 /// the client gets its 503 and nothing else.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, mut permit: Option<OwnedSemaphorePermit>) {
+pub async fn serve(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut permit: Option<OwnedSemaphorePermit>,
+) {
     let _ = stream.set_nodelay(true);
-    let mut decision: Option<Result<Route, Refusal>> = None;
-    // The callback's signature is tungstenite's.
-    #[allow(clippy::result_large_err)]
-    let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-        let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
-        let upgrade = UpgradeRequest {
-            path: req.uri().path(),
-            query: req.uri().query(),
-            origin: header(header::ORIGIN),
-            authorization: header(header::AUTHORIZATION),
-        };
-        let verdict = admit(
-            &upgrade,
-            &shared.allowed_origins,
-            shared.auth.as_ref(),
-            shared.draining.load(Ordering::Acquire),
-            permit.is_none(),
-        );
-        match verdict {
-            Ok(route) => {
-                decision = Some(Ok(route));
-                Ok(resp)
-            }
-            Err((refusal, detail)) => {
-                decision = Some(Err(refusal));
-                // Free the slot before the client reads its answer.
-                permit = None;
-                Err(refusal.response(&detail))
-            }
-        }
-    };
-    // Boxed: its state is large and only needed until the upgrade (memory per idle connection).
-    let handshake = Box::pin(tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(shared.ws_config)));
-    let ws = match tokio::time::timeout(shared.handshake_timeout, handshake).await {
+    // Boxed: the request buffer and parse state are only needed until the upgrade (memory per
+    // idle connection).
+    let handshake = Box::pin(handshake(&mut stream, &shared, &mut permit));
+    let (route, leftover) = match tokio::time::timeout(shared.handshake_timeout, handshake).await {
         Err(_) => {
             shared.metrics.upgrade("timeout");
             debug!(%peer, "handshake timed out");
             return;
         }
-        Ok(Err(e)) => {
-            match decision {
-                Some(Err(refusal)) => shared.metrics.upgrade(refusal.metric_label()),
-                _ => {
-                    shared.metrics.upgrade("failed");
-                    debug!(%peer, error = %e, "handshake failed");
-                }
-            }
+        Ok(Err(result)) => {
+            shared.metrics.upgrade(result);
+            debug!(%peer, result, "upgrade refused");
             return;
         }
-        Ok(Ok(ws)) => ws,
+        Ok(Ok(upgraded)) => upgraded,
     };
-    let Some(Ok(route)) = decision else { return };
     shared.metrics.upgrade("accepted");
     shared.metrics.connections.inc();
     let outbox = Arc::new(Outbox::new(shared.client_queue));
@@ -285,11 +251,54 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, mut
         outbox.close(CloseReason::Draining);
     }
     let conn = Connection { id, shared: shared.clone(), outbox, subscriptions: HashSet::new() };
-    conn.run(ws, route).instrument(tracing::debug_span!("conn", id, %peer)).await;
+    conn.run(&stream, leftover, route).instrument(tracing::debug_span!("conn", id, %peer)).await;
     shared.connections.remove(id);
     // Free the slot before the gauge says so, so that anyone who sees the gauge drop can connect.
     drop(permit);
     shared.metrics.connections.dec();
+}
+
+/// Reads the upgrade request, decides, answers. Returns the route and the bytes the client sent
+/// after its request, or the `upgrades_total` result of a refusal.
+async fn handshake(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    permit: &mut Option<OwnedSemaphorePermit>,
+) -> Result<(Route, Vec<u8>), &'static str> {
+    let (head, leftover) = match upgrade::read_head(stream).await {
+        Ok(read) => read,
+        Err(HeadError::Closed) => return Err("failed"),
+        Err(e) => {
+            refuse(stream, e.response().unwrap_or_default()).await;
+            return Err("bad_request");
+        }
+    };
+    let request = UpgradeRequest {
+        path: &head.path,
+        query: head.query.as_deref(),
+        origin: head.origin.as_deref(),
+        authorization: head.authorization.as_deref(),
+    };
+    let draining = shared.draining.load(Ordering::Acquire);
+    match admit(&request, &shared.allowed_origins, shared.auth.as_ref(), draining, permit.is_none()) {
+        Ok(route) => {
+            stream.write_all(&upgrade::switching_protocols(&head.key)).await.map_err(|_| "failed")?;
+            Ok((route, leftover))
+        }
+        Err((refusal, detail)) => {
+            // Free the slot before the client reads its answer.
+            *permit = None;
+            refuse(stream, refusal.response(&detail)).await;
+            Err(refusal.metric_label())
+        }
+    }
+}
+
+/// Sends a refusal and ends the connection, letting the client read the whole answer.
+async fn refuse(stream: &mut TcpStream, answer: Vec<u8>) {
+    if stream.write_all(&answer).await.is_ok() {
+        let _ = stream.shutdown().await;
+    }
 }
 
 struct Connection {
@@ -299,12 +308,12 @@ struct Connection {
     subscriptions: HashSet<String>,
 }
 
-type Sink = SplitSink<WebSocketStream<TcpStream>, Message>;
-type Source = SplitStream<WebSocketStream<TcpStream>>;
+/// How the read loop ended: `None` when the peer is gone and nothing more can be written,
+/// else the close the write side should send.
+type ReadEnd = Option<CloseReason>;
 
 impl Connection {
-    async fn run(mut self, ws: WebSocketStream<TcpStream>, route: Route) {
-        let (sink, source) = ws.split();
+    async fn run(mut self, stream: &TcpStream, leftover: Vec<u8>, route: Route) {
         let mode = match &route {
             Route::Protocol => Mode::Protocol,
             Route::Raw(channel) => {
@@ -324,8 +333,8 @@ impl Connection {
         let outbox = self.outbox.clone();
         let shared = self.shared.clone();
         {
-            let writer = write_loop(sink, &outbox, &shared);
-            let reader = self.read_loop(source, mode, channel.as_deref());
+            let writer = write_loop(stream, &outbox, &shared);
+            let reader = self.read_loop(stream, leftover, mode, channel.as_deref());
             tokio::pin!(writer, reader);
             tokio::select! {
                 _ = &mut writer => {
@@ -346,68 +355,86 @@ impl Connection {
         }
     }
 
-    /// Returns how the write side should finish: `None` when the peer is gone and nothing more
-    /// can be written.
-    async fn read_loop(&mut self, mut source: Source, mode: Mode, raw_channel: Option<&str>) -> Option<CloseReason> {
-        let metrics = self.shared.metrics.clone();
+    async fn read_loop(
+        &mut self,
+        stream: &TcpStream,
+        leftover: Vec<u8>,
+        mode: Mode,
+        raw_channel: Option<&str>,
+    ) -> ReadEnd {
+        let mut reader = frame::Reader::new(self.shared.max_message);
+        let mut incoming = Vec::new();
+        // Set once the socket has nothing more to give; what was read before still counts.
+        let mut end: Option<ReadEnd> = reader.feed(&leftover, &mut incoming).err().map(|e| self.frame_error(e));
+        drop(leftover);
         loop {
-            let msg = match tokio::time::timeout(self.shared.silence_limit, source.next()).await {
+            for msg in std::mem::take(&mut incoming) {
+                if let Some(stop) = self.on_message(msg, mode, raw_channel).await {
+                    return stop;
+                }
+            }
+            if let Some(end) = end {
+                return end;
+            }
+            match tokio::time::timeout(self.shared.silence_limit, stream.readable()).await {
                 Err(_) => {
                     debug!("peer silent past the ping timeout; dropping it");
                     return None;
                 }
-                Ok(None) => return None,
-                Ok(Some(Ok(msg))) => msg,
-                Ok(Some(Err(e))) => return self.read_error(e),
-            };
-            match msg {
-                Message::Text(text) => {
-                    metrics.messages_in.inc();
-                    metrics.bytes_in.inc_by(text.len() as u64);
-                    match (mode, raw_channel) {
-                        (Mode::Raw, Some(channel)) => {
-                            // Raw mode has no error frame: a publish the bus refused ends the
-                            // connection (1013) rather than vanishing silently.
-                            if self.publish(channel, Payload::Text(text.into())).await.is_err() {
-                                return Some(CloseReason::BusUnavailable);
-                            }
-                        }
-                        _ => self.on_protocol_frame(&text).await,
-                    }
-                }
-                Message::Binary(bytes) => {
-                    metrics.messages_in.inc();
-                    metrics.bytes_in.inc_by(bytes.len() as u64);
-                    match (mode, raw_channel) {
-                        (Mode::Raw, Some(channel)) => {
-                            // Raw mode has no error frame: a publish the bus refused ends the
-                            // connection (1013) rather than vanishing silently.
-                            if self.publish(channel, Payload::Binary(bytes)).await.is_err() {
-                                return Some(CloseReason::BusUnavailable);
-                            }
-                        }
-                        _ => self.reply_error(&ProtocolError::new(
-                            ErrorCode::BinaryNotSupported,
-                            "protocol mode takes JSON text frames; use /ws/<channel> for binary payloads",
-                        )),
-                    }
-                }
-                Message::Close(_) => return Some(CloseReason::PeerClosed),
-                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                Ok(Err(_)) => return None,
+                Ok(Ok(())) => {}
             }
+            end = match read_available(stream, self.shared.read_buffer, &mut reader, &mut incoming) {
+                Ok(true) => None,
+                Ok(false) => Some(None),
+                Err(e) => Some(self.frame_error(e)),
+            };
         }
     }
 
-    fn read_error(&self, e: WsError) -> Option<CloseReason> {
-        let (reason, code) = match &e {
-            WsError::Capacity(CapacityError::MessageTooLong { .. }) => (CloseReason::TooLarge, "message_too_large"),
-            WsError::Utf8(_) => (CloseReason::InvalidUtf8, "invalid_utf8"),
-            WsError::Protocol(WsProtocolError::ResetWithoutClosingHandshake) => return None,
-            WsError::Protocol(_) | WsError::Capacity(_) => (CloseReason::ProtocolViolation, "protocol_violation"),
-            _ => {
-                debug!(error = %e, "read failed");
+    /// Handles one client message; `Some` ends the read loop.
+    async fn on_message(&mut self, msg: Incoming, mode: Mode, raw_channel: Option<&str>) -> Option<ReadEnd> {
+        let metrics = &self.shared.metrics;
+        let payload = match msg {
+            Incoming::Text(text) => Payload::Text(text),
+            Incoming::Binary(bytes) => Payload::Binary(bytes),
+            Incoming::Ping(data) => {
+                self.push(frame::pong(&data));
                 return None;
             }
+            Incoming::Pong => return None,
+            Incoming::Close(code) => return Some(Some(CloseReason::PeerClosed(code))),
+        };
+        let len = match &payload {
+            Payload::Text(b) | Payload::Binary(b) | Payload::Json(b) => b.len() as u64,
+        };
+        metrics.messages_in.inc();
+        metrics.bytes_in.inc_by(len);
+        match (mode, raw_channel, payload) {
+            (Mode::Raw, Some(channel), payload) => {
+                // Raw mode has no error frame: a publish the bus refused ends the connection
+                // (1013) rather than vanishing silently.
+                if self.publish(channel, payload).await.is_err() {
+                    return Some(Some(CloseReason::BusUnavailable));
+                }
+            }
+            (_, _, Payload::Text(text)) => match std::str::from_utf8(&text) {
+                Ok(text) => self.on_protocol_frame(text).await,
+                Err(_) => return Some(self.frame_error(FrameError::InvalidUtf8)),
+            },
+            _ => self.reply_error(&ProtocolError::new(
+                ErrorCode::BinaryNotSupported,
+                "protocol mode takes JSON text frames; use /ws/<channel> for binary payloads",
+            )),
+        }
+        None
+    }
+
+    fn frame_error(&self, e: FrameError) -> ReadEnd {
+        let (reason, code) = match &e {
+            FrameError::TooLarge { .. } => (CloseReason::TooLarge, "message_too_large"),
+            FrameError::InvalidUtf8 => (CloseReason::InvalidUtf8, "invalid_utf8"),
+            FrameError::Protocol(_) => (CloseReason::ProtocolViolation, "protocol_violation"),
         };
         debug!(error = %e, "closing on a bad frame");
         self.shared.metrics.protocol_error(code);
@@ -479,7 +506,8 @@ impl Connection {
                 return Err(e);
             }
         };
-        let first = (mode == Mode::Protocol).then(|| Message::text(protocol::subscribed_frame(channel, &replay)));
+        let first =
+            (mode == Mode::Protocol).then(|| frame::text(protocol::subscribed_frame(channel, &replay).as_bytes()));
         hub.open_gate(channel, self.id, first, &replay.entries, (replay.epoch.clone(), replay.head));
         Ok(())
     }
@@ -495,8 +523,12 @@ impl Connection {
         r
     }
 
-    fn reply(&self, frame: String) {
-        if self.outbox.push(Message::Text(Utf8Bytes::from(frame))) == crate::outbox::Push::Overflow {
+    fn reply(&self, text: String) {
+        self.push(frame::text(text.as_bytes()));
+    }
+
+    fn push(&self, frame: Frame) {
+        if self.outbox.push(frame) == crate::outbox::Push::Overflow {
             self.shared.metrics.slow_client_closes.inc();
         }
     }
@@ -507,9 +539,36 @@ impl Connection {
     }
 }
 
-/// Writes queued frames in batches (one flush per batch) and pings on a timer. Returns once the
-/// connection's close frame is out, or the socket failed.
-async fn write_loop(mut sink: Sink, outbox: &Outbox, shared: &Shared) {
+/// Reads what the socket has (a bounded number of reads, with the worker thread's buffer) and
+/// feeds it to `reader`. `Ok(false)`: the peer closed or reset the connection.
+fn read_available(
+    stream: &TcpStream,
+    size: usize,
+    reader: &mut frame::Reader,
+    out: &mut Vec<Incoming>,
+) -> Result<bool, FrameError> {
+    thread_local! {
+        static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    }
+    BUFFER.with(|buffer| {
+        let mut buffer = buffer.borrow_mut();
+        buffer.resize(size, 0);
+        for _ in 0..MAX_READS {
+            match stream.try_read(&mut buffer) {
+                Ok(0) => return Ok(false),
+                Ok(n) => reader.feed(&buffer[..n], out)?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Ok(false),
+            }
+        }
+        Ok(true)
+    })
+}
+
+/// Writes queued frames (one vectored write per batch) and queues a keepalive ping on a timer.
+/// Returns once the connection's close frame is out, or the socket failed.
+async fn write_loop(stream: &TcpStream, outbox: &Outbox, shared: &Shared) {
     let mut batch = VecDeque::new();
     let period = shared.ping_interval;
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -518,31 +577,28 @@ async fn write_loop(mut sink: Sink, outbox: &Outbox, shared: &Shared) {
         let close = tokio::select! {
             close = outbox.next_batch(&mut batch) => close,
             _ = ping.tick() => {
-                // A peer that stopped reading must not hold the write loop here: give up on the
-                // ping when the client is marked slow or the ping cannot go out in time.
-                let ping = tokio::time::timeout(shared.silence_limit, sink.send(Message::Ping(Bytes::new())));
-                tokio::select! {
-                    r = ping => if !matches!(r, Ok(Ok(()))) { return },
-                    _ = outbox.slow() => return finish(&mut sink, CloseReason::Slow).await,
+                // Queued like any frame: a peer that stopped reading overflows its queue and is
+                // closed as slow, or falls silent and is dropped by the read loop.
+                if outbox.push(frame::ping()) == crate::outbox::Push::Overflow {
+                    shared.metrics.slow_client_closes.inc();
                 }
                 continue;
             }
         };
         if let Some(reason) = close {
-            return finish(&mut sink, reason).await;
+            return finish(stream, reason).await;
         }
-        let (frames, bytes) = (batch.len() as u64, batch.iter().map(|m| m.len() as u64).sum::<u64>());
-        let write = async {
-            while let Some(msg) = batch.pop_front() {
-                sink.feed(msg).await?;
-            }
-            sink.flush().await
-        };
+        let (frames, bytes) = (batch.len() as u64, batch.iter().map(|f| f.len() as u64).sum::<u64>());
+        let mut mid_frame = false;
         tokio::select! {
-            r = write => if r.is_err() { return },
+            r = write_frames(stream, &mut batch, &mut mid_frame) => if r.is_err() { return },
             _ = outbox.slow() => {
-                batch.clear();
-                return finish(&mut sink, CloseReason::Slow).await;
+                // Finish the frame under way (a close frame cannot follow half a frame), drop
+                // the rest, then close.
+                batch.truncate(usize::from(mid_frame));
+                batch.push_back(CloseReason::Slow.frame());
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, write_frames(stream, &mut batch, &mut mid_frame)).await;
+                return;
             }
         }
         shared.metrics.messages_out.inc_by(frames);
@@ -555,14 +611,44 @@ async fn write_loop(mut sink: Sink, outbox: &Outbox, shared: &Shared) {
     }
 }
 
-async fn finish(sink: &mut Sink, reason: CloseReason) {
-    let close = async {
-        match reason.frame() {
-            Some(frame) => sink.send(Message::Close(Some(frame))).await,
-            None => sink.close().await,
+/// Writes every frame of `frames`, as many per syscall as the kernel takes. `mid_frame` tells
+/// whether the socket has seen only part of the front frame.
+async fn write_frames(stream: &TcpStream, frames: &mut VecDeque<Frame>, mid_frame: &mut bool) -> io::Result<()> {
+    while !frames.is_empty() {
+        stream.writable().await?;
+        let result = {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let n = frames.len().min(MAX_IOV);
+            for (slice, frame) in slices.iter_mut().zip(frames.iter()) {
+                *slice = IoSlice::new(frame);
+            }
+            stream.try_write_vectored(&slices[..n])
+        };
+        let mut written = match result {
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
+            Err(e) => return Err(e),
+        };
+        while written > 0 {
+            let Some(front) = frames.front_mut() else { break };
+            if written >= front.len() {
+                written -= front.len();
+                frames.pop_front();
+                *mid_frame = false;
+            } else {
+                front.advance(written);
+                written = 0;
+                *mid_frame = true;
+            }
         }
-    };
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
+    }
+    Ok(())
+}
+
+/// Sends the close frame of `reason`, bounded by [`CLOSE_TIMEOUT`].
+async fn finish(stream: &TcpStream, reason: CloseReason) {
+    let mut close = VecDeque::from([reason.frame()]);
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, write_frames(stream, &mut close, &mut false)).await;
 }
 
 #[cfg(test)]
@@ -607,11 +693,11 @@ mod tests {
 
     #[test]
     fn refusal_responses_carry_retry_after_on_503() {
-        let r = Refusal::Full.response("");
-        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(r.headers()[header::RETRY_AFTER], RETRY_AFTER_SECS);
-        let r = Refusal::ForbiddenOrigin.response("https://evil.example");
-        assert_eq!(r.status(), StatusCode::FORBIDDEN);
-        assert!(r.body().as_deref().unwrap_or_default().contains("evil.example"));
+        let r = String::from_utf8(Refusal::Full.response("")).unwrap();
+        assert!(r.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{r}");
+        assert!(r.contains("\r\nRetry-After: 5\r\n"), "{r}");
+        let r = String::from_utf8(Refusal::ForbiddenOrigin.response("https://evil.example")).unwrap();
+        assert!(r.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{r}");
+        assert!(r.ends_with("origin \"https://evil.example\" is not allowed\n"), "{r}");
     }
 }

@@ -23,10 +23,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::envelope::{Sequenced, now_micros};
+use crate::frame::{self, Frame};
 use crate::metrics::Metrics;
 use crate::outbox::{CloseReason, Outbox, Push};
 use crate::protocol::{self, RawFrame};
@@ -63,7 +62,7 @@ struct Subscriber {
     /// predate it).
     skip_through: Option<Position>,
     /// While gated: live messages held back until the replay is queued.
-    held: Option<Vec<(Position, Message)>>,
+    held: Option<Vec<(Position, Frame)>>,
 }
 
 #[derive(Default)]
@@ -159,7 +158,7 @@ impl Hub {
     /// Ends a subscriber's gate: queues `first` (the reply), then `replay`, then the messages
     /// held meanwhile that come after `head`; later messages at or before `head` are skipped.
     /// Also gives the channel its starting cursor, so a bus reconnect knows where to refill from.
-    pub fn open_gate(&self, channel: &str, conn: ConnId, first: Option<Message>, replay: &[Sequenced], head: Position) {
+    pub fn open_gate(&self, channel: &str, conn: ConnId, first: Option<Frame>, replay: &[Sequenced], head: Position) {
         let Some(entry) = read(&self.channels).get(channel).cloned() else { return };
         let mut state = lock(&entry.state);
         if state.cursor.is_none() {
@@ -238,7 +237,7 @@ impl Hub {
         state.cursor = Some(pos.clone());
         let latency = now_micros().saturating_sub(msg.envelope.published_at_micros);
         self.metrics.deliver_latency.observe(latency as f64 / 1e6);
-        let mut rendered: [Option<Message>; 2] = [None, None];
+        let mut rendered: [Option<Frame>; 2] = [None, None];
         let mut slow = 0;
         for sub in state.subscribers.values_mut() {
             if sub.skip_through.as_ref().is_some_and(|skip| at_or_before(&pos, skip)) {
@@ -273,14 +272,16 @@ fn at_or_before(a: &Position, b: &Position) -> bool {
 }
 
 /// The frame a subscriber of `mode` receives for `msg`.
-fn render(channel: &str, mode: Mode, msg: &Sequenced) -> Message {
+fn render(channel: &str, mode: Mode, msg: &Sequenced) -> Frame {
     match mode {
         Mode::Raw => match protocol::encode_raw(&msg.envelope.payload) {
-            RawFrame::Text(b) => Message::Text(Utf8Bytes::try_from(b).unwrap_or_default()),
-            RawFrame::Binary(b) => Message::Binary(b),
+            // Text from the bus is checked once here: a text frame must be UTF-8.
+            RawFrame::Text(b) if std::str::from_utf8(&b).is_ok() => frame::text(&b),
+            RawFrame::Text(b) => frame::binary(&b),
+            RawFrame::Binary(b) => frame::binary(&b),
         },
         Mode::Protocol => {
-            Message::text(protocol::encode_message(channel, &msg.epoch, msg.offset, &msg.envelope.payload))
+            frame::text(protocol::encode_message(channel, &msg.epoch, msg.offset, &msg.envelope.payload).as_bytes())
         }
     }
 }
@@ -314,16 +315,20 @@ mod tests {
         }
     }
 
-    async fn drain(o: &Outbox) -> Vec<Message> {
+    async fn drain(o: &Outbox) -> Vec<Frame> {
         let mut batch = VecDeque::new();
         o.next_batch(&mut batch).await;
         batch.into()
     }
 
-    fn offsets(frames: &[Message]) -> Vec<u64> {
+    fn payload(f: &Frame) -> &str {
+        std::str::from_utf8(frame::decode_server_frame(f).unwrap().1).unwrap()
+    }
+
+    fn offsets(frames: &[Frame]) -> Vec<u64> {
         frames
             .iter()
-            .filter_map(|m| serde_json::from_str::<serde_json::Value>(m.to_text().unwrap()).ok()?["offset"].as_u64())
+            .filter_map(|f| serde_json::from_str::<serde_json::Value>(payload(f)).ok()?["offset"].as_u64())
             .collect()
     }
 
@@ -336,11 +341,10 @@ mod tests {
         hub.subscribe("room", 3, c.clone(), Mode::Raw, false).await.unwrap();
         hub.deliver("room", &seq("e", 1, "hi"));
         let (ma, mb, mc) = (drain(&a).await, drain(&b).await, drain(&c).await);
-        assert_eq!(ma[0], Message::text(r#"{"type":"message","channel":"room","epoch":"e","offset":1,"data":"hi"}"#));
-        assert_eq!(mc[0], Message::text("hi"));
+        assert_eq!(payload(&ma[0]), r#"{"type":"message","channel":"room","epoch":"e","offset":1,"data":"hi"}"#);
+        assert_eq!(payload(&mc[0]), "hi");
         // Same allocation, not just equal bytes.
-        let (Message::Text(x), Message::Text(y)) = (&ma[0], &mb[0]) else { panic!() };
-        assert_eq!(x.as_str().as_ptr(), y.as_str().as_ptr());
+        assert_eq!(ma[0].as_ptr(), mb[0].as_ptr());
     }
 
     #[tokio::test]
@@ -379,10 +383,10 @@ mod tests {
             hub.deliver("c", &seq("e", off, "live"));
         }
         let replay: Vec<_> = (3..=5).map(|o| seq("e", o, "replayed")).collect();
-        hub.open_gate("c", 1, Some(Message::text("subscribed")), &replay, (Arc::from("e"), 5));
+        hub.open_gate("c", 1, Some(frame::text(b"subscribed")), &replay, (Arc::from("e"), 5));
         hub.deliver("c", &seq("e", 8, "live"));
         let frames = drain(&o).await;
-        assert_eq!(frames[0], Message::text("subscribed"));
+        assert_eq!(payload(&frames[0]), "subscribed");
         assert_eq!(offsets(&frames), [3, 4, 5, 6, 7, 8]);
     }
 

@@ -12,11 +12,13 @@
 //! | [`protocol`] | pure: channel names, the JSON frames of protocol mode, error codes |
 //! | [`envelope`] | pure: how a published message travels on the bus |
 //! | [`history`] | per-channel offsets, epochs and history (Redis scripts, or in-process) |
+//! | [`frame`] | the WebSocket wire format: frames encoded once, a client's messages reassembled |
+//! | [`upgrade`] | the HTTP upgrade request and its answers |
 //! | [`outbox`] | one client's bounded outbound queue; where slow clients are caught |
 //! | [`hub`] | channel -> local subscribers; encodes each message once and fans it out |
 //! | [`bus`] | Redis pub/sub or in-process; subscribe on demand, reconnect, health |
 //! | [`auth`] | optional JWT check at the handshake |
-//! | [`connection`] | one WebSocket client: handshake checks, read loop, write loop, keepalive |
+//! | [`connection`] | one WebSocket client: admission, read loop, write loop, keepalive |
 //! | [`presence`] | heartbeats of each server's connection count; the fleet total |
 //! | [`tune`] | the node-tuning subcommand: allow-listed sysctls, written and reported |
 //! | [`server`] | accept loop, connection limits, drain on shutdown |
@@ -31,6 +33,7 @@ pub mod bus;
 pub mod config;
 pub mod connection;
 pub mod envelope;
+pub mod frame;
 pub mod history;
 pub mod http;
 pub mod hub;
@@ -40,3 +43,4 @@ pub mod presence;
 pub mod protocol;
 pub mod server;
 pub mod tune;
+pub mod upgrade;

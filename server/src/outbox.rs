@@ -12,9 +12,8 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use tokio::sync::Notify;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::frame::{self, Frame};
 
 /// Why a connection ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,24 +30,29 @@ pub enum CloseReason {
     ProtocolViolation,
     /// The bus could not take the raw-mode subscription: 1013 with its own reason.
     BusUnavailable,
-    /// The peer sent a close frame; only the reply remains to be flushed.
-    PeerClosed,
+    /// The peer sent a close frame (with this code); only the reply remains to be flushed.
+    PeerClosed(Option<u16>),
 }
 
 impl CloseReason {
-    /// The close frame the server sends, `None` when it only answers the peer's close.
-    pub fn frame(self) -> Option<CloseFrame> {
+    /// The close frame the server sends: its own code and reason, or the echo of the peer's.
+    pub fn frame(self) -> Frame {
         let (code, reason) = match self {
-            CloseReason::Slow => (CloseCode::Again, "client too slow"),
-            CloseReason::Draining => (CloseCode::Restart, "server draining"),
-            CloseReason::TooLarge => (CloseCode::Size, "message too large"),
-            CloseReason::InvalidUtf8 => (CloseCode::Invalid, "text frame is not valid UTF-8"),
-            CloseReason::ProtocolViolation => (CloseCode::Protocol, "protocol violation"),
-            CloseReason::BusUnavailable => (CloseCode::Again, "message bus unavailable"),
-            CloseReason::PeerClosed => return None,
+            CloseReason::Slow => (1013, "client too slow"),
+            CloseReason::Draining => (1012, "server draining"),
+            CloseReason::TooLarge => (1009, "message too large"),
+            CloseReason::InvalidUtf8 => (1007, "text frame is not valid UTF-8"),
+            CloseReason::ProtocolViolation => (1002, "protocol violation"),
+            CloseReason::BusUnavailable => (1013, "message bus unavailable"),
+            CloseReason::PeerClosed(code) => return frame::close(code.filter(|c| is_sendable(*c)), ""),
         };
-        Some(CloseFrame { code, reason: reason.into() })
+        frame::close(Some(code), reason)
     }
+}
+
+/// Codes that may appear in a close frame on the wire (RFC 6455 section 7.4).
+fn is_sendable(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -62,7 +66,7 @@ pub enum Push {
 
 #[derive(Default)]
 struct State {
-    queue: VecDeque<Message>,
+    queue: VecDeque<Frame>,
     close: Option<CloseReason>,
 }
 
@@ -77,7 +81,7 @@ impl Outbox {
         Outbox { state: Mutex::new(State::default()), notify: Notify::new(), limit }
     }
 
-    pub fn push(&self, msg: Message) -> Push {
+    pub fn push(&self, msg: Frame) -> Push {
         let mut state = self.lock();
         if state.close.is_some() {
             return Push::Closed;
@@ -126,7 +130,7 @@ impl Outbox {
 
     /// Moves every queued frame into `batch` (which must be empty), waiting until there is at
     /// least one or a close was asked for. Returns the close reason once the queue is empty.
-    pub async fn next_batch(&self, batch: &mut VecDeque<Message>) -> Option<CloseReason> {
+    pub async fn next_batch(&self, batch: &mut VecDeque<Frame>) -> Option<CloseReason> {
         loop {
             {
                 let mut state = self.lock();
@@ -152,8 +156,8 @@ impl Outbox {
 mod tests {
     use super::*;
 
-    fn text(s: &str) -> Message {
-        Message::text(s)
+    fn text(s: &str) -> Frame {
+        frame::text(s.as_bytes())
     }
 
     #[tokio::test]

@@ -138,6 +138,49 @@ async fn invalid_utf8_in_a_text_frame_is_closed_with_1007() {
     bystander_still_served(&server, &mut bystander).await;
 }
 
+/// Sends `request` as is and returns everything the server answers before hanging up.
+async fn http_answer(server: &Server, request: &str) -> String {
+    let mut s = TcpStream::connect(server.ws).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(TIMEOUT, s.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_are_not_upgrades_get_a_clear_http_answer_and_pipelined_frames_count() {
+    let server = Server::start(None, &[]);
+    let good = upgrade_request("/ws", "");
+    let cases = [
+        (good.replacen("GET", "POST", 1), "HTTP/1.1 405", "takes GET"),
+        (good.replace("Version: 13", "Version: 8"), "HTTP/1.1 426", "Sec-WebSocket-Version: 13"),
+        (good.replace("Upgrade: websocket\r\n", ""), "HTTP/1.1 400", "Upgrade: websocket"),
+        ("GET /ws HTTP/1.1\r\nHost: x\r\n\r\n".to_owned(), "HTTP/1.1 400", "WebSocket endpoint"),
+        (format!("GET /ws HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(9000)), "HTTP/1.1 431", "larger than"),
+    ];
+    for (request, status, mentions) in cases {
+        let answer = http_answer(&server, &request).await;
+        assert!(answer.starts_with(status), "{answer}");
+        assert!(answer.contains(mentions), "{mentions:?} not in {answer}");
+    }
+    // Frames sent right behind the request head, before the 101 arrived, are not lost.
+    let mut s = TcpStream::connect(server.ws).await.unwrap();
+    let mut wire = good.into_bytes();
+    wire.extend(client_frame(0x1, br#"{"op":"subscribe","channel":"eager"}"#));
+    s.write_all(&wire).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let mut got = Vec::new();
+    let read = async {
+        while !String::from_utf8_lossy(&got).contains(r#""type":"subscribed""#) {
+            let n = s.read(&mut answer).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&answer[..n]);
+        }
+    };
+    tokio::time::timeout(TIMEOUT, read).await.expect("no subscribed reply to a pipelined frame");
+    assert_eq!(server.metric("wsfleet_upgrades_total{result=\"bad_request\"}"), 5.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handshake_that_never_completes_is_cut_off() {
     let server = Server::start(None, &["--handshake-timeout", "1"]);
