@@ -28,7 +28,7 @@ use bytes::{Buf, Bytes};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tracing::{Instrument, debug};
+use tracing::debug;
 
 use crate::auth::Auth;
 use crate::bus::{Bus, BusError};
@@ -251,7 +251,10 @@ pub async fn serve(
         outbox.close(CloseReason::Draining);
     }
     let conn = Connection { id, shared: shared.clone(), outbox, subscriptions: HashSet::new() };
-    conn.run(&stream, leftover, route).instrument(tracing::debug_span!("conn", id, %peer)).await;
+    // No tracing span around the connection: even disabled, it would double the size of every
+    // connection's task. Its log lines carry `conn` instead.
+    debug!(conn = id, %peer, "upgraded");
+    conn.run(&stream, leftover, route).await;
     shared.connections.remove(id);
     // Free the slot before the gauge says so, so that anyone who sees the gauge drop can connect.
     drop(permit);
@@ -332,19 +335,20 @@ impl Connection {
         };
         let outbox = self.outbox.clone();
         let shared = self.shared.clone();
+        let heard = Heard::new();
         {
-            let writer = write_loop(stream, &outbox, &shared);
-            let reader = self.read_loop(stream, leftover, mode, channel.as_deref());
+            let writer = write_loop(stream, &outbox, &shared, &heard);
+            let reader = self.read_loop(stream, leftover, mode, channel.as_deref(), &heard);
             tokio::pin!(writer, reader);
             tokio::select! {
-                _ = &mut writer => {
-                    // The close frame is out (or the socket is gone): wait briefly for the peer's reply.
-                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut reader).await;
-                }
+                close_sent = &mut writer => if close_sent {
+                    // Wait briefly for the peer's reply (boxed: only closing connections need it).
+                    let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, &mut reader)).await;
+                },
                 end = &mut reader => {
                     if let Some(reason) = end {
                         outbox.close(reason);
-                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, &mut writer).await;
+                        let _ = Box::pin(tokio::time::timeout(CLOSE_TIMEOUT, &mut writer)).await;
                     }
                 }
             }
@@ -361,6 +365,7 @@ impl Connection {
         leftover: Vec<u8>,
         mode: Mode,
         raw_channel: Option<&str>,
+        heard: &Heard,
     ) -> ReadEnd {
         let mut reader = frame::Reader::new(self.shared.max_message);
         let mut incoming = Vec::new();
@@ -368,28 +373,42 @@ impl Connection {
         let mut end: Option<ReadEnd> = reader.feed(&leftover, &mut incoming).err().map(|e| self.frame_error(e));
         drop(leftover);
         loop {
-            for msg in std::mem::take(&mut incoming) {
-                if let Some(stop) = self.on_message(msg, mode, raw_channel).await {
+            if !incoming.is_empty() {
+                // Boxed: handling messages (publishes, subscribes) needs far more state than
+                // waiting does, and an idle connection should only pay for waiting.
+                let batch = std::mem::take(&mut incoming);
+                if let Some(stop) = Box::pin(self.on_messages(batch, mode, raw_channel)).await {
                     return stop;
                 }
             }
             if let Some(end) = end {
                 return end;
             }
-            match tokio::time::timeout(self.shared.silence_limit, stream.readable()).await {
-                Err(_) => {
-                    debug!("peer silent past the ping timeout; dropping it");
-                    return None;
-                }
-                Ok(Err(_)) => return None,
-                Ok(Ok(())) => {}
+            // Silence is the write loop's job (it owns the connection's one timer). `poll_fn`
+            // rather than `readable()`: one task reads this socket, so its waker slot is enough
+            // and the wait stores nothing.
+            if std::future::poll_fn(|cx| stream.poll_read_ready(cx)).await.is_err() {
+                return None;
             }
             end = match read_available(stream, self.shared.read_buffer, &mut reader, &mut incoming) {
-                Ok(true) => None,
+                Ok(true) => {
+                    heard.now();
+                    None
+                }
                 Ok(false) => Some(None),
                 Err(e) => Some(self.frame_error(e)),
             };
         }
+    }
+
+    /// Handles a batch of client messages in order; `Some` ends the read loop.
+    async fn on_messages(&mut self, batch: Vec<Incoming>, mode: Mode, raw_channel: Option<&str>) -> Option<ReadEnd> {
+        for msg in batch {
+            if let Some(stop) = self.on_message(msg, mode, raw_channel).await {
+                return Some(stop);
+            }
+        }
+        None
     }
 
     /// Handles one client message; `Some` ends the read loop.
@@ -436,7 +455,7 @@ impl Connection {
             FrameError::InvalidUtf8 => (CloseReason::InvalidUtf8, "invalid_utf8"),
             FrameError::Protocol(_) => (CloseReason::ProtocolViolation, "protocol_violation"),
         };
-        debug!(error = %e, "closing on a bad frame");
+        debug!(conn = self.id, error = %e, "closing on a bad frame");
         self.shared.metrics.protocol_error(code);
         Some(reason)
     }
@@ -518,7 +537,7 @@ impl Connection {
         let r = Box::pin(self.shared.bus.publish(channel, Envelope::new(payload))).await;
         if let Err(e) = &r {
             self.shared.metrics.publish_failures.inc();
-            debug!(%channel, error = %e, "publish failed");
+            debug!(conn = self.id, %channel, error = %e, "publish failed");
         }
         r
     }
@@ -566,56 +585,120 @@ fn read_available(
     })
 }
 
-/// Writes queued frames (one vectored write per batch) and queues a keepalive ping on a timer.
-/// Returns once the connection's close frame is out, or the socket failed.
-async fn write_loop(stream: &TcpStream, outbox: &Outbox, shared: &Shared) {
+/// When the peer was last heard from, for the write loop's silence check.
+struct Heard {
+    since: tokio::time::Instant,
+    millis: AtomicU64,
+}
+
+impl Heard {
+    fn new() -> Self {
+        Heard { since: tokio::time::Instant::now(), millis: AtomicU64::new(0) }
+    }
+    fn now(&self) {
+        self.millis.store(self.since.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    /// When the peer counts as gone if nothing more is heard.
+    fn deadline(&self, limit: Duration) -> tokio::time::Instant {
+        self.since + Duration::from_millis(self.millis.load(Ordering::Relaxed)) + limit
+    }
+}
+
+/// Writes queued frames (one vectored write per batch), queues a keepalive ping every
+/// `--ping-interval`, and drops a peer silent past `ping interval + ping timeout`, all on one
+/// timer. Returns whether a close frame went out (then the peer's answer is worth waiting for).
+async fn write_loop(stream: &TcpStream, outbox: &Outbox, shared: &Shared, heard: &Heard) -> bool {
     let mut batch = VecDeque::new();
-    let period = shared.ping_interval;
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_ping = tokio::time::Instant::now() + shared.ping_interval;
+    let timer = tokio::time::sleep_until(next_ping);
+    tokio::pin!(timer);
     loop {
         let close = tokio::select! {
             close = outbox.next_batch(&mut batch) => close,
-            _ = ping.tick() => {
-                // Queued like any frame: a peer that stopped reading overflows its queue and is
-                // closed as slow, or falls silent and is dropped by the read loop.
-                if outbox.push(frame::ping()) == crate::outbox::Push::Overflow {
-                    shared.metrics.slow_client_closes.inc();
+            _ = &mut timer => {
+                let now = tokio::time::Instant::now();
+                let silent_at = heard.deadline(shared.silence_limit);
+                if now >= silent_at {
+                    debug!("peer silent past the ping timeout; dropping it");
+                    return false;
                 }
+                if now >= next_ping {
+                    // Queued like any frame: a peer that stopped reading overflows its queue and
+                    // is closed as slow, or falls silent and is dropped here.
+                    if outbox.push(frame::ping()) == crate::outbox::Push::Overflow {
+                        shared.metrics.slow_client_closes.inc();
+                    }
+                    next_ping = now + shared.ping_interval;
+                }
+                timer.as_mut().reset(next_ping.min(silent_at));
                 continue;
             }
         };
         if let Some(reason) = close {
-            return finish(stream, reason).await;
+            Box::pin(finish(stream, reason)).await;
+            return true;
         }
         let (frames, bytes) = (batch.len() as u64, batch.iter().map(|f| f.len() as u64).sum::<u64>());
-        let mut mid_frame = false;
-        tokio::select! {
-            r = write_frames(stream, &mut batch, &mut mid_frame) => if r.is_err() { return },
-            _ = outbox.slow() => {
-                // Finish the frame under way (a close frame cannot follow half a frame), drop
-                // the rest, then close.
-                batch.truncate(usize::from(mid_frame));
-                batch.push_back(CloseReason::Slow.frame());
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, write_frames(stream, &mut batch, &mut mid_frame)).await;
-                return;
+        // Boxed, like everything a connection only needs while it writes.
+        match Box::pin(write_batch(stream, &mut batch, outbox, heard, shared.silence_limit)).await {
+            Some(writes) => {
+                shared.metrics.socket_writes.inc_by(writes);
+                shared.metrics.messages_out.inc_by(frames);
+                shared.metrics.bytes_out.inc_by(bytes);
             }
+            None => return false,
         }
-        shared.metrics.messages_out.inc_by(frames);
-        shared.metrics.bytes_out.inc_by(bytes);
-        // The batch's buffer goes back to the outbox on the next swap; after a burst, let an idle
-        // connection shrink back to nothing rather than keep its peak.
-        if batch.capacity() > 64 {
-            batch = VecDeque::new();
-        }
+        // Give the buffer back: the outbox gets an unallocated queue on the next swap, so a
+        // connection between bursts holds no queue memory (one allocation per batch instead).
+        batch = VecDeque::new();
     }
 }
 
-/// Writes every frame of `frames`, as many per syscall as the kernel takes. `mid_frame` tells
-/// whether the socket has seen only part of the front frame.
-async fn write_frames(stream: &TcpStream, frames: &mut VecDeque<Frame>, mid_frame: &mut bool) -> io::Result<()> {
+/// Writes one batch; returns the number of write syscalls. `None`: the connection is over (the
+/// socket failed, the peer fell silent while the write was blocked, or the client turned out
+/// too slow and got its 1013).
+async fn write_batch(
+    stream: &TcpStream,
+    batch: &mut VecDeque<Frame>,
+    outbox: &Outbox,
+    heard: &Heard,
+    silence_limit: Duration,
+) -> Option<u64> {
+    let mut mid_frame = false;
+    {
+        let write = write_frames(stream, batch, &mut mid_frame);
+        let silence = tokio::time::sleep_until(heard.deadline(silence_limit));
+        tokio::pin!(write, silence);
+        loop {
+            tokio::select! {
+                r = &mut write => return r.ok(),
+                _ = outbox.slow() => break,
+                _ = &mut silence => {
+                    let silent_at = heard.deadline(silence_limit);
+                    if tokio::time::Instant::now() >= silent_at {
+                        debug!("peer silent past the ping timeout while a write waited; dropping it");
+                        return None;
+                    }
+                    silence.as_mut().reset(silent_at);
+                }
+            }
+        }
+    }
+    // Too slow: finish the frame under way (a close frame cannot follow half a frame), drop
+    // the rest, then close.
+    batch.truncate(usize::from(mid_frame));
+    batch.push_back(CloseReason::Slow.frame());
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, write_frames(stream, batch, &mut mid_frame)).await;
+    None
+}
+
+/// Writes every frame of `frames`, as many per syscall as the kernel takes; returns the number
+/// of syscalls that wrote. `mid_frame` tells whether the socket has seen only part of the front
+/// frame.
+async fn write_frames(stream: &TcpStream, frames: &mut VecDeque<Frame>, mid_frame: &mut bool) -> io::Result<u64> {
+    let mut writes = 0;
     while !frames.is_empty() {
-        stream.writable().await?;
+        std::future::poll_fn(|cx| stream.poll_write_ready(cx)).await?;
         let result = {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
             let n = frames.len().min(MAX_IOV);
@@ -625,7 +708,10 @@ async fn write_frames(stream: &TcpStream, frames: &mut VecDeque<Frame>, mid_fram
             stream.try_write_vectored(&slices[..n])
         };
         let mut written = match result {
-            Ok(n) => n,
+            Ok(n) => {
+                writes += 1;
+                n
+            }
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
             Err(e) => return Err(e),
         };
@@ -642,7 +728,7 @@ async fn write_frames(stream: &TcpStream, frames: &mut VecDeque<Frame>, mid_fram
             }
         }
     }
-    Ok(())
+    Ok(writes)
 }
 
 /// Sends the close frame of `reason`, bounded by [`CLOSE_TIMEOUT`].
@@ -689,6 +775,26 @@ mod tests {
         assert_eq!(r, Refusal::NotFound);
         assert!(why.contains("channel"), "{why}");
         assert_eq!(refusal(&req("/ws/"), None, false, false), Refusal::NotFound);
+    }
+
+    /// What every idle connection costs is mostly its task: keep the future small (a tracing
+    /// span around it, or a large state left unboxed, shows up here first).
+    #[tokio::test]
+    async fn a_connection_task_stays_small() {
+        use clap::Parser;
+        let config = crate::config::Cli::parse_from(["wsfleet-server"]).serve;
+        let metrics = Arc::new(Metrics::new());
+        let tracker = tokio_util::task::TaskTracker::new();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let bus = Bus::start(None, "t", config.history(), 16, metrics.clone(), &tracker, stop.clone()).unwrap();
+        let shared = Arc::new(Shared::new(&config, bus, metrics).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let task = serve(stream, peer, shared, None);
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 1152, "a connection's task future takes {size} bytes");
+        stop.cancel();
     }
 
     #[test]

@@ -268,7 +268,7 @@ impl Hub {
 
 /// `a` is at or before `b` in the same epoch.
 fn at_or_before(a: &Position, b: &Position) -> bool {
-    a.0 == b.0 && a.1 <= b.1
+    a.1 <= b.1 && (Arc::ptr_eq(&a.0, &b.0) || a.0 == b.0)
 }
 
 /// The frame a subscriber of `mode` receives for `msg`.

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub messages_in: Counter,
     pub bytes_in: Counter,
     pub messages_out: Counter,
+    pub socket_writes: Counter,
     pub bytes_out: Counter,
     pub slow_client_closes: Counter,
     pub protocol_errors: Family<CodeLabel, Counter>,
@@ -68,6 +69,11 @@ impl Metrics {
             messages_in: reg!("messages_in", "Data frames received from clients", Counter::default()),
             bytes_in: reg!("bytes_in", "Payload bytes received from clients", Counter::default()),
             messages_out: reg!("messages_out", "Frames written to clients", Counter::default()),
+            socket_writes: reg!(
+                "socket_writes",
+                "Write syscalls to client sockets (frames per write = messages_out / this)",
+                Counter::default()
+            ),
             bytes_out: reg!("bytes_out", "Payload bytes written to clients", Counter::default()),
             slow_client_closes: reg!(
                 "slow_client_closes",

@@ -5,13 +5,13 @@
 //! is too slow: its queue is dropped and the write loop closes it with 1013 (Try Again Later).
 //! A slow client therefore costs at most `limit` queued frames and never delays the producer.
 //!
-//! The queue is a `VecDeque` that allocates only when frames are waiting, so an idle connection
-//! pays for a mutex, a `Notify` and an empty deque.
+//! The queue is a `VecDeque` that allocates only when frames are waiting, and the write loop
+//! waits on a single waker slot rather than a `Notify`, so an idle connection pays for a mutex,
+//! an empty deque and one `Option<Waker>`.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-
-use tokio::sync::Notify;
+use std::task::{Poll, Waker};
 
 use crate::frame::{self, Frame};
 
@@ -68,17 +68,27 @@ pub enum Push {
 struct State {
     queue: VecDeque<Frame>,
     close: Option<CloseReason>,
+    /// The write loop, when it waits for frames or for a slow verdict. One connection has one
+    /// writer, so one slot is enough.
+    waiting: Option<Waker>,
+}
+
+impl State {
+    fn wake(&mut self) {
+        if let Some(w) = self.waiting.take() {
+            w.wake();
+        }
+    }
 }
 
 pub struct Outbox {
     state: Mutex<State>,
-    notify: Notify,
     limit: usize,
 }
 
 impl Outbox {
     pub fn new(limit: usize) -> Self {
-        Outbox { state: Mutex::new(State::default()), notify: Notify::new(), limit }
+        Outbox { state: Mutex::new(State::default()), limit }
     }
 
     pub fn push(&self, msg: Frame) -> Push {
@@ -89,16 +99,11 @@ impl Outbox {
         if state.queue.len() >= self.limit {
             state.queue = VecDeque::new();
             state.close = Some(CloseReason::Slow);
-            drop(state);
-            self.notify.notify_one();
+            state.wake();
             return Push::Overflow;
         }
-        let was_empty = state.queue.is_empty();
         state.queue.push_back(msg);
-        drop(state);
-        if was_empty {
-            self.notify.notify_one();
-        }
+        state.wake();
         Push::Queued
     }
 
@@ -109,8 +114,7 @@ impl Outbox {
         if state.close.is_none() {
             state.close = Some(reason);
         }
-        drop(state);
-        self.notify.notify_one();
+        state.wake();
     }
 
     pub fn is_closing(&self) -> bool {
@@ -119,31 +123,37 @@ impl Outbox {
 
     /// Resolves once the client has been marked slow. Meant to race a blocked write.
     pub async fn slow(&self) {
-        loop {
-            let notified = self.notify.notified();
-            if self.lock().close == Some(CloseReason::Slow) {
-                return;
+        std::future::poll_fn(|cx| {
+            let mut state = self.lock();
+            if state.close == Some(CloseReason::Slow) {
+                return Poll::Ready(());
             }
-            notified.await;
-        }
+            state.waiting = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
     }
 
     /// Moves every queued frame into `batch` (which must be empty), waiting until there is at
     /// least one or a close was asked for. Returns the close reason once the queue is empty.
     pub async fn next_batch(&self, batch: &mut VecDeque<Frame>) -> Option<CloseReason> {
-        loop {
-            {
-                let mut state = self.lock();
-                if !state.queue.is_empty() {
-                    std::mem::swap(&mut state.queue, batch);
-                    return None;
-                }
-                if state.close.is_some() {
-                    return state.close;
-                }
+        std::future::poll_fn(|cx| {
+            let mut state = self.lock();
+            if !state.queue.is_empty() {
+                std::mem::swap(&mut state.queue, batch);
+                return Poll::Ready(None);
             }
-            self.notify.notified().await;
-        }
+            if state.close.is_some() {
+                return Poll::Ready(state.close);
+            }
+            // `will_wake` spares a clone when the same task waits again.
+            match &state.waiting {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => state.waiting = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

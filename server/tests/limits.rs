@@ -332,3 +332,36 @@ async fn with_a_jwt_secret_only_valid_tokens_get_in() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--jwt-secret"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_answering_pings_is_dropped_and_a_live_one_is_not() {
+    let server = Server::start(None, &["--ping-interval", "1", "--ping-timeout", "1"]);
+    // The library client answers pings while it is being read; the raw socket never answers.
+    let mut live = subscriber(&server, "calm").await;
+    let mut mute = raw_socket(&server, "/ws").await;
+    let started = Instant::now();
+    // Pings arrive (0x89), then the server hangs up about 2 s after the last thing it heard.
+    let reader = tokio::spawn(async move {
+        let (mut bytes, mut buf) = (Vec::new(), [0u8; 256]);
+        loop {
+            match mute.read(&mut buf).await {
+                Ok(0) | Err(_) => return bytes,
+                Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            }
+        }
+    });
+    let live_reader = tokio::spawn(async move {
+        // Reading keeps the library client answering pings for longer than the mute one lasts.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(4), async { while let Some(Ok(_)) = live.next().await {} }).await;
+        live
+    });
+    let bytes = tokio::time::timeout(TIMEOUT, reader).await.expect("the mute peer was never dropped").unwrap();
+    let after = started.elapsed();
+    assert!(bytes.starts_with(&[0x89, 0x00]), "no ping before the drop: {bytes:?}");
+    assert!(after >= Duration::from_millis(1500) && after < Duration::from_secs(5), "dropped after {after:?}");
+    let mut live = live_reader.await.unwrap();
+    bystander_still_served(&server, &mut live).await;
+    // The live client is the only one left (the check's publisher leaves too).
+    wait_until("only the live client remains", || (server.metric("wsfleet_connections") == 1.0).then_some(()));
+}
