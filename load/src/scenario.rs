@@ -5,8 +5,9 @@
 //! adding `hold` client processes (each bound to its own loopback source addresses). At every
 //! step it records: connections held and failed, time to establish them, server resident memory
 //! per connection, kernel memory per connection, server CPU while idle, then the time until one
-//! broadcast reaches every connection, and publish-to-deliver latency under a steady broadcast
-//! rate. It stops at the last step, or earlier when connections fail or memory runs low, and
+//! broadcast reaches every connection, the fan-out throughput of a burst of broadcasts
+//! (deliveries per second until the last connection has the last message), and
+//! publish-to-deliver latency under a steady broadcast rate. It stops at the last step, or earlier when connections fail or memory runs low, and
 //! says why. Prints one JSON document.
 
 use std::io::{BufRead, BufReader, Write};
@@ -57,6 +58,10 @@ pub struct ScenarioArgs {
     /// Single broadcasts timed per step.
     #[arg(long, default_value_t = 3)]
     broadcasts: u64,
+    /// Deliveries in the burst phase: `this / connections` broadcasts (2 to 200) are published
+    /// back to back and timed until every connection has every one.
+    #[arg(long, default_value_t = 2_000_000)]
+    burst_deliveries: u64,
     /// Deliveries per second during the latency phase (its broadcasts are spaced so that every
     /// connection gets one each `connections / this` seconds, at least 0.2 s apart).
     #[arg(long, default_value_t = 40_000)]
@@ -133,15 +138,48 @@ fn cpu_ticks(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Sends one raw-mode broadcast through server `addr` on a short-lived connection.
-fn broadcast(addr: SocketAddr, seq: u64) -> anyhow::Result<()> {
+/// Frames written to clients and write syscalls, summed over the wsfleet servers' metrics.
+fn write_counts(ports: &[u16]) -> (f64, f64) {
+    let metric = |body: &str, name: &str| {
+        body.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let mut totals = (0.0, 0.0);
+    for port in ports {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", *port)) else { continue };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut body = String::new();
+        let _ = std::io::Read::read_to_string(&mut s, &mut body);
+        totals.0 += metric(&body, "wsfleet_messages_out_total");
+        totals.1 += metric(&body, "wsfleet_socket_writes_total");
+    }
+    totals
+}
+
+/// Sends raw-mode broadcasts `seqs` back to back through server `addr` on one short-lived
+/// connection. Returns the wall clock (µs) of the first.
+fn broadcast(addr: SocketAddr, seqs: std::ops::RangeInclusive<u64>) -> anyhow::Result<u64> {
+    broadcast_each(addr, &seqs.collect::<Vec<_>>())
+}
+
+fn broadcast_each(addr: SocketAddr, seqs: &[u64]) -> anyhow::Result<u64> {
     let stream = TcpStream::connect(addr)?;
     stream.set_nodelay(true)?;
     let (mut ws, _) = tungstenite::client(format!("ws://{addr}/ws/bench"), stream).context("publisher handshake")?;
-    ws.send(Message::text(json!({"t": now_micros(), "seq": seq}).to_string()))?;
+    let first = now_micros();
+    for seq in seqs {
+        ws.write(Message::text(json!({"t": now_micros(), "seq": seq}).to_string()))?;
+    }
+    ws.flush()?;
+    // Close politely: wait for the server's close (or its end of the stream), so that no reset
+    // can overtake messages the server has not read yet.
+    ws.get_ref().set_read_timeout(Some(Duration::from_secs(30)))?;
     let _ = ws.close(None);
-    let _ = ws.flush();
-    Ok(())
+    while ws.read().is_ok() {}
+    Ok(first)
 }
 
 pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
@@ -160,11 +198,13 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
 
     let mut servers = Vec::new();
     let mut server_pids = Vec::new();
+    let mut metrics_ports = Vec::new();
     for i in 0..args.servers {
         let port = free_port()?;
+        let http_port = free_port()?;
         let child = match args.stack {
             Stack::Wsfleet => Command::new(&args.server_bin)
-                .args(["--listen", &format!("127.0.0.1:{port}"), "--http-listen", "127.0.0.1:0"])
+                .args(["--listen", &format!("127.0.0.1:{port}"), "--http-listen", &format!("127.0.0.1:{http_port}")])
                 .args(["--redis-url", &format!("redis://127.0.0.1:{redis_port}"), "--pod-name", &format!("s{i}")])
                 .args(["--max-connections", "19500", "--worker-threads", "1"])
                 .env("WSFLEET_LOG", "warn")
@@ -179,6 +219,9 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
                 .context("node baseline server")?,
         };
         server_pids.push(child.id());
+        if args.stack == Stack::Wsfleet {
+            metrics_ports.push(http_port);
+        }
         procs.0.push(child);
         wait_port(port, Duration::from_secs(15))?;
         servers.push(SocketAddr::from(([127, 0, 0, 1], port)));
@@ -268,12 +311,48 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
         let mut fanout = Vec::new();
         for _ in 0..args.broadcasts {
             seq += 1;
-            broadcast(servers[0], seq)?;
-            let (received, last_us) = collect_seq(&events, seq, clients.len())?;
+            broadcast(servers[0], seq..=seq)?;
+            let (received, last_us, _) = collect_seqs(&events, seq..=seq, clients.len())?;
             fanout.push(json!({"seq": seq, "received": received, "last_ms": last_us as f64 / 1000.0,
                 "deliveries_per_s": (received as f64 / (last_us.max(1) as f64 / 1e6)).round()}));
             std::thread::sleep(Duration::from_millis(300));
         }
+        // A burst: fan-out throughput when messages come faster than one write per message.
+        let burst_messages = (args.burst_deliveries / held.max(1) as u64).clamp(2, 200);
+        let first_burst = seq + 1;
+        seq += burst_messages;
+        let client_pids: Vec<u32> = client_procs.0.iter().map(|c| c.id()).collect();
+        let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_ticks(*p)).sum::<u64>();
+        let (server_ticks, client_ticks) = (cpu(&server_pids), cpu(&client_pids));
+        let (frames0, writes0) = write_counts(&metrics_ports);
+        // Published the way a fleet's traffic arrives: from one connection per server at once,
+        // each sending its share back to back.
+        let burst_start = now_micros();
+        std::thread::scope(|scope| {
+            let publishers: Vec<_> = servers
+                .iter()
+                .enumerate()
+                .map(|(i, addr)| {
+                    let mine: Vec<u64> = (first_burst..=seq).filter(|s| s % servers.len() as u64 == i as u64).collect();
+                    scope.spawn(move || match (mine.first(), mine.last()) {
+                        (Some(&a), Some(&b)) => {
+                            broadcast_each(*addr, &mine).map(drop).with_context(|| format!("{a}..{b}"))
+                        }
+                        _ => Ok(()),
+                    })
+                })
+                .collect();
+            publishers.into_iter().try_for_each(|p| p.join().map_err(|_| anyhow::anyhow!("publisher panicked"))?)
+        })?;
+        let (burst_received, _, burst_end) = collect_seqs(&events, first_burst..=seq, clients.len())?;
+        let burst_seconds = burst_end.saturating_sub(burst_start).max(1) as f64 / 1e6;
+        // CPU seconds spent by the servers and by the clients while the burst was delivered
+        // (sampled after the last report, so slightly over).
+        let (frames1, writes1) = write_counts(&metrics_ports);
+        let frames_per_write = (writes1 > writes0).then(|| (frames1 - frames0) / (writes1 - writes0));
+        let burst_cpu = json!({"servers": (cpu(&server_pids) - server_ticks) as f64 / 100.0,
+                               "clients": (cpu(&client_pids) - client_ticks) as f64 / 100.0});
+        std::thread::sleep(Duration::from_millis(500));
         // Steady broadcasts: latency percentiles.
         for c in &mut clients {
             let _ = writeln!(c.stdin, "report");
@@ -284,14 +363,11 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
         let first_sustained = seq + 1;
         for k in 0..args.sustained_messages {
             seq += 1;
-            broadcast(servers[(k as usize) % servers.len()], seq)?;
+            broadcast(servers[(k as usize) % servers.len()], seq..=seq)?;
             let next = sustained_start + period * (k as u32 + 1);
             std::thread::sleep(next.saturating_duration_since(Instant::now()));
         }
-        let mut sustained_received = 0;
-        for s in first_sustained..=seq {
-            sustained_received += collect_seq(&events, s, clients.len())?.0;
-        }
+        let sustained_received = collect_seqs(&events, first_sustained..=seq, clients.len())?.0;
         for c in &mut clients {
             let _ = writeln!(c.stdin, "report");
         }
@@ -308,6 +384,10 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
             "kernel_slab_bytes_per_connection": (slab.saturating_sub(base_slab)) as f64 / held.max(1) as f64,
             "idle_cpu_percent_of_a_core": idle_cpu,
             "broadcast": fanout,
+            "burst": {"messages": burst_messages, "deliveries": burst_received,
+                      "expected": burst_messages * held as u64, "seconds": burst_seconds,
+                      "deliveries_per_s": (burst_received as f64 / burst_seconds).round(), "cpu_seconds": burst_cpu,
+                      "frames_per_write": frames_per_write},
             "sustained": {"messages": args.sustained_messages, "every_seconds": period.as_secs_f64(),
                           "deliveries_per_s": held as f64 / period.as_secs_f64(),
                           "deliveries": sustained_received, "latency_ms": latency},
@@ -335,25 +415,35 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits (at most 30 s) for every client's report of broadcast `seq`: (deliveries, slowest
-/// latency µs). A client that never saw the message does not report it; its connections count
-/// as not delivered.
-fn collect_seq(events: &mpsc::Receiver<(usize, Value)>, seq: u64, clients: usize) -> anyhow::Result<(u64, u64)> {
-    let (mut reported, mut received, mut last) = (0, 0, 0);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while reported < clients {
+/// Waits (at most 90 s) for every client's report of each broadcast in `seqs`:
+/// (deliveries, slowest latency µs, wall clock µs of the last delivery), summed over the
+/// broadcasts. A client that never saw a message does not report it; its connections count as
+/// not delivered.
+fn collect_seqs(
+    events: &mpsc::Receiver<(usize, Value)>,
+    seqs: std::ops::RangeInclusive<u64>,
+    clients: usize,
+) -> anyhow::Result<(u64, u64, u64)> {
+    let wanted = (seqs.end() + 1 - seqs.start()) as usize * clients;
+    let (mut reported, mut received, mut last, mut last_at) = (0, 0, 0, 0);
+    let mut reports = std::collections::BTreeMap::<u64, usize>::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while reported < wanted {
         let left = deadline.saturating_duration_since(Instant::now());
         let Ok((_, v)) = events.recv_timeout(left) else {
-            eprintln!("broadcast {seq}: {reported} of {clients} client processes reported it");
+            let missing: Vec<u64> = seqs.clone().filter(|s| reports.get(s).copied().unwrap_or(0) < clients).collect();
+            eprintln!("broadcasts {seqs:?}: {reported} of {wanted} reports from client processes; missing {missing:?}");
             break;
         };
-        if v["event"] == "seq" && v["seq"] == seq {
+        if let Some(seq) = v["seq"].as_u64().filter(|s| v["event"] == "seq" && seqs.contains(s)) {
+            *reports.entry(seq).or_default() += 1;
             reported += 1;
             received += v["received"].as_u64().unwrap_or(0);
             last = last.max(v["last_us"].as_u64().unwrap_or(0));
+            last_at = last_at.max(v["last_at_us"].as_u64().unwrap_or(0));
         }
     }
-    Ok((received, last))
+    Ok((received, last, last_at))
 }
 
 /// Collects one `latency` line from every client: count-weighted p50, worst p99 and p99.9 (ms;
