@@ -35,12 +35,14 @@ use crate::history::{HistoryConfig, HistoryError, LocalHistory, Lost, RedisHisto
 use crate::hub::{BusCommand, Hub};
 use crate::metrics::Metrics;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
-const PING_EVERY: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+const PING_EVERY: Duration = Duration::from_secs(5);
 /// A subscription connection whose PING is unanswered this long is taken as dead. Generous: a
-/// busy server (or machine) must not drop a healthy bus.
-const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// busy server (or machine) must not drop a healthy bus — a reconnect costs a resubscribe and a
+/// refill, the last thing an overloaded fleet needs (5 s was too short for a million
+/// connections on two cores).
+const PING_TIMEOUT: Duration = Duration::from_secs(15);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
 /// Channels per SUBSCRIBE command when resubscribing after a reconnect.

@@ -46,6 +46,8 @@ use crate::upgrade::{self, HeadError};
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `Retry-After` seconds on a 503.
 const RETRY_AFTER_SECS: &str = "5";
+/// Subscriptions being set up at once (each waits on a Redis round trip), at most.
+const MAX_JOINS: usize = 64;
 /// Frames handed to one vectored write, at most.
 const MAX_IOV: usize = 64;
 /// Reads from one socket before its queued messages are handled.
@@ -59,6 +61,7 @@ pub struct Shared {
     pub connections: Connections,
     max_message: usize,
     read_buffer: usize,
+    joins: tokio::sync::Semaphore,
     allowed_origins: Vec<String>,
     auth: Option<Auth>,
     handshake_timeout: Duration,
@@ -79,6 +82,7 @@ impl Shared {
             draining: AtomicBool::new(false),
             connections: Connections::default(),
             max_message: config.max_message_size as usize,
+            joins: tokio::sync::Semaphore::new(MAX_JOINS),
             read_buffer: config.read_buffer_size as usize,
             allowed_origins: config.allowed_origins.clone(),
             handshake_timeout: config.handshake_timeout(),
@@ -514,6 +518,18 @@ impl Connection {
     /// messages while the channel's position (and, with `since`, what was missed) is read, then
     /// queues the `subscribed` reply (protocol mode), the replay and the held messages in order.
     async fn join(&self, channel: &str, mode: Mode, since: Option<&Since>) -> Result<(), BusError> {
+        // A bounded number of joins run at once: under a connection storm the rest wait their
+        // turn here, before their Redis deadline starts, rather than all time out together.
+        let _turn = self.shared.joins.acquire().await.map_err(|_| BusError::Unavailable("shutting down".into()))?;
+        let r = self.join_now(channel, mode, since).await;
+        if let Err(e) = &r {
+            self.shared.metrics.subscribe_failures.inc();
+            debug!(conn = self.id, %channel, error = %e, "subscribe failed");
+        }
+        r
+    }
+
+    async fn join_now(&self, channel: &str, mode: Mode, since: Option<&Since>) -> Result<(), BusError> {
         let hub = self.shared.bus.hub();
         hub.subscribe(channel, self.id, self.outbox.clone(), mode, true)
             .await

@@ -93,7 +93,7 @@ pub enum HistoryError {
     Reply(String),
 }
 
-const TIMEOUT: Duration = Duration::from_secs(3);
+const TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_DELAY: Duration = Duration::from_millis(50);
 
 /// KEYS: meta hash, history stream. ARGV: pub/sub channel, envelope, history size, ttl seconds,

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub slow_client_closes: Counter,
     pub protocol_errors: Family<CodeLabel, Counter>,
     pub publish_failures: Counter,
+    pub subscribe_failures: Counter,
     pub bus_up: Gauge,
     pub bus_reconnects: Counter,
     pub bus_channels: Gauge,
@@ -86,6 +87,11 @@ impl Metrics {
                 Family::<CodeLabel, Counter>::default()
             ),
             publish_failures: reg!("publish_failures", "Client publishes the bus did not accept", Counter::default()),
+            subscribe_failures: reg!(
+                "subscribe_failures",
+                "Subscriptions (raw-mode connections included) refused because the bus did not answer in time",
+                Counter::default()
+            ),
             bus_up: reg!("bus_up", "1 while the message bus is connected", Gauge::default()),
             bus_reconnects: reg!(
                 "bus_reconnects",
