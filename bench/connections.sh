@@ -2,17 +2,20 @@
 # The road to 1,000,000 connections, side by side with the seed's stack: the same load
 # generator steps a wsfleet fleet and the Node.js ws + ioredis baseline up through the same
 # connection counts on this machine, in the same run, and records memory per connection, time
-# to establish, idle CPU, broadcast fan-out and latency at each step
-# (bench/results/connections-<stack>.json), then a comparison table and a plot.
+# to establish, idle CPU, broadcast fan-out (one message, and a burst) and latency at each step
+# (bench/results/connections-<run>.json); then a wsfleet fleet sized for a million goes on alone
+# (connections-million.json); then a comparison table and a plot.
 #
-#   STEPS=10000,50000,100000,200000,250000 NODE_STEPS=10000,50000,100000 bench/connections.sh
+#   STEPS=10000,50000,100000,250000 MILLION_STEPS=500000,750000,1000000 bench/connections.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-STEPS=${STEPS:-10000,50000,100000,200000,250000}
-NODE_STEPS=${NODE_STEPS:-10000,50000,100000}
+STEPS=${STEPS:-10000,50000,100000,250000}
+NODE_STEPS=${NODE_STEPS:-$STEPS}
 SERVERS=${SERVERS:-16}
-NODE_SERVERS=${NODE_SERVERS:-8}
+NODE_SERVERS=${NODE_SERVERS:-16}
+MILLION_STEPS=${MILLION_STEPS:-500000,750000,1000000}
+MILLION_SERVERS=${MILLION_SERVERS:-56}
 
 scripts/install-deps.sh
 cargo build --release -q -p wsfleet-server -p wsfleet-load
@@ -26,10 +29,17 @@ tune net.core.somaxconn 65535
 tune net.ipv4.tcp_max_syn_backlog 65535
 tune fs.file-max 4194304
 tune fs.nr_open 1048576
+# TCP memory (pages): a broadcast puts a little data on every one of a million sockets at once.
+tune net.ipv4.tcp_mem "1048576 2097152 3145728"
+[ -e /proc/sys/net/netfilter/nf_conntrack_max ] && tune net.netfilter.nf_conntrack_max 2097152
 
 mkdir -p bench/results
-./target/release/wsfleet-load connections --stack wsfleet --servers "$SERVERS" --steps "$STEPS" \
-  > bench/results/connections-wsfleet.json
-./target/release/wsfleet-load connections --stack node --servers "$NODE_SERVERS" --steps "$NODE_STEPS" \
-  > bench/results/connections-node.json
-python3 bench/report.py bench/results/connections-wsfleet.json bench/results/connections-node.json
+load=./target/release/wsfleet-load
+$load connections --stack wsfleet --servers "$SERVERS" --steps "$STEPS" > bench/results/connections-wsfleet.json
+$load connections --stack node --servers "$NODE_SERVERS" --steps "$NODE_STEPS" > bench/results/connections-node.json
+if [ -n "$MILLION_STEPS" ]; then
+  $load connections --stack wsfleet --servers "$MILLION_SERVERS" --steps "$MILLION_STEPS" \
+    > bench/results/connections-million.json
+fi
+python3 bench/report.py bench/results/connections-{wsfleet,node}.json \
+  $( [ -n "$MILLION_STEPS" ] && echo bench/results/connections-million.json )

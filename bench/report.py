@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Turns the connections benchmark's JSON (one file per stack) into a comparison table
+"""Turns the connections benchmark's JSON (one file per run) into a comparison table
 (bench/results/connections.md, also printed) and a plot (bench/results/connections.png).
+The first two files are compared (ratios at the largest connection count both reached);
+any further file (e.g. the road to a million) only adds rows and points.
 
-    python3 bench/report.py bench/results/connections-wsfleet.json bench/results/connections-node.json
+    python3 bench/report.py results/connections-wsfleet.json results/connections-node.json [more.json ...]
 """
 import json
 import sys
@@ -13,20 +15,28 @@ def load(path):
     return json.loads(Path(path).read_text())
 
 
+def label(doc):
+    return f"{doc['stack']} ({doc['servers']} processes)"
+
+
 def row(step):
     b = step["broadcast"]
-    last = max(x["last_ms"] for x in b) if b else float("nan")
-    rate = max(x["deliveries_per_s"] for x in b) if b else float("nan")
+    burst = step.get("burst", {})
     lat = step["sustained"]["latency_ms"]
     return {
         "held": step["held"],
         "failed": step["failed"],
         "establish_s": step["establish_seconds"],
         "server_b": step["server_bytes_per_connection"],
+        "client_b": step.get("client_bytes_per_connection", float("nan")),
         "kernel_b": step["kernel_slab_bytes_per_connection"],
         "idle_cpu": step["idle_cpu_percent_of_a_core"],
-        "fanout_ms": last,
-        "fanout_rate": rate,
+        "fanout_ms": max(x["last_ms"] for x in b) if b else float("nan"),
+        "fanout_rate": max(x["deliveries_per_s"] for x in b) if b else float("nan"),
+        "burst_rate": burst.get("deliveries_per_s", float("nan")),
+        "burst_messages": burst.get("messages", 0),
+        "burst_lost": burst.get("expected", 0) - burst.get("deliveries", 0),
+        "fpw": burst.get("frames_per_write"),
         "p50": lat["p50"],
         "p99": lat["p99"],
         "p999": lat["p999"],
@@ -35,19 +45,22 @@ def row(step):
 
 def table(docs):
     lines = [
-        "| stack | connections | failed | establish (s) | server B/conn | kernel B/conn | idle CPU (% core) | broadcast to all (ms) | deliveries/s | p50 / p99 / p99.9 (ms) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | connections | failed | establish (s) | server B/conn | client B/conn | kernel B/conn | idle CPU (% core) "
+        "| one broadcast to all (ms) | its deliveries/s | burst deliveries/s (messages, lost) | frames per write | steady p50 / p99 / p99.9 (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d in docs:
         for s in d["steps"]:
             r = row(s)
+            fpw = f"{r['fpw']:.1f}" if r["fpw"] else "-"
             lines.append(
-                f"| {d['stack']} | {r['held']:,} | {r['failed']} | {r['establish_s']:.1f} | {r['server_b']:,.0f} | {r['kernel_b']:,.0f} | "
-                f"{r['idle_cpu']:.1f} | {r['fanout_ms']:.0f} | {r['fanout_rate']:,.0f} | {r['p50']:.1f} / {r['p99']:.1f} / {r['p999']:.1f} |"
+                f"| {label(d)} | {r['held']:,} | {r['failed']} | {r['establish_s']:.1f} | {r['server_b']:,.0f} | {r['client_b']:,.0f} | "
+                f"{r['kernel_b']:,.0f} | {r['idle_cpu']:.1f} | {r['fanout_ms']:,.0f} | {r['fanout_rate']:,.0f} | "
+                f"{r['burst_rate']:,.0f} ({r['burst_messages']}, {r['burst_lost']:,}) | {fpw} | "
+                f"{r['p50']:.0f} / {r['p99']:.0f} / {r['p999']:.0f} |"
             )
-        lines.append(f"| {d['stack']} | stopped: {d['stopped']} | | | | | | | | |")
-    # Ratios at the largest count both stacks reached.
-    if len(docs) == 2:
+        lines.append(f"| {label(d)} | stopped: {d['stopped']} | | | | | | | | | | | |")
+    if len(docs) >= 2:
         a = {s["target"]: row(s) for s in docs[0]["steps"]}
         b = {s["target"]: row(s) for s in docs[1]["steps"]}
         common = sorted(set(a) & set(b))
@@ -58,10 +71,10 @@ def table(docs):
                 "",
                 f"Ratios at {n:,} connections ({docs[1]['stack']} / {docs[0]['stack']}; above 1 means {docs[0]['stack']} is better):",
                 "",
+                f"- burst fan-out, deliveries per second: {x['burst_rate'] / y['burst_rate']:.1f}x",
+                f"- one broadcast to every connection, deliveries per second: {x['fanout_rate'] / y['fanout_rate']:.2f}x",
                 f"- server memory per connection: {y['server_b'] / x['server_b']:.2f}x",
                 f"- time to establish: {y['establish_s'] / x['establish_s']:.2f}x",
-                f"- one broadcast to every connection: {y['fanout_ms'] / x['fanout_ms']:.2f}x",
-                f"- deliveries per second in that broadcast: {x['fanout_rate'] / y['fanout_rate']:.2f}x",
                 f"- steady-rate latency p99: {y['p99'] / x['p99']:.2f}x",
             ]
     return "\n".join(lines)
@@ -76,17 +89,19 @@ def plot(docs, out):
     except ImportError:
         print("matplotlib is missing (pip install matplotlib): no plot", file=sys.stderr)
         return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for d in docs:
         rows = [row(s) for s in d["steps"]]
         xs = [r["held"] for r in rows]
-        ax1.plot(xs, [r["server_b"] / 1024 for r in rows], marker="o", label=d["stack"])
-        ax2.plot(xs, [r["fanout_ms"] for r in rows], marker="o", label=d["stack"])
-    ax1.set(xlabel="connections held", ylabel="server KiB per connection", title="Server memory per connection")
-    ax2.set(xlabel="connections held", ylabel="ms until the last connection has it", title="One broadcast to every connection")
-    for ax in (ax1, ax2):
+        axes[0].plot(xs, [r["server_b"] / 1024 for r in rows], marker="o", label=label(d))
+        axes[1].plot(xs, [r["burst_rate"] / 1e6 for r in rows], marker="o", label=label(d))
+        axes[2].plot(xs, [r["p99"] for r in rows], marker="o", label=label(d))
+    axes[0].set(xlabel="connections held", ylabel="server KiB per connection", title="Server memory per connection")
+    axes[1].set(xlabel="connections held", ylabel="million deliveries per second", title="Burst fan-out through Redis")
+    axes[2].set(xlabel="connections held", ylabel="ms (publish to deliver, p99)", title="Latency under a steady broadcast rate")
+    for ax in axes:
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(f"plot: {out}")

@@ -43,8 +43,9 @@ pub struct ScenarioArgs {
     /// Connections per client process.
     #[arg(long, default_value_t = 15_000)]
     per_client: usize,
-    /// Client source addresses: 127.0.0.2 up to 127.0.0.(1 + N).
-    #[arg(long, default_value_t = 16)]
+    /// Client source addresses: 127.0.0.2 up to 127.0.0.(1 + N). Each gives about 64,000
+    /// ephemeral ports, so a million connections need at least 16.
+    #[arg(long, default_value_t = 48)]
     sources: usize,
     /// New connections per second per client process.
     #[arg(long, default_value_t = 2000)]
@@ -58,17 +59,22 @@ pub struct ScenarioArgs {
     /// Single broadcasts timed per step.
     #[arg(long, default_value_t = 3)]
     broadcasts: u64,
-    /// Deliveries in the burst phase: `this / connections` broadcasts (2 to 200) are published
-    /// back to back and timed until every connection has every one.
-    #[arg(long, default_value_t = 2_000_000)]
-    burst_deliveries: u64,
+    /// Broadcasts in the burst phase: published at once (one connection per server, each
+    /// sending its share back to back) and timed until every connection has every one.
+    #[arg(long, default_value_t = 20)]
+    burst_messages: u64,
     /// Deliveries per second during the latency phase (its broadcasts are spaced so that every
     /// connection gets one each `connections / this` seconds, at least 0.2 s apart).
     #[arg(long, default_value_t = 40_000)]
     sustained_deliveries: u64,
-    /// Broadcasts in the latency phase.
+    /// Broadcasts in the latency phase (fewer when they would take more than a minute).
     #[arg(long, default_value_t = 8)]
     sustained_messages: u64,
+    /// wsfleet servers' `--ping-interval` and `--ping-timeout` (seconds). The baseline sends no
+    /// keepalive at all; at a million connections the default 25 s would mean 40,000 pings a
+    /// second on two cores.
+    #[arg(long, default_value_t = 300)]
+    ping_interval: u64,
     /// Stop before a step when the machine has less memory available than this (MiB).
     #[arg(long, default_value_t = 3072)]
     min_free_mib: u64,
@@ -207,6 +213,8 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
                 .args(["--listen", &format!("127.0.0.1:{port}"), "--http-listen", &format!("127.0.0.1:{http_port}")])
                 .args(["--redis-url", &format!("redis://127.0.0.1:{redis_port}"), "--pod-name", &format!("s{i}")])
                 .args(["--max-connections", "19500", "--worker-threads", "1"])
+                .args(["--ping-interval", &args.ping_interval.to_string()])
+                .args(["--ping-timeout", &args.ping_interval.to_string()])
                 .env("WSFLEET_LOG", "warn")
                 .stdout(Stdio::null())
                 .spawn()
@@ -301,6 +309,7 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_secs(2));
 
         let server_rss: u64 = server_pids.iter().map(|p| rss(*p)).sum();
+        let client_rss: u64 = client_procs.0.iter().map(|c| rss(c.id())).sum();
         let slab = meminfo("Slab:");
         let ticks0: u64 = server_pids.iter().map(|p| cpu_ticks(*p)).sum();
         std::thread::sleep(Duration::from_secs(3));
@@ -318,7 +327,7 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(300));
         }
         // A burst: fan-out throughput when messages come faster than one write per message.
-        let burst_messages = (args.burst_deliveries / held.max(1) as u64).clamp(2, 200);
+        let burst_messages = args.burst_messages.max(1);
         let first_burst = seq + 1;
         seq += burst_messages;
         let client_pids: Vec<u32> = client_procs.0.iter().map(|c| c.id()).collect();
@@ -359,9 +368,10 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
         }
         drain_latency(&events, clients.len())?;
         let period = Duration::from_secs_f64((held as f64 / args.sustained_deliveries.max(1) as f64).max(0.2));
+        let sustained_messages = args.sustained_messages.min((60.0 / period.as_secs_f64()) as u64).max(2);
         let sustained_start = Instant::now();
         let first_sustained = seq + 1;
-        for k in 0..args.sustained_messages {
+        for k in 0..sustained_messages {
             seq += 1;
             broadcast(servers[(k as usize) % servers.len()], seq..=seq)?;
             let next = sustained_start + period * (k as u32 + 1);
@@ -381,6 +391,8 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
             "establish_seconds": establish,
             "server_rss_bytes": server_rss,
             "server_bytes_per_connection": (server_rss.saturating_sub(base_rss)) as f64 / held.max(1) as f64,
+            "client_bytes_per_connection": client_rss as f64 / held.max(1) as f64,
+            "memory_available_bytes": meminfo("MemAvailable:"),
             "kernel_slab_bytes_per_connection": (slab.saturating_sub(base_slab)) as f64 / held.max(1) as f64,
             "idle_cpu_percent_of_a_core": idle_cpu,
             "broadcast": fanout,
@@ -388,7 +400,7 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
                       "expected": burst_messages * held as u64, "seconds": burst_seconds,
                       "deliveries_per_s": (burst_received as f64 / burst_seconds).round(), "cpu_seconds": burst_cpu,
                       "frames_per_write": frames_per_write},
-            "sustained": {"messages": args.sustained_messages, "every_seconds": period.as_secs_f64(),
+            "sustained": {"messages": sustained_messages, "every_seconds": period.as_secs_f64(),
                           "deliveries_per_s": held as f64 / period.as_secs_f64(),
                           "deliveries": sustained_received, "latency_ms": latency},
         });
