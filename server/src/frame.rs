@@ -162,6 +162,9 @@ impl Reader {
                 None => return Ok(None),
             },
             127 => match buf.get(2..10) {
+                Some(b) if b[0] & 0x80 != 0 => {
+                    return Err(FrameError::Protocol("64-bit length with its most significant bit set"));
+                }
                 Some(b) => (u64::from_be_bytes(b.try_into().expect("8 bytes")), 10),
                 None => return Ok(None),
             },
@@ -227,10 +230,19 @@ fn close_of(payload: &[u8]) -> Result<Incoming, FrameError> {
         [] => Ok(Incoming::Close(None)),
         [_] => Err(FrameError::Protocol("close frame with a one-byte body")),
         [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            if !is_valid_close_code(code) {
+                return Err(FrameError::Protocol("close code not allowed on the wire"));
+            }
             std::str::from_utf8(reason).map_err(|_| FrameError::InvalidUtf8)?;
-            Ok(Incoming::Close(Some(u16::from_be_bytes([*hi, *lo]))))
+            Ok(Incoming::Close(Some(code)))
         }
     }
+}
+
+/// Codes an endpoint may send in a close frame (RFC 6455 section 7.4).
+pub fn is_valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 /// The payload of a frame this module encoded, with its opcode (tests and tools).
@@ -334,6 +346,9 @@ mod tests {
         two.extend(client(0x81, b"b"));
         assert!(protocol(&two).contains("fragmented"));
         assert!(protocol(&client(0x88, &[3])).contains("one-byte"));
+        assert!(protocol(&client(0x88, &1005u16.to_be_bytes())).contains("close code"));
+        assert!(protocol(&client(0x88, &999u16.to_be_bytes())).contains("close code"));
+        assert!(protocol(b"\x82\xff\x80\0\0\0\0\0\0\x01").contains("most significant"));
         assert_eq!(feed_all(&mut Reader::new(1000), &client(0x81, &[0xFF, 0xFE])), Err(FrameError::InvalidUtf8));
     }
 

@@ -69,13 +69,17 @@ impl Metrics {
             ),
             messages_in: reg!("messages_in", "Data frames received from clients", Counter::default()),
             bytes_in: reg!("bytes_in", "Payload bytes received from clients", Counter::default()),
-            messages_out: reg!("messages_out", "Frames written to clients", Counter::default()),
+            messages_out: reg!(
+                "messages_out",
+                "Frames written to clients (keepalive pings and pongs included)",
+                Counter::default()
+            ),
             socket_writes: reg!(
                 "socket_writes",
                 "Write syscalls to client sockets (frames per write = messages_out / this)",
                 Counter::default()
             ),
-            bytes_out: reg!("bytes_out", "Payload bytes written to clients", Counter::default()),
+            bytes_out: reg!("bytes_out", "Bytes written to clients, frame headers included", Counter::default()),
             slow_client_closes: reg!(
                 "slow_client_closes",
                 "Clients closed with 1013 because their outbound queue filled up",

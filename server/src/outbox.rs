@@ -44,15 +44,10 @@ impl CloseReason {
             CloseReason::InvalidUtf8 => (1007, "text frame is not valid UTF-8"),
             CloseReason::ProtocolViolation => (1002, "protocol violation"),
             CloseReason::BusUnavailable => (1013, "message bus unavailable"),
-            CloseReason::PeerClosed(code) => return frame::close(code.filter(|c| is_sendable(*c)), ""),
+            CloseReason::PeerClosed(code) => return frame::close(code.filter(|c| frame::is_valid_close_code(*c)), ""),
         };
         frame::close(Some(code), reason)
     }
-}
-
-/// Codes that may appear in a close frame on the wire (RFC 6455 section 7.4).
-fn is_sendable(code: u16) -> bool {
-    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -156,6 +151,18 @@ impl Outbox {
         .await
     }
 
+    /// Appends whatever was queued since [`Outbox::next_batch`] to `batch`; a close request
+    /// stays for the next call.
+    pub fn take_more(&self, batch: &mut VecDeque<Frame>) {
+        let mut state = self.lock();
+        if batch.is_empty() {
+            std::mem::swap(&mut state.queue, batch);
+        } else {
+            // Taken, not drained: the queue must not keep a buffer between bursts.
+            batch.extend(std::mem::take(&mut state.queue));
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding this lock leaves a consistent queue; keep going.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -201,6 +208,20 @@ mod tests {
         let mut batch = VecDeque::new();
         assert_eq!(o.next_batch(&mut batch).await, None);
         assert_eq!(batch.len(), 1);
+        batch.clear();
+        assert_eq!(o.next_batch(&mut batch).await, Some(CloseReason::Draining));
+    }
+
+    #[tokio::test]
+    async fn more_frames_join_a_batch_and_a_close_waits_its_turn() {
+        let o = Outbox::new(10);
+        o.push(text("a"));
+        let mut batch = VecDeque::new();
+        assert_eq!(o.next_batch(&mut batch).await, None);
+        o.push(text("b"));
+        o.close(CloseReason::Draining);
+        o.take_more(&mut batch);
+        assert_eq!(batch, [text("a"), text("b")]);
         batch.clear();
         assert_eq!(o.next_batch(&mut batch).await, Some(CloseReason::Draining));
     }

@@ -10,7 +10,8 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 /// The largest request head accepted.
 pub const MAX_HEAD: usize = 8 * 1024;
-const MAX_HEADERS: usize = 32;
+/// Headers in one request, at most (proxies and meshes add a good dozen to a browser's).
+const MAX_HEADERS: usize = 96;
 
 /// What the server uses of an upgrade request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +31,8 @@ pub enum HeadError {
     Closed,
     #[error("request head larger than {MAX_HEAD} bytes")]
     TooLarge,
+    #[error("more than {MAX_HEADERS} request headers")]
+    TooManyHeaders,
     #[error("{0}")]
     BadRequest(String),
     #[error("unsupported Sec-WebSocket-Version (this server speaks 13)")]
@@ -44,7 +47,9 @@ impl HeadError {
         let body = format!("{self}\n");
         Some(match self {
             HeadError::Closed => return None,
-            HeadError::TooLarge => response(431, "Request Header Fields Too Large", &[], &body),
+            HeadError::TooLarge | HeadError::TooManyHeaders => {
+                response(431, "Request Header Fields Too Large", &[], &body)
+            }
             HeadError::BadRequest(_) => response(400, "Bad Request", &[], &body),
             HeadError::WrongVersion => response(426, "Upgrade Required", &[("Sec-WebSocket-Version", "13")], &body),
             HeadError::Method(_) => response(405, "Method Not Allowed", &[("Allow", "GET")], &body),
@@ -77,7 +82,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
     let used = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
         Err(e) => return Err(HeadError::BadRequest(format!("malformed HTTP request: {e}"))),
     };
     let method = req.method.unwrap_or_default();
@@ -183,5 +188,10 @@ mod tests {
         assert_eq!(status(&GOOD.replace("Version: 13", "Version: 8")), "HTTP/1.1 426 Upgrade Required");
         assert_eq!(status(&GOOD.replace("Sec-WebSocket-Key", "X-Key")), "HTTP/1.1 400 Bad Request");
         assert_eq!(status("GARBAGE\x01\r\n\r\n"), "HTTP/1.1 400 Bad Request");
+        let crowded: String = (0..100).map(|i| format!("X-H{i}: v\r\n")).collect();
+        assert_eq!(status(&GOOD.replace("Host: x\r\n", &crowded)), "HTTP/1.1 431 Request Header Fields Too Large");
+        let mut many: String = (0..60).map(|i| format!("X-H{i}: v\r\n")).collect();
+        many.push_str("Host: x\r\n");
+        assert!(parse_head(GOOD.replace("Host: x\r\n", &many).as_bytes()).unwrap().is_some(), "60 headers pass");
     }
 }
