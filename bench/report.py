@@ -38,6 +38,8 @@ def row(step):
         "burst_messages": burst.get("messages", 0),
         "burst_lost": sum(x.get("expected", 0) - x.get("deliveries", 0) for x in step.get("bursts", [burst])),
         "fpw": burst.get("frames_per_write"),
+        # Server CPU per delivery in the median burst (µs): what a delivery costs, whatever the timing.
+        "cpu_us": burst["cpu_seconds"]["servers"] / max(burst["deliveries"], 1) * 1e6 if "cpu_seconds" in burst else float("nan"),
         "p50": lat["p50"],
         "p99": lat["p99"],
         "p999": lat["p999"],
@@ -47,8 +49,8 @@ def row(step):
 def table(docs):
     lines = [
         "| run | connections | failed | establish (s) | server B/conn | client B/conn | kernel B/conn | idle CPU (% core) "
-        "| one broadcast to all (ms) | its deliveries/s | burst deliveries/s: median (min-max; lost) | frames per write | steady p50 / p99 / p99.9 (ms) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| one broadcast to all (ms) | its deliveries/s | burst deliveries/s: median (min-max; lost) | server CPU µs per delivery | frames per write | steady p50 / p99 / p99.9 (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d in docs:
         for s in d["steps"]:
@@ -57,10 +59,10 @@ def table(docs):
             lines.append(
                 f"| {label(d)} | {r['held']:,} | {r['failed']} | {r['establish_s']:.1f} | {r['server_b']:,.0f} | {r['client_b']:,.0f} | "
                 f"{r['kernel_b']:,.0f} | {r['idle_cpu']:.1f} | {r['fanout_ms']:,.0f} | {r['fanout_rate']:,.0f} | "
-                f"{r['burst_rate']:,.0f} ({min(r['burst_range']):,.0f}-{max(r['burst_range']):,.0f}; {r['burst_lost']:,}) | {fpw} | "
+                f"{r['burst_rate']:,.0f} ({min(r['burst_range']):,.0f}-{max(r['burst_range']):,.0f}; {r['burst_lost']:,}) | {r['cpu_us']:.2f} | {fpw} | "
                 f"{r['p50']:.0f} / {r['p99']:.0f} / {r['p999']:.0f} |"
             )
-        lines.append(f"| {label(d)} | stopped: {d['stopped']} | | | | | | | | | | | |")
+        lines.append(f"| {label(d)} | stopped: {d['stopped']} | | | | | | | | | | | | |")
     if len(docs) >= 2:
         a = {s["target"]: row(s) for s in docs[0]["steps"]}
         b = {s["target"]: row(s) for s in docs[1]["steps"]}
@@ -74,6 +76,7 @@ def table(docs):
                 "",
                 f"- burst fan-out, deliveries per second (medians): {x['burst_rate'] / y['burst_rate']:.1f}x "
                 f"(worst wsfleet burst against the best baseline burst: {min(x['burst_range']) / max(y['burst_range']):.1f}x)",
+                f"- server CPU per delivery in a burst: {y['cpu_us'] / x['cpu_us']:.1f}x",
                 f"- one broadcast to every connection, deliveries per second: {x['fanout_rate'] / y['fanout_rate']:.2f}x",
                 f"- server memory per connection: {y['server_b'] / x['server_b']:.2f}x",
                 f"- time to establish: {y['establish_s'] / x['establish_s']:.2f}x",
