@@ -176,10 +176,24 @@ fn broadcast(addr: SocketAddr, seqs: std::ops::RangeInclusive<u64>) -> anyhow::R
 }
 
 fn broadcast_each(addr: SocketAddr, seqs: &[u64]) -> anyhow::Result<u64> {
+    let mut ws = publisher(addr)?;
+    let first = now_micros();
+    send_and_close(&mut ws, seqs)?;
+    Ok(first)
+}
+
+type Publisher = tungstenite::WebSocket<TcpStream>;
+
+/// A raw-mode connection to server `addr`, upgraded and ready to publish.
+fn publisher(addr: SocketAddr) -> anyhow::Result<Publisher> {
     let stream = TcpStream::connect(addr)?;
     stream.set_nodelay(true)?;
-    let (mut ws, _) = tungstenite::client(format!("ws://{addr}/ws/bench"), stream).context("publisher handshake")?;
-    let first = now_micros();
+    let (ws, _) = tungstenite::client(format!("ws://{addr}/ws/bench"), stream).context("publisher handshake")?;
+    Ok(ws)
+}
+
+/// Sends broadcasts `seqs` back to back, then closes.
+fn send_and_close(ws: &mut Publisher, seqs: &[u64]) -> anyhow::Result<()> {
     for seq in seqs {
         ws.write(Message::text(json!({"t": now_micros(), "seq": seq}).to_string()))?;
     }
@@ -189,7 +203,7 @@ fn broadcast_each(addr: SocketAddr, seqs: &[u64]) -> anyhow::Result<u64> {
     ws.get_ref().set_read_timeout(Some(Duration::from_secs(30)))?;
     let _ = ws.close(None);
     while ws.read().is_ok() {}
-    Ok(first)
+    Ok(())
 }
 
 pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
@@ -338,27 +352,25 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
         for _ in 0..args.bursts.max(1) {
             let first_burst = seq + 1;
             seq += burst_messages;
+            // Published the way a fleet's traffic arrives: from one connection per server, each
+            // sending its share back to back. The publishers connect (and their servers set them
+            // up) before the clock starts: connection set-up is not fan-out.
+            let mut publishers = servers.iter().map(|a| publisher(*a)).collect::<anyhow::Result<Vec<_>>>()?;
+            std::thread::sleep(Duration::from_millis(500));
             let (server_ticks, client_ticks) = (cpu(&server_pids), cpu(&client_pids));
             let (frames0, writes0) = write_counts(&metrics_ports);
-            // Published the way a fleet's traffic arrives: from one connection per server at
-            // once, each sending its share back to back.
             let burst_start = now_micros();
             std::thread::scope(|scope| {
-                let publishers: Vec<_> = servers
-                    .iter()
+                let sending: Vec<_> = publishers
+                    .iter_mut()
                     .enumerate()
-                    .map(|(i, addr)| {
+                    .map(|(i, ws)| {
                         let mine: Vec<u64> =
                             (first_burst..=seq).filter(|s| s % servers.len() as u64 == i as u64).collect();
-                        scope.spawn(move || match (mine.first(), mine.last()) {
-                            (Some(&a), Some(&b)) => {
-                                broadcast_each(*addr, &mine).map(drop).with_context(|| format!("{a}..{b}"))
-                            }
-                            _ => Ok(()),
-                        })
+                        scope.spawn(move || send_and_close(ws, &mine).with_context(|| format!("publisher {i}")))
                     })
                     .collect();
-                publishers.into_iter().try_for_each(|p| p.join().map_err(|_| anyhow::anyhow!("publisher panicked"))?)
+                sending.into_iter().try_for_each(|p| p.join().map_err(|_| anyhow::anyhow!("publisher panicked"))?)
             })?;
             let (burst_received, _, burst_end) = collect_seqs(&events, first_burst..=seq, clients.len())?;
             let burst_seconds = burst_end.saturating_sub(burst_start).max(1) as f64 / 1e6;
