@@ -40,7 +40,7 @@ use crate::hub::{ConnId, Mode};
 use crate::metrics::Metrics;
 use crate::outbox::{CloseReason, Outbox};
 use crate::protocol::{self, ClientOp, ErrorCode, Payload, ProtocolError};
-use crate::upgrade::{self, HeadError};
+use crate::upgrade::{self, Head, HeadError};
 
 /// How long a closing connection waits for its close frame to go out and the peer's reply.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -173,19 +173,10 @@ impl Refusal {
     }
 }
 
-/// What admission looks at in an upgrade request.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct UpgradeRequest<'a> {
-    pub path: &'a str,
-    pub query: Option<&'a str>,
-    pub origin: Option<&'a str>,
-    pub authorization: Option<&'a str>,
-}
-
 /// Pure routing and admission: what to do with one upgrade request. Checked in this order:
 /// draining, full, origin, path, token.
 pub fn admit(
-    req: &UpgradeRequest<'_>,
+    req: &Head,
     allowed_origins: &[String],
     auth: Option<&Auth>,
     draining: bool,
@@ -197,13 +188,13 @@ pub fn admit(
     if full {
         return Err((Refusal::Full, String::new()));
     }
-    if let Some(origin) = req.origin
+    if let Some(origin) = req.origin.as_deref()
         && !allowed_origins.is_empty()
         && !allowed_origins.iter().any(|o| o == origin)
     {
         return Err((Refusal::ForbiddenOrigin, origin.to_owned()));
     }
-    let route = match req.path {
+    let route = match req.path.as_str() {
         "/ws" => Route::Protocol,
         path => match path.strip_prefix("/ws/") {
             Some(channel) => match protocol::validate_channel(channel) {
@@ -216,7 +207,8 @@ pub fn admit(
         },
     };
     if let Some(auth) = auth {
-        auth.check(crate::auth::token(req.authorization, req.query)).map_err(|why| (Refusal::Unauthorized, why))?;
+        auth.check(crate::auth::token(req.authorization.as_deref(), req.query.as_deref()))
+            .map_err(|why| (Refusal::Unauthorized, why))?;
     }
     Ok(route)
 }
@@ -280,14 +272,8 @@ async fn handshake(
             return Err("bad_request");
         }
     };
-    let request = UpgradeRequest {
-        path: &head.path,
-        query: head.query.as_deref(),
-        origin: head.origin.as_deref(),
-        authorization: head.authorization.as_deref(),
-    };
     let draining = shared.draining.load(Ordering::Acquire);
-    match admit(&request, &shared.allowed_origins, shared.auth.as_ref(), draining, permit.is_none()) {
+    match admit(&head, &shared.allowed_origins, shared.auth.as_ref(), draining, permit.is_none()) {
         Ok(route) => {
             stream.write_all(&upgrade::switching_protocols(&head.key)).await.map_err(|_| "failed")?;
             Ok((route, leftover))
@@ -321,28 +307,25 @@ type ReadEnd = Option<CloseReason>;
 
 impl Connection {
     async fn run(mut self, stream: &TcpStream, leftover: Vec<u8>, route: Route) {
-        let mode = match &route {
-            Route::Protocol => Mode::Protocol,
+        // A raw-mode connection is subscribed to its channel before anything else.
+        let channel = match route {
+            Route::Protocol => None,
             Route::Raw(channel) => {
                 // Recorded before the join, so the cleanup below covers a join cut short.
                 self.subscriptions.insert(channel.clone());
-                if Box::pin(self.join(channel, Mode::Raw, None)).await.is_err() {
-                    self.subscriptions.remove(channel);
+                if Box::pin(self.join(&channel, Mode::Raw, None)).await.is_err() {
+                    self.subscriptions.remove(&channel);
                     self.outbox.close(CloseReason::BusUnavailable);
                 }
-                Mode::Raw
+                Some(channel)
             }
-        };
-        let channel = match route {
-            Route::Raw(c) => Some(c),
-            Route::Protocol => None,
         };
         let outbox = self.outbox.clone();
         let shared = self.shared.clone();
         let heard = Heard::new();
         {
             let writer = write_loop(stream, &outbox, &shared, &heard);
-            let reader = self.read_loop(stream, leftover, mode, channel.as_deref(), &heard);
+            let reader = self.read_loop(stream, leftover, channel.as_deref(), &heard);
             tokio::pin!(writer, reader);
             tokio::select! {
                 close_sent = &mut writer => if close_sent {
@@ -367,7 +350,6 @@ impl Connection {
         &mut self,
         stream: &TcpStream,
         leftover: Vec<u8>,
-        mode: Mode,
         raw_channel: Option<&str>,
         heard: &Heard,
     ) -> ReadEnd {
@@ -384,7 +366,7 @@ impl Connection {
                 // Time spent on the peer's own requests (a slow bus, a queue for joins) is not
                 // silence: the read loop cannot listen meanwhile.
                 heard.busy(true);
-                let stop = Box::pin(self.on_messages(batch, mode, raw_channel)).await;
+                let stop = Box::pin(self.on_messages(batch, raw_channel)).await;
                 heard.busy(false);
                 if let Some(stop) = stop {
                     return stop;
@@ -411,49 +393,50 @@ impl Connection {
     }
 
     /// Handles a batch of client messages in order; `Some` ends the read loop.
-    async fn on_messages(&mut self, batch: Vec<Incoming>, mode: Mode, raw_channel: Option<&str>) -> Option<ReadEnd> {
+    async fn on_messages(&mut self, batch: Vec<Incoming>, raw_channel: Option<&str>) -> Option<ReadEnd> {
         for msg in batch {
-            if let Some(stop) = self.on_message(msg, mode, raw_channel).await {
+            if let Some(stop) = self.on_message(msg, raw_channel).await {
                 return Some(stop);
             }
         }
         None
     }
 
-    /// Handles one client message; `Some` ends the read loop.
-    async fn on_message(&mut self, msg: Incoming, mode: Mode, raw_channel: Option<&str>) -> Option<ReadEnd> {
-        let metrics = &self.shared.metrics;
-        let payload = match msg {
-            Incoming::Text(text) => Payload::Text(text),
-            Incoming::Binary(bytes) => Payload::Binary(bytes),
+    /// Handles one client message; `Some` ends the read loop. `raw_channel` is the channel of a
+    /// raw-mode connection, `None` in protocol mode.
+    async fn on_message(&mut self, msg: Incoming, raw_channel: Option<&str>) -> Option<ReadEnd> {
+        let len = match &msg {
+            Incoming::Text(text) => text.len(),
+            Incoming::Binary(bytes) => bytes.len(),
             Incoming::Ping(data) => {
-                self.push(frame::pong(&data));
+                self.push(frame::pong(data));
                 return None;
             }
             Incoming::Pong => return None,
-            Incoming::Close(code) => return Some(Some(CloseReason::PeerClosed(code))),
+            Incoming::Close(code) => return Some(Some(CloseReason::PeerClosed(*code))),
         };
-        let len = match &payload {
-            Payload::Text(b) | Payload::Binary(b) | Payload::Json(b) => b.len() as u64,
-        };
-        metrics.messages_in.inc();
-        metrics.bytes_in.inc_by(len);
-        match (mode, raw_channel, payload) {
-            (Mode::Raw, Some(channel), payload) => {
-                // Raw mode has no error frame: a publish the bus refused ends the connection
-                // (1013) rather than vanishing silently.
-                if self.publish(channel, payload).await.is_err() {
-                    return Some(Some(CloseReason::BusUnavailable));
-                }
+        self.shared.metrics.messages_in.inc();
+        self.shared.metrics.bytes_in.inc_by(len as u64);
+        let Some(channel) = raw_channel else {
+            match msg {
+                Incoming::Text(text) => self.on_protocol_frame(text.as_str()).await,
+                _ => self.reply_error(&ProtocolError::new(
+                    ErrorCode::BinaryNotSupported,
+                    "protocol mode takes JSON text frames; use /ws/<channel> for binary payloads",
+                )),
             }
-            (_, _, Payload::Text(text)) => match std::str::from_utf8(&text) {
-                Ok(text) => self.on_protocol_frame(text).await,
-                Err(_) => return Some(self.frame_error(FrameError::InvalidUtf8)),
-            },
-            _ => self.reply_error(&ProtocolError::new(
-                ErrorCode::BinaryNotSupported,
-                "protocol mode takes JSON text frames; use /ws/<channel> for binary payloads",
-            )),
+            return None;
+        };
+        let payload = match msg {
+            Incoming::Text(text) => Payload::Text(text.into()),
+            Incoming::Binary(bytes) => Payload::Binary(bytes),
+            // Control frames were answered above.
+            _ => return None,
+        };
+        // Raw mode has no error frame: a publish the bus refused ends the connection (1013)
+        // rather than vanishing silently.
+        if self.publish(channel, payload).await.is_err() {
+            return Some(Some(CloseReason::BusUnavailable));
         }
         None
     }
@@ -666,7 +649,7 @@ async fn write_loop(stream: &TcpStream, outbox: &Outbox, shared: &Shared, heard:
             }
         };
         if let Some(reason) = close {
-            Box::pin(finish(stream, reason)).await;
+            Box::pin(finish(stream, VecDeque::new(), reason)).await;
             return true;
         }
         // Let the runtime look at its sockets once before writing: messages that reached the bus
@@ -723,8 +706,7 @@ async fn write_batch(
     // Too slow: finish the frame under way (a close frame cannot follow half a frame), drop
     // the rest, then close.
     batch.truncate(usize::from(mid_frame));
-    batch.push_back(CloseReason::Slow.frame());
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, write_frames(stream, batch, &mut mid_frame)).await;
+    finish(stream, std::mem::take(batch), CloseReason::Slow).await;
     None
 }
 
@@ -767,18 +749,19 @@ async fn write_frames(stream: &TcpStream, frames: &mut VecDeque<Frame>, mid_fram
     Ok(writes)
 }
 
-/// Sends the close frame of `reason`, bounded by [`CLOSE_TIMEOUT`].
-async fn finish(stream: &TcpStream, reason: CloseReason) {
-    let mut close = VecDeque::from([reason.frame()]);
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, write_frames(stream, &mut close, &mut false)).await;
+/// Sends `rest` (what must still go out before it) and the close frame of `reason`, bounded by
+/// [`CLOSE_TIMEOUT`].
+async fn finish(stream: &TcpStream, mut rest: VecDeque<Frame>, reason: CloseReason) {
+    rest.push_back(reason.frame());
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, write_frames(stream, &mut rest, &mut false)).await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn req(path: &str) -> UpgradeRequest<'_> {
-        UpgradeRequest { path, ..Default::default() }
+    fn req(path: &str) -> Head {
+        Head { path: path.into(), ..Default::default() }
     }
 
     #[test]
@@ -791,16 +774,15 @@ mod tests {
     fn refusals_in_order_of_precedence() {
         let allowed = vec!["https://ok.example".to_owned()];
         let auth = Auth::new(b"0123456789abcdef0123456789abcdef").unwrap();
-        let refusal = |r: &UpgradeRequest<'_>, auth: Option<&Auth>, draining, full| {
-            admit(r, &allowed, auth, draining, full).unwrap_err().0
-        };
-        let evil = UpgradeRequest { origin: Some("https://evil.example"), ..req("/nowhere") };
+        let refusal =
+            |r: &Head, auth: Option<&Auth>, draining, full| admit(r, &allowed, auth, draining, full).unwrap_err().0;
+        let evil = Head { origin: Some("https://evil.example".into()), ..req("/nowhere") };
         assert_eq!(refusal(&evil, Some(&auth), true, true), Refusal::Draining);
         assert_eq!(refusal(&evil, Some(&auth), false, true), Refusal::Full);
         assert_eq!(refusal(&evil, Some(&auth), false, false), Refusal::ForbiddenOrigin);
         assert_eq!(refusal(&req("/nowhere"), Some(&auth), false, false), Refusal::NotFound);
         assert_eq!(refusal(&req("/ws"), Some(&auth), false, false), Refusal::Unauthorized);
-        let ok = UpgradeRequest { origin: Some("https://ok.example"), ..req("/ws") };
+        let ok = Head { origin: Some("https://ok.example".into()), ..req("/ws") };
         assert_eq!(admit(&ok, &allowed, None, false, false), Ok(Route::Protocol));
         assert_eq!(
             admit(&req("/ws"), &allowed, None, false, false),

@@ -275,9 +275,9 @@ fn at_or_before(a: &Position, b: &Position) -> bool {
 fn render(channel: &str, mode: Mode, msg: &Sequenced) -> Frame {
     match mode {
         Mode::Raw => match protocol::encode_raw(&msg.envelope.payload) {
-            // Text from the bus is checked once here: a text frame must be UTF-8.
-            RawFrame::Text(b) if std::str::from_utf8(&b).is_ok() => frame::text(&b),
-            RawFrame::Text(b) => frame::binary(&b),
+            // UTF-8 already: checked where it entered (the frame reader, or the envelope decoder
+            // for what came over the bus).
+            RawFrame::Text(b) => frame::text(&b),
             RawFrame::Binary(b) => frame::binary(&b),
         },
         Mode::Protocol => {

@@ -10,7 +10,7 @@
 //! an empty deque and one `Option<Waker>`.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::task::{Poll, Waker};
 
 use crate::frame::{self, Frame};
@@ -69,10 +69,21 @@ struct State {
 }
 
 impl State {
-    fn wake(&mut self) {
-        if let Some(w) = self.waiting.take() {
-            w.wake();
+    /// Remembers the writer's waker (`will_wake` spares a clone when the same task waits again).
+    fn wait(&mut self, waker: &Waker) {
+        match &self.waiting {
+            Some(w) if w.will_wake(waker) => {}
+            _ => self.waiting = Some(waker.clone()),
         }
+    }
+}
+
+/// Wakes the writer, if it waits, after letting go of the lock.
+fn wake(mut state: MutexGuard<'_, State>) {
+    let waiting = state.waiting.take();
+    drop(state);
+    if let Some(w) = waiting {
+        w.wake();
     }
 }
 
@@ -94,11 +105,11 @@ impl Outbox {
         if state.queue.len() >= self.limit {
             state.queue = VecDeque::new();
             state.close = Some(CloseReason::Slow);
-            state.wake();
+            wake(state);
             return Push::Overflow;
         }
         state.queue.push_back(msg);
-        state.wake();
+        wake(state);
         Push::Queued
     }
 
@@ -109,7 +120,7 @@ impl Outbox {
         if state.close.is_none() {
             state.close = Some(reason);
         }
-        state.wake();
+        wake(state);
     }
 
     pub fn is_closing(&self) -> bool {
@@ -123,7 +134,7 @@ impl Outbox {
             if state.close == Some(CloseReason::Slow) {
                 return Poll::Ready(());
             }
-            state.waiting = Some(cx.waker().clone());
+            state.wait(cx.waker());
             Poll::Pending
         })
         .await
@@ -141,11 +152,7 @@ impl Outbox {
             if state.close.is_some() {
                 return Poll::Ready(state.close);
             }
-            // `will_wake` spares a clone when the same task waits again.
-            match &state.waiting {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                _ => state.waiting = Some(cx.waker().clone()),
-            }
+            state.wait(cx.waker());
             Poll::Pending
         })
         .await
@@ -163,7 +170,7 @@ impl Outbox {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock leaves a consistent queue; keep going.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -13,8 +13,8 @@ pub const MAX_HEAD: usize = 8 * 1024;
 /// Headers in one request, at most (proxies and meshes add a good dozen to a browser's).
 const MAX_HEADERS: usize = 96;
 
-/// What the server uses of an upgrade request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What the server uses of an upgrade request (and what admission looks at).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Head {
     pub path: String,
     pub query: Option<String>,
