@@ -118,22 +118,21 @@ fn wait_port(port: u16, limit: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn meminfo(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
+/// A `<field> <n> kB` line of a /proc file, in bytes (0 when missing).
+fn proc_kb(path: &str, field: &str) -> u64 {
+    std::fs::read_to_string(path)
         .ok()
-        .and_then(|m| m.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
         .map(|kb: u64| kb * 1024)
         .unwrap_or(0)
 }
 
+fn meminfo(field: &str) -> u64 {
+    proc_kb("/proc/meminfo", field)
+}
+
 fn rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .map(|kb: u64| kb * 1024)
-        .unwrap_or(0)
+    proc_kb(&format!("/proc/{pid}/status"), "VmRSS:")
 }
 
 /// utime + stime in clock ticks (100 per second).
@@ -169,17 +168,9 @@ fn write_counts(ports: &[u16]) -> (f64, f64) {
     totals
 }
 
-/// Sends raw-mode broadcasts `seqs` back to back through server `addr` on one short-lived
-/// connection. Returns the wall clock (µs) of the first.
-fn broadcast(addr: SocketAddr, seqs: std::ops::RangeInclusive<u64>) -> anyhow::Result<u64> {
-    broadcast_each(addr, &seqs.collect::<Vec<_>>())
-}
-
-fn broadcast_each(addr: SocketAddr, seqs: &[u64]) -> anyhow::Result<u64> {
-    let mut ws = publisher(addr)?;
-    let first = now_micros();
-    send_and_close(&mut ws, seqs)?;
-    Ok(first)
+/// Sends one raw-mode broadcast through server `addr` on a short-lived connection.
+fn broadcast(addr: SocketAddr, seq: u64) -> anyhow::Result<()> {
+    send_and_close(&mut publisher(addr)?, &[seq])
 }
 
 type Publisher = tungstenite::WebSocket<TcpStream>;
@@ -338,7 +329,7 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
         let mut fanout = Vec::new();
         for _ in 0..args.broadcasts {
             seq += 1;
-            broadcast(servers[0], seq..=seq)?;
+            broadcast(servers[0], seq)?;
             let (received, last_us, _) = collect_seqs(&events, seq..=seq, clients.len())?;
             fanout.push(json!({"seq": seq, "received": received, "last_ms": last_us as f64 / 1000.0,
                 "deliveries_per_s": (received as f64 / (last_us.max(1) as f64 / 1e6)).round()}));
@@ -402,7 +393,7 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
         let first_sustained = seq + 1;
         for k in 0..sustained_messages {
             seq += 1;
-            broadcast(servers[(k as usize) % servers.len()], seq..=seq)?;
+            broadcast(servers[(k as usize) % servers.len()], seq)?;
             let next = sustained_start + period * (k as u32 + 1);
             std::thread::sleep(next.saturating_duration_since(Instant::now()));
         }

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use wsfleet_e2e::chart::{
     ChartOperator, ClusterScoped, OperatorLaunch, Outcome, Permission, Run, ServiceAccountKubeconfig, chart_dir,
-    documents, drive, find, helm_run, install_without_deployment, kind_of, render, repo_root, server_dry_run, to_json,
+    documents, drive, find, helm_run, install_without_deployment, kind_of, render, rendered_deployment, repo_root,
+    server_dry_run, to_json,
 };
 use wsfleet_e2e::{TestNamespace, kubectl, kubectl_run, unique_name, wait_until};
 
@@ -227,7 +228,7 @@ fn the_operator_reconciles_on_the_chart_service_account_alone() {
     });
     let account = find(&objects, "ServiceAccount")["metadata"]["name"].as_str().unwrap().to_owned();
     kubectl(&["-n", &release_ns.name, "get", "serviceaccount", &account]);
-    let deployment = to_json(&documents(&yaml).into_iter().find(|d| kind_of(d) == "Deployment").unwrap()).remove(0);
+    let deployment = rendered_deployment(&yaml);
     let kubeconfig = ServiceAccountKubeconfig::new(&release_ns.name, &account);
 
     kubectl_run(&["-n", &app_ns.name, "apply", "-f", "-"], Some(&read("operator/examples/chat.yaml"))).ok();
@@ -297,7 +298,7 @@ fn variant(removed: Option<Permission>, lease_seconds: u64) -> Variant {
             if answer.trim() == "no" { Ok(()) } else { Err(answer) }
         });
     }
-    let deployment = to_json(&documents(&yaml).into_iter().find(|d| kind_of(d) == "Deployment").unwrap()).remove(0);
+    let deployment = rendered_deployment(&yaml);
     let kubeconfig = ServiceAccountKubeconfig::new(&ns.name, &account);
     // The sample exists before the operator starts: its first list includes it.
     kubectl_run(&["-n", &ns.name, "apply", "-f", "-"], Some(&read("operator/examples/chat.yaml"))).ok();

@@ -29,6 +29,17 @@ fn condition(obj: &Value, type_: &str) -> Option<Value> {
     obj["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_).cloned()
 }
 
+/// A fresh namespace with its own operator (no leader election) and the sample fleet in it,
+/// once Ready. Keep the namespace and the operator alive for the test.
+fn ready_sample(label: &str) -> (TestNamespace, Proc, Value) {
+    install_crd();
+    let ns = TestNamespace::new(label);
+    let op = operator(&ns.name, &["--no-leader-election"]);
+    kubectl_run(&["-n", &ns.name, "apply", "-f", "-"], Some(&sample())).ok();
+    let obj = wait_ready(&ns.name, "chat");
+    (ns, op, obj)
+}
+
 fn wait_ready(ns: &str, name: &str) -> Value {
     wait_until("the WebSocketCluster to be Ready", WAIT, || {
         let obj = wsc(ns, name);
@@ -49,11 +60,7 @@ fn owned_by(child: &Value, owner: &Value) -> bool {
 
 #[test]
 fn a_sample_manifest_becomes_a_ready_fleet_with_every_child() {
-    install_crd();
-    let ns = TestNamespace::new("sample");
-    let _op = operator(&ns.name, &["--no-leader-election"]);
-    kubectl_run(&["-n", &ns.name, "apply", "-f", "-"], Some(&sample())).ok();
-    let obj = wait_ready(&ns.name, "chat");
+    let (ns, _op, obj) = ready_sample("sample");
 
     let deploy = get_json(&["-n", &ns.name, "deployment", "chat-server"]);
     assert!(owned_by(&deploy, &obj));
@@ -127,11 +134,7 @@ fn a_sample_manifest_becomes_a_ready_fleet_with_every_child() {
 
 #[test]
 fn scaling_reaches_the_deployment_and_the_status() {
-    install_crd();
-    let ns = TestNamespace::new("scale");
-    let _op = operator(&ns.name, &["--no-leader-election"]);
-    kubectl_run(&["-n", &ns.name, "apply", "-f", "-"], Some(&sample())).ok();
-    wait_ready(&ns.name, "chat");
+    let (ns, _op, _) = ready_sample("scale");
 
     kubectl(&["-n", &ns.name, "scale", "wsc/chat", "--replicas=5"]);
     for (how, replicas) in [("kubectl scale", 5), ("editing spec.replicas", 2)] {
@@ -163,11 +166,7 @@ fn scaling_reaches_the_deployment_and_the_status() {
 
 #[test]
 fn an_image_change_rolls_the_servers_and_progressing_reports_it() {
-    install_crd();
-    let ns = TestNamespace::new("roll");
-    let _op = operator(&ns.name, &["--no-leader-election"]);
-    kubectl_run(&["-n", &ns.name, "apply", "-f", "-"], Some(&sample())).ok();
-    let before = wait_ready(&ns.name, "chat");
+    let (ns, _op, before) = ready_sample("roll");
     let progressing = condition(&before, "Progressing").unwrap();
     assert_eq!(progressing["status"], "False");
     let edited_at = Instant::now();
@@ -219,11 +218,7 @@ fn an_image_change_rolls_the_servers_and_progressing_reports_it() {
 
 #[test]
 fn deleting_the_cluster_collects_every_child() {
-    install_crd();
-    let ns = TestNamespace::new("gc");
-    let _op = operator(&ns.name, &["--no-leader-election"]);
-    kubectl_run(&["-n", &ns.name, "apply", "-f", "-"], Some(&sample())).ok();
-    wait_ready(&ns.name, "chat");
+    let (ns, _op, _) = ready_sample("gc");
     kubectl(&["-n", &ns.name, "delete", "wsc", "chat", "--wait=true"]);
     wait_until("garbage collection of every child", WAIT, || {
         let left = kubectl(&["-n", &ns.name, "get", "deployment,service,poddisruptionbudget,daemonset", "-o", "name"]);
