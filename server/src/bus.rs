@@ -136,13 +136,15 @@ impl Bus {
     }
 
     /// Publishes to every subscriber of `channel` in the fleet, in the channel's order.
-    pub async fn publish(&self, channel: &str, envelope: Envelope) -> Result<(), BusError> {
+    /// Publishes `envelopes` (at most [`MAX_PUBLISH_BATCH`](crate::history::MAX_PUBLISH_BATCH))
+    /// in order, all or none.
+    pub async fn publish(&self, channel: &str, envelopes: Vec<Envelope>) -> Result<(), BusError> {
         match &self.transport {
             Transport::Local(history) => {
-                history.publish(channel, envelope, |msg| self.hub.deliver(channel, msg));
+                history.publish(channel, envelopes, |msg| self.hub.deliver(channel, msg));
                 Ok(())
             }
-            Transport::Redis(history) => history.publish(channel, &envelope).await.map(drop).map_err(BusError::from),
+            Transport::Redis(history) => history.publish(channel, &envelopes).await.map(drop).map_err(BusError::from),
         }
     }
 

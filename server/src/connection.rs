@@ -35,7 +35,7 @@ use crate::bus::{Bus, BusError};
 use crate::config::Config;
 use crate::envelope::Envelope;
 use crate::frame::{self, Frame, FrameError, Incoming};
-use crate::history::Since;
+use crate::history::{MAX_PUBLISH_BATCH, Since};
 use crate::hub::{ConnId, Mode};
 use crate::metrics::Metrics;
 use crate::outbox::{CloseReason, Outbox};
@@ -305,6 +305,26 @@ struct Connection {
 /// else the close the write side should send.
 type ReadEnd = Option<CloseReason>;
 
+/// Consecutive publishes to one channel, gathered from one read to go to the bus together.
+#[derive(Default)]
+struct PublishRun {
+    channel: String,
+    envelopes: Vec<Envelope>,
+}
+
+impl PublishRun {
+    fn add(&mut self, channel: &str, payload: Payload) {
+        if self.envelopes.is_empty() {
+            channel.clone_into(&mut self.channel);
+        }
+        self.envelopes.push(Envelope::new(payload));
+    }
+
+    fn is_full(&self) -> bool {
+        self.envelopes.len() >= MAX_PUBLISH_BATCH
+    }
+}
+
 impl Connection {
     async fn run(mut self, stream: &TcpStream, leftover: Vec<u8>, route: Route) {
         // A raw-mode connection is subscribed to its channel before anything else.
@@ -392,51 +412,99 @@ impl Connection {
         }
     }
 
-    /// Handles a batch of client messages in order; `Some` ends the read loop.
+    /// Handles a batch of client messages (what one read brought) in order; `Some` ends the
+    /// read loop. A run of publishes to one channel goes to the bus in one call (one Redis round
+    /// trip), so back-to-back messages do not each wait for the previous one's answer: under
+    /// load that answer can wait behind a whole fan-out round.
     async fn on_messages(&mut self, batch: Vec<Incoming>, raw_channel: Option<&str>) -> Option<ReadEnd> {
+        let mut run = PublishRun::default();
         for msg in batch {
-            if let Some(stop) = self.on_message(msg, raw_channel).await {
-                return Some(stop);
+            match msg {
+                Incoming::Ping(data) => self.push(frame::pong(&data)),
+                Incoming::Pong => {}
+                Incoming::Close(code) => {
+                    let end = self.publish_run(&mut run, raw_channel).await;
+                    return Some(end.or(Some(CloseReason::PeerClosed(code))));
+                }
+                Incoming::Text(text) => {
+                    self.count_in(text.len());
+                    match raw_channel {
+                        Some(channel) => run.add(channel, Payload::Text(text.into())),
+                        None => self.on_protocol_text(text.as_str(), &mut run).await,
+                    }
+                }
+                Incoming::Binary(bytes) => {
+                    self.count_in(bytes.len());
+                    match raw_channel {
+                        Some(channel) => run.add(channel, Payload::Binary(bytes)),
+                        None => {
+                            self.publish_run(&mut run, None).await;
+                            self.reply_error(&ProtocolError::new(
+                                ErrorCode::BinaryNotSupported,
+                                "protocol mode takes JSON text frames; use /ws/<channel> for binary payloads",
+                            ));
+                        }
+                    }
+                }
+            }
+            if run.is_full()
+                && let Some(end) = self.publish_run(&mut run, raw_channel).await
+            {
+                return Some(Some(end));
             }
         }
-        None
+        self.publish_run(&mut run, raw_channel).await.map(Some)
     }
 
-    /// Handles one client message; `Some` ends the read loop. `raw_channel` is the channel of a
-    /// raw-mode connection, `None` in protocol mode.
-    async fn on_message(&mut self, msg: Incoming, raw_channel: Option<&str>) -> Option<ReadEnd> {
-        let len = match &msg {
-            Incoming::Text(text) => text.len(),
-            Incoming::Binary(bytes) => bytes.len(),
-            Incoming::Ping(data) => {
-                self.push(frame::pong(data));
-                return None;
-            }
-            Incoming::Pong => return None,
-            Incoming::Close(code) => return Some(Some(CloseReason::PeerClosed(*code))),
-        };
+    fn count_in(&self, len: usize) {
         self.shared.metrics.messages_in.inc();
         self.shared.metrics.bytes_in.inc_by(len as u64);
-        let Some(channel) = raw_channel else {
-            match msg {
-                Incoming::Text(text) => self.on_protocol_frame(text.as_str()).await,
-                _ => self.reply_error(&ProtocolError::new(
-                    ErrorCode::BinaryNotSupported,
-                    "protocol mode takes JSON text frames; use /ws/<channel> for binary payloads",
-                )),
+    }
+
+    /// A protocol-mode text frame. Publishes join the run; anything else first waits for the
+    /// run to go out, so replies and effects keep the client's order.
+    async fn on_protocol_text(&mut self, text: &str, run: &mut PublishRun) {
+        match protocol::parse_client_frame(text) {
+            Ok(ClientOp::Publish { channel, data }) => {
+                if run.channel != channel {
+                    self.publish_run(run, None).await;
+                }
+                run.add(channel, Payload::Json(Bytes::copy_from_slice(data.as_bytes())));
             }
+            Ok(ClientOp::Subscribe { channel, since }) => {
+                self.publish_run(run, None).await;
+                self.subscribe(channel, since).await;
+            }
+            Ok(ClientOp::Unsubscribe { channel }) => {
+                self.publish_run(run, None).await;
+                self.unsubscribe(channel);
+            }
+            Err(e) => {
+                self.publish_run(run, None).await;
+                self.reply_error(&e);
+            }
+        }
+    }
+
+    /// Publishes the run gathered so far and empties it. A refused run: in raw mode, which has
+    /// no error frame, the connection ends with 1013 (the returned close) rather than losing
+    /// messages silently; in protocol mode each of its messages gets an error frame.
+    async fn publish_run(&self, run: &mut PublishRun, raw_channel: Option<&str>) -> Option<CloseReason> {
+        if run.envelopes.is_empty() {
             return None;
-        };
-        let payload = match msg {
-            Incoming::Text(text) => Payload::Text(text.into()),
-            Incoming::Binary(bytes) => Payload::Binary(bytes),
-            // Control frames were answered above.
-            _ => return None,
-        };
-        // Raw mode has no error frame: a publish the bus refused ends the connection (1013)
-        // rather than vanishing silently.
-        if self.publish(channel, payload).await.is_err() {
-            return Some(Some(CloseReason::BusUnavailable));
+        }
+        let (channel, envelopes) = (std::mem::take(&mut run.channel), std::mem::take(&mut run.envelopes));
+        let count = envelopes.len();
+        // Boxed: a publish's state (a Redis script call) would otherwise be part of every idle
+        // connection's task.
+        let Err(e) = Box::pin(self.shared.bus.publish(&channel, envelopes)).await else { return None };
+        self.shared.metrics.publish_failures.inc_by(count as u64);
+        debug!(conn = self.id, %channel, messages = count, error = %e, "publish failed");
+        if raw_channel.is_some() {
+            return Some(CloseReason::BusUnavailable);
+        }
+        for _ in 0..count {
+            self.reply_error(&ProtocolError::new(ErrorCode::BusUnavailable, format!("not published: {e}")));
         }
         None
     }
@@ -452,53 +520,37 @@ impl Connection {
         Some(reason)
     }
 
-    async fn on_protocol_frame(&mut self, text: &str) {
-        let op = match protocol::parse_client_frame(text) {
-            Ok(op) => op,
-            Err(e) => return self.reply_error(&e),
-        };
-        match op {
-            ClientOp::Subscribe { channel, since } => {
-                if self.subscriptions.contains(channel) {
-                    return self.reply_error(&ProtocolError::new(
-                        ErrorCode::AlreadySubscribed,
-                        format!("already subscribed to {channel:?}; unsubscribe first to resume from another offset"),
-                    ));
-                }
-                if self.subscriptions.len() >= self.shared.max_subscriptions {
-                    return self.reply_error(&ProtocolError::new(
-                        ErrorCode::SubscriptionLimit,
-                        format!("this connection already has {} subscriptions (the limit)", self.subscriptions.len()),
-                    ));
-                }
-                // Recorded before the join, so the connection's cleanup covers a join cut short
-                // (the connection closing while the bus is slow to confirm).
-                self.subscriptions.insert(channel.to_owned());
-                if let Err(e) = Box::pin(self.join(channel, Mode::Protocol, since.as_ref())).await {
-                    self.subscriptions.remove(channel);
-                    self.reply_error(&ProtocolError::new(
-                        ErrorCode::BusUnavailable,
-                        format!("could not subscribe to {channel:?}: {e}; retry"),
-                    ));
-                }
-            }
-            ClientOp::Unsubscribe { channel } => {
-                if self.subscriptions.remove(channel) {
-                    self.shared.bus.hub().unsubscribe(channel, self.id);
-                    self.reply(protocol::unsubscribed_frame(channel));
-                } else {
-                    self.reply_error(&ProtocolError::new(
-                        ErrorCode::NotSubscribed,
-                        format!("not subscribed to {channel:?}"),
-                    ));
-                }
-            }
-            ClientOp::Publish { channel, data } => {
-                let payload = Payload::Json(Bytes::copy_from_slice(data.as_bytes()));
-                if let Err(e) = self.publish(channel, payload).await {
-                    self.reply_error(&ProtocolError::new(ErrorCode::BusUnavailable, format!("not published: {e}")));
-                }
-            }
+    async fn subscribe(&mut self, channel: &str, since: Option<Since>) {
+        if self.subscriptions.contains(channel) {
+            return self.reply_error(&ProtocolError::new(
+                ErrorCode::AlreadySubscribed,
+                format!("already subscribed to {channel:?}; unsubscribe first to resume from another offset"),
+            ));
+        }
+        if self.subscriptions.len() >= self.shared.max_subscriptions {
+            return self.reply_error(&ProtocolError::new(
+                ErrorCode::SubscriptionLimit,
+                format!("this connection already has {} subscriptions (the limit)", self.subscriptions.len()),
+            ));
+        }
+        // Recorded before the join, so the connection's cleanup covers a join cut short (the
+        // connection closing while the bus is slow to confirm).
+        self.subscriptions.insert(channel.to_owned());
+        if let Err(e) = Box::pin(self.join(channel, Mode::Protocol, since.as_ref())).await {
+            self.subscriptions.remove(channel);
+            self.reply_error(&ProtocolError::new(
+                ErrorCode::BusUnavailable,
+                format!("could not subscribe to {channel:?}: {e}; retry"),
+            ));
+        }
+    }
+
+    fn unsubscribe(&mut self, channel: &str) {
+        if self.subscriptions.remove(channel) {
+            self.shared.bus.hub().unsubscribe(channel, self.id);
+            self.reply(protocol::unsubscribed_frame(channel));
+        } else {
+            self.reply_error(&ProtocolError::new(ErrorCode::NotSubscribed, format!("not subscribed to {channel:?}")));
         }
     }
 
@@ -533,17 +585,6 @@ impl Connection {
             (mode == Mode::Protocol).then(|| frame::text(protocol::subscribed_frame(channel, &replay).as_bytes()));
         hub.open_gate(channel, self.id, first, &replay.entries, (replay.epoch.clone(), replay.head));
         Ok(())
-    }
-
-    async fn publish(&self, channel: &str, payload: Payload) -> Result<(), BusError> {
-        // Boxed: a publish's state (a Redis script call) would otherwise be part of every idle
-        // connection's task.
-        let r = Box::pin(self.shared.bus.publish(channel, Envelope::new(payload))).await;
-        if let Err(e) = &r {
-            self.shared.metrics.publish_failures.inc();
-            debug!(conn = self.id, %channel, error = %e, "publish failed");
-        }
-        r
     }
 
     fn reply(&self, text: String) {

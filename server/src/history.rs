@@ -11,7 +11,7 @@
 //! returns the missed entries when history still covers them, or says why it cannot.
 //!
 //! Two implementations with the same semantics: [`RedisHistory`] (one Lua script per publish
-//! and one per read, so order and history are decided inside Redis) and [`LocalHistory`] for
+//! batch and one per read, so order and history are decided inside Redis) and [`LocalHistory`] for
 //! the in-process bus.
 
 use std::collections::{HashMap, VecDeque};
@@ -96,23 +96,33 @@ pub enum HistoryError {
 const TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_DELAY: Duration = Duration::from_millis(50);
 
-/// KEYS: meta hash, history stream. ARGV: pub/sub channel, envelope, history size, ttl seconds,
-/// epoch to use if the channel has none. Returns the new offset.
+/// Most messages one publish carries (one script call); a client's longer run of publishes is
+/// split into several.
+pub const MAX_PUBLISH_BATCH: usize = 64;
+
+/// KEYS: meta hash, history stream. ARGV: pub/sub channel, history size, ttl seconds, epoch to
+/// use if the channel has none, then the envelopes in order. They take consecutive offsets and
+/// are published one pub/sub message each. Returns the last one's offset.
 const PUBLISH_SCRIPT: &str = r"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
-  epoch = ARGV[5]
+  epoch = ARGV[4]
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
 end
-local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
-if tonumber(ARGV[3]) > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'e', ARGV[2])
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
+local size = tonumber(ARGV[2])
+local last = redis.call('HINCRBY', KEYS[1], 'offset', #ARGV - 4)
+local offset = last - (#ARGV - 4)
+for i = 5, #ARGV do
+  offset = offset + 1
+  if size > 0 then
+    redis.call('XADD', KEYS[2], 'MAXLEN', size, offset .. '-0', 'e', ARGV[i])
+  end
+  redis.call('PUBLISH', ARGV[1], offset .. ':' .. epoch .. ':' .. ARGV[i])
 end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('PUBLISH', ARGV[1], offset .. ':' .. epoch .. ':' .. ARGV[2])
-return offset
+if size > 0 then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return last
 ";
 
 /// KEYS: meta hash, history stream. ARGV: since epoch ('' for none), since offset, epoch to use
@@ -185,20 +195,24 @@ impl RedisHistory {
         format!("{}:hist:{channel}", self.prefix)
     }
 
-    /// Orders, records and publishes one message; returns its offset.
-    pub async fn publish(&self, channel: &str, envelope: &Envelope) -> Result<u64, HistoryError> {
+    /// Orders, records and publishes `envelopes` (at most [`MAX_PUBLISH_BATCH`], in one script
+    /// call: all of them or none); returns the last one's offset.
+    pub async fn publish(&self, channel: &str, envelopes: &[Envelope]) -> Result<u64, HistoryError> {
+        debug_assert!(!envelopes.is_empty() && envelopes.len() <= MAX_PUBLISH_BATCH);
         let (meta, stream, pubsub) = (self.meta_key(channel), self.stream_key(channel), self.pubsub_key(channel));
-        let body = envelope.encode();
+        let bodies: Vec<Bytes> = envelopes.iter().map(Envelope::encode).collect();
         // Not idempotent: retried only when the command cannot have reached Redis.
         self.call(false, |mut conn| {
             let mut call = self.publish.prepare_invoke();
             call.key(&meta)
                 .key(&stream)
                 .arg(&pubsub)
-                .arg(body.as_ref())
                 .arg(self.config.size)
                 .arg(self.config.ttl.as_secs().max(1))
                 .arg(new_epoch());
+            for body in &bodies {
+                call.arg(body.as_ref());
+            }
             async move { call.invoke_async::<u64>(&mut conn).await }
         })
         .await
@@ -302,21 +316,22 @@ impl LocalHistory {
         LocalHistory { config, channels: Mutex::default() }
     }
 
-    /// Orders and records one message, then hands it to `deliver` while still holding the order,
-    /// so deliveries happen in offset order.
-    pub fn publish(&self, channel: &str, envelope: Envelope, deliver: impl FnOnce(&Sequenced)) {
+    /// Orders and records messages, handing each to `deliver` while still holding the order, so
+    /// deliveries happen in offset order.
+    pub fn publish(&self, channel: &str, envelopes: Vec<Envelope>, mut deliver: impl FnMut(&Sequenced)) {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         let c = self.channel(&mut channels, channel);
-        c.head += 1;
         c.touched = Instant::now();
-        if self.config.size > 0 {
-            c.entries.push_back(envelope.clone());
-            while c.entries.len() as u64 > self.config.size {
-                c.entries.pop_front();
+        for envelope in envelopes {
+            c.head += 1;
+            if self.config.size > 0 {
+                c.entries.push_back(envelope.clone());
+                while c.entries.len() as u64 > self.config.size {
+                    c.entries.pop_front();
+                }
             }
+            deliver(&Sequenced { epoch: c.epoch.clone(), offset: c.head, envelope });
         }
-        let msg = Sequenced { epoch: c.epoch.clone(), offset: c.head, envelope };
-        deliver(&msg);
     }
 
     pub fn read(&self, channel: &str, since: Option<&Since>) -> Replay {
@@ -388,7 +403,7 @@ mod tests {
     fn publish_all(h: &LocalHistory, msgs: &[&'static str]) -> Vec<u64> {
         let mut offsets = vec![];
         for m in msgs {
-            h.publish("c", env(m), |s| offsets.push(s.offset));
+            h.publish("c", vec![env(m)], |s| offsets.push(s.offset));
         }
         offsets
     }
@@ -398,7 +413,7 @@ mod tests {
         let h = local(10);
         assert_eq!(publish_all(&h, &["a", "b", "c"]), [1, 2, 3]);
         let mut other = 0;
-        h.publish("d", env("x"), |s| other = s.offset);
+        h.publish("d", vec![env("x")], |s| other = s.offset);
         assert_eq!(other, 1);
     }
 
@@ -433,7 +448,7 @@ mod tests {
         let h = local(1000);
         let epoch = h.read("c", None).epoch.to_string();
         for _ in 0..150 {
-            h.publish("c", env("x"), |_| {});
+            h.publish("c", vec![env("x")], |_| {});
         }
         let lost = |offset| h.read("c", Some(&Since { epoch: epoch.clone(), offset })).recovery;
         assert_eq!(lost(49), Some(Err(Lost::HistoryGap)), "101 behind, the cap is 100");

@@ -136,6 +136,57 @@ async fn concurrent_publishers_on_different_servers_yield_one_order_for_every_su
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_to_back_publishes_arrive_complete_and_in_order_with_replies_in_client_order() {
+    let (_redis, servers) = fleet(2, &[]);
+    let mut sub_a = subscriber(&servers[1], "a").await;
+    let mut sub_b = subscriber(&servers[1], "b").await;
+    let mut sub_raw = subscriber(&servers[1], "raw").await;
+
+    // One write carrying runs longer than one bus call takes, runs to two channels, a bad frame
+    // and an unsubscribe: replies must come in the client's order, messages in theirs.
+    let mut ws = subscriber(&servers[0], "mine").await;
+    let frame = |channel: &str, n: usize| json!({"op": "publish", "channel": channel, "data": {"n": n}}).to_string();
+    let mut sent = (Vec::new(), Vec::new());
+    for n in 0..150 {
+        ws.feed(Message::text(frame("a", n))).await.unwrap();
+        sent.0.push(n);
+    }
+    ws.feed(Message::text("{not json")).await.unwrap();
+    for n in 0..70 {
+        let channel = if n % 3 == 0 { "b" } else { "a" };
+        ws.feed(Message::text(frame(channel, 1000 + n))).await.unwrap();
+        if channel == "a" { &mut sent.0 } else { &mut sent.1 }.push(1000 + n);
+    }
+    ws.feed(Message::text(json!({"op": "unsubscribe", "channel": "mine"}).to_string())).await.unwrap();
+    ws.feed(Message::text(frame("b", 2000))).await.unwrap();
+    sent.1.push(2000);
+    ws.flush().await.unwrap();
+
+    let error = next_json(&mut ws).await;
+    assert_eq!((&error["type"], &error["code"]), (&json!("error"), &json!("invalid_json")), "{error}");
+    let unsubscribed = next_json(&mut ws).await;
+    assert_eq!(unsubscribed["type"], "unsubscribed", "{unsubscribed}");
+
+    // Raw mode: a burst of frames in one write.
+    let mut raw = connect(&servers[0].url("/ws/raw")).await;
+    for n in 0..200 {
+        raw.feed(Message::text(format!("r{n}"))).await.unwrap();
+    }
+    raw.flush().await.unwrap();
+
+    for (sub, expected) in [(&mut sub_a, &sent.0), (&mut sub_b, &sent.1)] {
+        for (i, n) in expected.iter().enumerate() {
+            let msg = next_json(sub).await;
+            assert_eq!((&msg["data"]["n"], &msg["offset"]), (&json!(n), &json!(i + 1)), "{msg}");
+        }
+    }
+    for n in 0..200 {
+        let msg = next_json(&mut sub_raw).await;
+        assert_eq!((&msg["data"], &msg["offset"]), (&json!(format!("r{n}")), &json!(n + 1)), "{msg}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_rides_out_a_redis_restart_without_restarting_anything() {
     let (mut redis, servers) = fleet(2, &[]);
     let mut sub_a = subscriber(&servers[0], "alerts").await;
