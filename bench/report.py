@@ -38,6 +38,9 @@ def row(step):
         "burst_messages": burst.get("messages", 0),
         "burst_lost": sum(x.get("expected", 0) - x.get("deliveries", 0) for x in step.get("bursts", [burst])),
         "fpw": burst.get("frames_per_write"),
+        # From the first broadcast's first delivery to the last one's: how spread out the
+        # burst's publishes reached the fleet (older results do not have it).
+        "spread_ms": burst.get("arrival_spread_ms"),
         # Server CPU per delivery in the median burst (µs): what a delivery costs, whatever the timing.
         "cpu_us": burst["cpu_seconds"]["servers"] / max(burst["deliveries"], 1) * 1e6 if "cpu_seconds" in burst else float("nan"),
         "p50": lat["p50"],
@@ -49,20 +52,21 @@ def row(step):
 def table(docs):
     lines = [
         "| run | connections | failed | establish (s) | server B/conn | client B/conn | kernel B/conn | idle CPU (% core) "
-        "| one broadcast to all (ms) | its deliveries/s | burst deliveries/s: median (min-max; lost) | server CPU µs per delivery | frames per write | steady p50 / p99 / p99.9 (ms) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| one broadcast to all (ms) | its deliveries/s | burst deliveries/s: median (min-max; lost) | server CPU µs per delivery | frames per write | burst arrival spread (ms) | steady p50 / p99 / p99.9 (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for d in docs:
         for s in d["steps"]:
             r = row(s)
             fpw = f"{r['fpw']:.1f}" if r["fpw"] else "-"
+            spread = f"{r['spread_ms']:.0f}" if r["spread_ms"] is not None else "-"
             lines.append(
                 f"| {label(d)} | {r['held']:,} | {r['failed']} | {r['establish_s']:.1f} | {r['server_b']:,.0f} | {r['client_b']:,.0f} | "
                 f"{r['kernel_b']:,.0f} | {r['idle_cpu']:.1f} | {r['fanout_ms']:,.0f} | {r['fanout_rate']:,.0f} | "
-                f"{r['burst_rate']:,.0f} ({min(r['burst_range']):,.0f}-{max(r['burst_range']):,.0f}; {r['burst_lost']:,}) | {r['cpu_us']:.2f} | {fpw} | "
+                f"{r['burst_rate']:,.0f} ({min(r['burst_range']):,.0f}-{max(r['burst_range']):,.0f}; {r['burst_lost']:,}) | {r['cpu_us']:.2f} | {fpw} | {spread} | "
                 f"{r['p50']:.0f} / {r['p99']:.0f} / {r['p999']:.0f} |"
             )
-        lines.append(f"| {label(d)} | stopped: {d['stopped']} | | | | | | | | | | | | |")
+        lines.append(f"| {label(d)} | stopped: {d['stopped']} | | | | | | | | | | | | | |")
     if len(docs) >= 2:
         a = {s["target"]: row(s) for s in docs[0]["steps"]}
         b = {s["target"]: row(s) for s in docs[1]["steps"]}
@@ -71,6 +75,9 @@ def table(docs):
             n = common[-1]
             x, y = a[n], b[n]
             lines += [
+                "",
+                f"Burst fan-out ratio ({docs[0]['stack']} / {docs[1]['stack']}, medians) at each step: "
+                + ", ".join(f"{k:,}: {a[k]['burst_rate'] / b[k]['burst_rate']:.1f}x" for k in common),
                 "",
                 f"Ratios at {n:,} connections ({docs[1]['stack']} / {docs[0]['stack']}; above 1 means {docs[0]['stack']} is better):",
                 "",

@@ -9,9 +9,9 @@
 //!
 //! Protocol on stdout, one JSON object per line:
 //! `{"event":"ready",...}` once the ramp is over; `{"event":"seq","seq":N,"received":R,
-//! "last_us":L,"last_at_us":A}` when every connection got broadcast N (or `--seq-timeout`
-//! seconds after its first copy): L is the slowest publish-to-deliver latency, A the wall clock
-//! of the last delivery.
+//! "last_us":L,"first_at_us":F,"last_at_us":A}` when every connection got broadcast N (or
+//! `--seq-timeout` seconds after its first copy): L is the slowest publish-to-deliver latency, F
+//! and A the wall clock of the first and the last delivery.
 //! On stdin: `report` prints `{"event":"latency",...}` (percentiles since the last report) and
 //! resets; `exit` ends the process. It also ends by itself after `--hold-seconds`.
 
@@ -67,6 +67,8 @@ struct SeqStats {
     received: usize,
     last_us: u64,
     last_at_us: u64,
+    /// Wall clock (µs) of the first copy: when the broadcast reached the fleet, near enough.
+    first_at_us: u64,
     first_at: Instant,
     reported: bool,
 }
@@ -77,6 +79,7 @@ impl Stats {
             received: 0,
             last_us: 0,
             last_at_us: 0,
+            first_at_us: now_us,
             first_at: Instant::now(),
             reported: false,
         });
@@ -190,7 +193,7 @@ async fn hold(args: HoldArgs) -> anyhow::Result<()> {
                     if st.received >= holding || st.first_at.elapsed() > Duration::from_secs(args.seq_timeout) {
                         st.reported = true;
                         println!("{}", json!({"event": "seq", "seq": seq, "received": st.received,
-                            "last_us": st.last_us, "last_at_us": st.last_at_us}));
+                            "last_us": st.last_us, "first_at_us": st.first_at_us, "last_at_us": st.last_at_us}));
                     }
                 }
             }

@@ -60,12 +60,12 @@ pub struct ScenarioArgs {
     #[arg(long, default_value_t = 3)]
     broadcasts: u64,
     /// Broadcasts in the burst phase: published at once (one connection per server, each
-    /// sending its share back to back) and timed until every connection has every one.
+    /// sending its share in one write) and timed until every connection has every one.
     #[arg(long, default_value_t = 20)]
     burst_messages: u64,
     /// Bursts per step; the median one stands for the step (they vary with how publishes and
     /// fan-out rounds happen to interleave).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     bursts: u64,
     /// Deliveries per second during the latency phase (its broadcasts are spaced so that every
     /// connection gets one each `connections / this` seconds, at least 0.2 s apart).
@@ -170,7 +170,10 @@ fn write_counts(ports: &[u16]) -> (f64, f64) {
 
 /// Sends one raw-mode broadcast through server `addr` on a short-lived connection.
 fn broadcast(addr: SocketAddr, seq: u64) -> anyhow::Result<()> {
-    send_and_close(&mut publisher(addr)?, &[seq])
+    let mut ws = publisher(addr)?;
+    send(&mut ws, &[seq])?;
+    close(vec![ws]);
+    Ok(())
 }
 
 type Publisher = tungstenite::WebSocket<TcpStream>;
@@ -183,18 +186,27 @@ fn publisher(addr: SocketAddr) -> anyhow::Result<Publisher> {
     Ok(ws)
 }
 
-/// Sends broadcasts `seqs` back to back, then closes.
-fn send_and_close(ws: &mut Publisher, seqs: &[u64]) -> anyhow::Result<()> {
+/// Sends broadcasts `seqs` back to back: one write.
+fn send(ws: &mut Publisher, seqs: &[u64]) -> anyhow::Result<()> {
     for seq in seqs {
         ws.write(Message::text(json!({"t": now_micros(), "seq": seq}).to_string()))?;
     }
     ws.flush()?;
-    // Close politely: wait for the server's close (or its end of the stream), so that no reset
-    // can overtake messages the server has not read yet.
-    ws.get_ref().set_read_timeout(Some(Duration::from_secs(30)))?;
-    let _ = ws.close(None);
-    while ws.read().is_ok() {}
     Ok(())
+}
+
+/// Closes politely: sends every close frame first, then waits for each server's close (or its
+/// end of the stream), so that no reset can overtake messages a server has not read yet.
+fn close(publishers: Vec<Publisher>) {
+    let mut closing = Vec::new();
+    for mut ws in publishers {
+        if ws.get_ref().set_read_timeout(Some(Duration::from_secs(30))).is_ok() && ws.close(None).is_ok() {
+            closing.push(ws);
+        }
+    }
+    for mut ws in closing {
+        while ws.read().is_ok() {}
+    }
 }
 
 pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
@@ -330,9 +342,9 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
         for _ in 0..args.broadcasts {
             seq += 1;
             broadcast(servers[0], seq)?;
-            let (received, last_us, _) = collect_seqs(&events, seq..=seq, clients.len())?;
-            fanout.push(json!({"seq": seq, "received": received, "last_ms": last_us as f64 / 1000.0,
-                "deliveries_per_s": (received as f64 / (last_us.max(1) as f64 / 1e6)).round()}));
+            let Delivered { received, slowest_us, .. } = collect_seqs(&events, seq..=seq, clients.len())?;
+            fanout.push(json!({"seq": seq, "received": received, "last_ms": slowest_us as f64 / 1000.0,
+                "deliveries_per_s": (received as f64 / (slowest_us.max(1) as f64 / 1e6)).round()}));
             std::thread::sleep(Duration::from_millis(300));
         }
         // A burst: fan-out throughput when messages come faster than one write per message.
@@ -351,20 +363,17 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
             let (server_ticks, client_ticks) = (cpu(&server_pids), cpu(&client_pids));
             let (frames0, writes0) = write_counts(&metrics_ports);
             let burst_start = now_micros();
-            std::thread::scope(|scope| {
-                let sending: Vec<_> = publishers
-                    .iter_mut()
-                    .enumerate()
-                    .map(|(i, ws)| {
-                        let mine: Vec<u64> =
-                            (first_burst..=seq).filter(|s| s % servers.len() as u64 == i as u64).collect();
-                        scope.spawn(move || send_and_close(ws, &mine).with_context(|| format!("publisher {i}")))
-                    })
-                    .collect();
-                sending.into_iter().try_for_each(|p| p.join().map_err(|_| anyhow::anyhow!("publisher panicked"))?)
-            })?;
-            let (burst_received, _, burst_end) = collect_seqs(&events, first_burst..=seq, clients.len())?;
-            let burst_seconds = burst_end.saturating_sub(burst_start).max(1) as f64 / 1e6;
+            // One thread writes every publisher's share in turn (one write each, microseconds
+            // apart): threads started one by one would reach a CPU already busy with the first
+            // messages' fan-out, and spread the burst over hundreds of milliseconds.
+            for (i, ws) in publishers.iter_mut().enumerate() {
+                let mine: Vec<u64> = (first_burst..=seq).filter(|s| s % servers.len() as u64 == i as u64).collect();
+                send(ws, &mine).with_context(|| format!("publisher {i}"))?;
+            }
+            close(publishers);
+            let delivered = collect_seqs(&events, first_burst..=seq, clients.len())?;
+            let burst_received = delivered.received;
+            let burst_seconds = delivered.last_at_us.saturating_sub(burst_start).max(1) as f64 / 1e6;
             // CPU seconds spent by the servers and by the clients while the burst was delivered
             // (sampled after the last report, so slightly over).
             let (frames1, writes1) = write_counts(&metrics_ports);
@@ -374,7 +383,9 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
             bursts.push(json!({"messages": burst_messages, "deliveries": burst_received,
                 "expected": burst_messages * held as u64, "seconds": burst_seconds,
                 "deliveries_per_s": (burst_received as f64 / burst_seconds).round(), "cpu_seconds": burst_cpu,
-                "frames_per_write": frames_per_write}));
+                "frames_per_write": frames_per_write,
+                "first_delivery_ms": delivered.first_at_us.saturating_sub(burst_start) as f64 / 1000.0,
+                "arrival_spread_ms": delivered.arrival_spread_us as f64 / 1000.0}));
             std::thread::sleep(Duration::from_millis(500));
         }
         // The median burst stands for the step; all of them are kept.
@@ -397,7 +408,7 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
             let next = sustained_start + period * (k as u32 + 1);
             std::thread::sleep(next.saturating_duration_since(Instant::now()));
         }
-        let sustained_received = collect_seqs(&events, first_sustained..=seq, clients.len())?.0;
+        let sustained_received = collect_seqs(&events, first_sustained..=seq, clients.len())?.received;
         for c in &mut clients {
             let _ = writeln!(c.stdin, "report");
         }
@@ -445,17 +456,31 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits (at most 90 s) for every client's report of each broadcast in `seqs`:
-/// (deliveries, slowest latency µs, wall clock µs of the last delivery), summed over the
-/// broadcasts. A client that never saw a message does not report it; its connections count as
-/// not delivered.
+/// What the clients reported of a range of broadcasts.
+struct Delivered {
+    /// Deliveries, summed over the broadcasts.
+    received: u64,
+    /// Slowest publish-to-deliver latency (µs).
+    slowest_us: u64,
+    /// Wall clock (µs) of the first and of the last delivery of any of them.
+    first_at_us: u64,
+    last_at_us: u64,
+    /// From the first broadcast's first delivery to the last one's first delivery (µs): how
+    /// spread out the broadcasts reached the fleet.
+    arrival_spread_us: u64,
+}
+
+/// Waits (at most 90 s) for every client's report of each broadcast in `seqs`. A client that
+/// never saw a message does not report it; its connections count as not delivered.
 fn collect_seqs(
     events: &mpsc::Receiver<(usize, Value)>,
     seqs: std::ops::RangeInclusive<u64>,
     clients: usize,
-) -> anyhow::Result<(u64, u64, u64)> {
+) -> anyhow::Result<Delivered> {
     let wanted = (seqs.end() + 1 - seqs.start()) as usize * clients;
     let (mut reported, mut received, mut last, mut last_at) = (0, 0, 0, 0);
+    // The earliest first delivery of each broadcast, over the clients.
+    let mut first_at = std::collections::BTreeMap::<u64, u64>::new();
     let mut reports = std::collections::BTreeMap::<u64, usize>::new();
     let deadline = Instant::now() + Duration::from_secs(90);
     while reported < wanted {
@@ -471,9 +496,14 @@ fn collect_seqs(
             received += v["received"].as_u64().unwrap_or(0);
             last = last.max(v["last_us"].as_u64().unwrap_or(0));
             last_at = last_at.max(v["last_at_us"].as_u64().unwrap_or(0));
+            let first = v["first_at_us"].as_u64().unwrap_or(u64::MAX);
+            first_at.entry(seq).and_modify(|f| *f = (*f).min(first)).or_insert(first);
         }
     }
-    Ok((received, last, last_at))
+    let firsts = first_at.values().filter(|f| **f != u64::MAX);
+    let arrival_spread_us = firsts.clone().max().zip(firsts.min()).map_or(0, |(hi, lo)| hi - lo);
+    let first_at_us = first_at.values().copied().min().unwrap_or(0);
+    Ok(Delivered { received, slowest_us: last, first_at_us, last_at_us: last_at, arrival_spread_us })
 }
 
 /// Collects one `latency` line from every client: count-weighted p50, worst p99 and p99.9 (ms;
