@@ -158,18 +158,6 @@ impl Outbox {
         .await
     }
 
-    /// Appends whatever was queued since [`Outbox::next_batch`] to `batch`; a close request
-    /// stays for the next call.
-    pub fn take_more(&self, batch: &mut VecDeque<Frame>) {
-        let mut state = self.lock();
-        if batch.is_empty() {
-            std::mem::swap(&mut state.queue, batch);
-        } else {
-            // Taken, not drained: the queue must not keep a buffer between bursts.
-            batch.extend(std::mem::take(&mut state.queue));
-        }
-    }
-
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock leaves a consistent queue; keep going.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -215,20 +203,6 @@ mod tests {
         let mut batch = VecDeque::new();
         assert_eq!(o.next_batch(&mut batch).await, None);
         assert_eq!(batch.len(), 1);
-        batch.clear();
-        assert_eq!(o.next_batch(&mut batch).await, Some(CloseReason::Draining));
-    }
-
-    #[tokio::test]
-    async fn more_frames_join_a_batch_and_a_close_waits_its_turn() {
-        let o = Outbox::new(10);
-        o.push(text("a"));
-        let mut batch = VecDeque::new();
-        assert_eq!(o.next_batch(&mut batch).await, None);
-        o.push(text("b"));
-        o.close(CloseReason::Draining);
-        o.take_more(&mut batch);
-        assert_eq!(batch, [text("a"), text("b")]);
         batch.clear();
         assert_eq!(o.next_batch(&mut batch).await, Some(CloseReason::Draining));
     }
