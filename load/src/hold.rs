@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 
@@ -250,25 +250,26 @@ async fn receive(mut stream: TcpStream, leftover: Vec<u8>, stats: &std::sync::Mu
         for payload in pongs.drain(..) {
             stream.write_all(&masked(0xA, &payload)).await?;
         }
-        stream.readable().await?;
-        let open = BUFFER.with(|buffer| {
-            let mut buffer = buffer.borrow_mut();
-            loop {
-                let n = match stream.try_read(&mut buffer) {
-                    Ok(0) => return false,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
-                    Err(_) => return false,
-                };
+        // `poll_read`, not readiness + `try_read` until it would block: a read that leaves the
+        // buffer partly empty shows the socket drained, which spares one failing read syscall
+        // per batch the server wrote. The buffer is the thread's, borrowed only while polled.
+        let n = std::future::poll_fn(|cx| {
+            BUFFER.with(|buffer| {
+                let mut buffer = buffer.borrow_mut();
+                let mut read = tokio::io::ReadBuf::new(&mut buffer);
+                std::task::ready!(std::pin::Pin::new(&mut stream).poll_read(cx, &mut read))?;
+                let data = read.filled();
                 if pending.is_empty() {
-                    pending = consume(&buffer[..n], stats, &mut pongs);
+                    pending = consume(data, stats, &mut pongs);
                 } else {
-                    pending.extend_from_slice(&buffer[..n]);
+                    pending.extend_from_slice(data);
                     pending = consume(&pending, stats, &mut pongs);
                 }
-            }
-        });
-        if !open {
+                std::task::Poll::Ready(std::io::Result::Ok(data.len()))
+            })
+        })
+        .await?;
+        if n == 0 {
             return Ok(());
         }
     }

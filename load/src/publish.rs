@@ -68,9 +68,31 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<Value> {
                 let mut last_offset = None::<u64>;
                 let mut gaps = 0u64;
                 let (mut first, mut last) = (None, Instant::now());
+                // Why this subscriber stopped before it had every message.
+                let mut ended = None::<String>;
                 while latencies.len() < expected {
-                    let next = tokio::time::timeout_at(deadline.into(), ws.next()).await;
-                    let Ok(Some(Ok(Message::Text(t)))) = next else { break };
+                    let t = match tokio::time::timeout_at(deadline.into(), ws.next()).await {
+                        Ok(Some(Ok(Message::Text(t)))) => t,
+                        Ok(Some(Ok(Message::Close(frame)))) => {
+                            ended = Some(
+                                frame.map_or("closed".into(), |f| format!("closed {} {}", u16::from(f.code), f.reason)),
+                            );
+                            break;
+                        }
+                        Ok(Some(Ok(_))) => continue,
+                        Ok(Some(Err(e))) => {
+                            ended = Some(e.to_string());
+                            break;
+                        }
+                        Ok(None) => {
+                            ended = Some("connection ended".into());
+                            break;
+                        }
+                        Err(_) => {
+                            ended = Some("deadline".into());
+                            break;
+                        }
+                    };
                     let Ok(v) = serde_json::from_str::<Value>(&t) else { continue };
                     if v["type"] != "message" {
                         continue;
@@ -88,7 +110,7 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<Value> {
                     latencies.push(now.saturating_sub(v["data"]["t"].as_u64().unwrap_or(now)));
                 }
                 let span = first.map(|f| last.duration_since(f)).unwrap_or_default();
-                (latencies, gaps, span)
+                (latencies, gaps, span, ended)
             })
         })
         .collect();
@@ -145,9 +167,10 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<Value> {
         error_tasks.push(errors);
     }
     let mut all = Vec::new();
-    let (mut gaps, mut delivered, mut slowest_span) = (0, 0usize, Duration::ZERO);
+    let (mut gaps, mut delivered, mut slowest_span, mut ends) = (0, 0usize, Duration::ZERO, Vec::new());
     for r in receivers {
-        let (lat, g, span) = r.await?;
+        let (lat, g, span, ended) = r.await?;
+        ends.extend(ended);
         delivered += lat.len();
         gaps += g;
         slowest_span = slowest_span.max(span);
@@ -165,6 +188,7 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<Value> {
         "subscribers": args.subscribers,
         "delivered": delivered,
         "missing": expected * args.subscribers - delivered,
+        "subscribers_ended_early": ends,
         "gaps": gaps,
         "publish_errors": publish_errors,
         "target_rate_per_s": args.rate,

@@ -40,9 +40,14 @@ pub struct ScenarioArgs {
     /// Cumulative connection counts to measure at.
     #[arg(long, value_delimiter = ',', default_value = "10000,50000,100000,200000,250000")]
     steps: Vec<usize>,
-    /// Connections per client process.
+    /// Most connections per client process.
     #[arg(long, default_value_t = 15_000)]
     per_client: usize,
+    /// Client processes each step adds at least (fewer connections each when the step is
+    /// small): one process reads on one core, and at 10,000 connections a single one would
+    /// leave its reading for after the servers' fan-out and time itself, not the servers.
+    #[arg(long, default_value_t = 4)]
+    min_new_clients: usize,
     /// Client source addresses: 127.0.0.2 up to 127.0.0.(1 + N). Each gives about 64,000
     /// ephemeral ports, so a million connections need at least 16.
     #[arg(long, default_value_t = 48)]
@@ -282,8 +287,9 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
         // Add client processes up to the target.
         let ramp_start = Instant::now();
         let mut new = Vec::new();
+        let chunk = args.per_client.min(target.saturating_sub(held).div_ceil(args.min_new_clients.max(1))).max(1);
         while held + new.iter().sum::<usize>() < target {
-            let n = args.per_client.min(target - held - new.iter().sum::<usize>());
+            let n = chunk.min(target - held - new.iter().sum::<usize>());
             let index = clients.len();
             let sources: Vec<String> =
                 (0..args.sources).map(|s| format!("127.0.0.{}", 2 + (index + s) % args.sources)).collect();
