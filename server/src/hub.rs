@@ -15,6 +15,12 @@
 //!   the `subscribed` reply, the replayed entries and the held messages after the replay's head,
 //!   and from then on skips anything at or before that head. No gap, no duplicate.
 //!
+//! * Locks: `deliver` holds a channel's lock for a whole fan-out, so nothing waits for a
+//!   channel's lock while holding the channel map. A channel whose last subscriber left is
+//!   marked closed, then taken out of the map under the map lock together with its bus
+//!   Unsubscribe; a subscriber that finds it closed starts a new entry, whose Subscribe is
+//!   therefore queued after that Unsubscribe.
+//!
 //! No I/O here: the hub talks to the bus only through a bounded command queue.
 
 use std::collections::HashMap;
@@ -70,6 +76,8 @@ struct ChannelState {
     subscribers: HashMap<ConnId, Subscriber>,
     /// The last position delivered here.
     cursor: Option<Position>,
+    /// Its last subscriber left: the entry is on its way out of the map and takes no one new.
+    closed: bool,
 }
 
 struct Channel {
@@ -110,33 +118,43 @@ impl Hub {
         mode: Mode,
         gated: bool,
     ) -> Result<(), SubscribeError> {
-        let (entry, created) = {
+        let sub = Subscriber { outbox, mode, skip_through: None, held: gated.then(Vec::new) };
+        // The map lock is never held while waiting for a channel's lock, which `deliver` holds
+        // for a whole fan-out: every other channel's delivery needs the map too.
+        let (entry, created) = loop {
             let mut channels = write(&self.channels);
-            let mut created = false;
-            let entry = channels
-                .entry(Arc::from(channel))
-                .or_insert_with(|| {
-                    created = true;
-                    Arc::new(Channel {
-                        generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
-                        state: Mutex::default(),
-                        confirmed: AtomicBool::new(self.bus.is_none()),
-                        confirmed_notify: Notify::new(),
-                    })
-                })
-                .clone();
-            let held = gated.then(Vec::new);
-            lock(&entry.state).subscribers.insert(conn, Subscriber { outbox, mode, skip_through: None, held });
-            (entry, created)
+            let Some(entry) = channels.get(channel).cloned() else {
+                // A new entry holds its creator before anyone else can see it, so it cannot be
+                // closed before the creator has asked the bus for the channel.
+                let subscribers = HashMap::from([(conn, sub)]);
+                let entry = Arc::new(Channel {
+                    generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
+                    state: Mutex::new(ChannelState { subscribers, ..Default::default() }),
+                    confirmed: AtomicBool::new(self.bus.is_none()),
+                    confirmed_notify: Notify::new(),
+                });
+                channels.insert(Arc::from(channel), entry.clone());
+                self.metrics.bus_channels.set(channels.len() as i64);
+                break (entry, true);
+            };
+            drop(channels);
+            let mut state = lock(&entry.state);
+            if state.closed {
+                // Its last subscriber just left; take it out (if that one has not yet) and
+                // start a new entry.
+                drop(state);
+                self.retire(channel, &entry);
+                continue;
+            }
+            state.subscribers.insert(conn, sub);
+            drop(state);
+            break (entry, false);
         };
-        if created {
-            self.metrics.bus_channels.set(read(&self.channels).len() as i64);
-            if let Some(bus) = &self.bus {
-                let cmd = BusCommand::Subscribe { channel: Arc::from(channel), generation: entry.generation };
-                if tokio::time::timeout(SUBSCRIBE_TIMEOUT, bus.send(cmd)).await.is_err() {
-                    self.unsubscribe(channel, conn);
-                    return Err(SubscribeError::BusUnavailable);
-                }
+        if created && let Some(bus) = &self.bus {
+            let cmd = BusCommand::Subscribe { channel: Arc::from(channel), generation: entry.generation };
+            if tokio::time::timeout(SUBSCRIBE_TIMEOUT, bus.send(cmd)).await.is_err() {
+                self.unsubscribe(channel, conn);
+                return Err(SubscribeError::BusUnavailable);
             }
         }
         let confirmed = async {
@@ -181,23 +199,36 @@ impl Hub {
         }
     }
 
-    /// Removes a local subscriber; returns whether it was subscribed.
+    /// Removes a local subscriber; returns whether it was subscribed. The last one to leave
+    /// closes the channel here and on the bus.
     pub fn unsubscribe(&self, channel: &str, conn: ConnId) -> bool {
-        let mut channels = write(&self.channels);
-        let Some(entry) = channels.get(channel) else { return false };
+        let Some(entry) = read(&self.channels).get(channel).cloned() else { return false };
         let mut state = lock(&entry.state);
         let was = state.subscribers.remove(&conn).is_some();
-        if state.subscribers.is_empty() {
-            drop(state);
-            channels.remove(channel);
-            self.metrics.bus_channels.set(channels.len() as i64);
-            if let Some(bus) = &self.bus {
-                // The bus drains its queue continuously; if it is momentarily full, the stale
-                // subscription only costs messages that `deliver` ignores.
-                let _ = bus.try_send(BusCommand::Unsubscribe { channel: Arc::from(channel) });
-            }
+        let last = was && state.subscribers.is_empty();
+        state.closed |= last;
+        drop(state);
+        if last {
+            self.retire(channel, &entry);
         }
         was
+    }
+
+    /// Takes a closed entry out of the map (whoever comes first: its last subscriber, or a new
+    /// one that found it closed) and asks the bus to unsubscribe, under the map lock: the
+    /// Unsubscribe is queued before the Subscribe of any newer entry of the same name.
+    fn retire(&self, channel: &str, entry: &Arc<Channel>) {
+        let mut channels = write(&self.channels);
+        if !channels.get(channel).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            return;
+        }
+        channels.remove(channel);
+        self.metrics.bus_channels.set(channels.len() as i64);
+        if let Some(bus) = &self.bus {
+            // The bus drains its queue continuously; if it is momentarily full, the stale
+            // subscription only costs messages that `deliver` ignores.
+            let _ = bus.try_send(BusCommand::Unsubscribe { channel: Arc::from(channel) });
+        }
     }
 
     /// Called by the bus when `channel` (entry `generation`) is subscribed on the bus.
@@ -428,5 +459,92 @@ mod tests {
         let r = hub.subscribe("c", 1, Arc::new(Outbox::new(4)), Mode::Raw, false).await;
         assert!(matches!(r, Err(SubscribeError::BusUnavailable)));
         assert!(hub.channels().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fan_out_under_way_holds_up_no_other_channel() {
+        let hub = Arc::new(local_hub());
+        for (channel, conn) in [("busy", 1), ("busy", 2), ("other", 3)] {
+            hub.subscribe(channel, conn, Arc::new(Outbox::new(16)), Mode::Raw, false).await.unwrap();
+        }
+        // Hold "busy" as `deliver` does during a fan-out, and have a subscriber leave it and
+        // another join it meanwhile: both wait for that channel, and nothing else may.
+        let busy = read(&hub.channels).get("busy").cloned().unwrap();
+        let fan_out = lock(&busy.state);
+        let (h1, h2) = (hub.clone(), hub.clone());
+        let leaving = std::thread::spawn(move || h1.unsubscribe("busy", 1));
+        let joining = tokio::spawn(async move {
+            h2.subscribe("busy", 4, Arc::new(Outbox::new(16)), Mode::Raw, false).await.unwrap();
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let (h3, o5) = (hub.clone(), Arc::new(Outbox::new(16)));
+        let others = std::thread::spawn(move || {
+            h3.deliver("other", &seq("e", 1, "x"));
+            tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+                h3.subscribe("third", 5, o5, Mode::Raw, false).await.unwrap();
+                assert!(h3.unsubscribe("third", 5));
+            });
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !others.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let others_done = others.is_finished();
+        assert!(!leaving.is_finished() && !joining.is_finished(), "they wait for the busy channel");
+        drop(fan_out);
+        assert!(others_done, "a fan-out on one channel held up delivery and subscribes on others");
+        others.join().unwrap();
+        assert!(leaving.join().unwrap());
+        joining.await.unwrap();
+        let subscribers = |c: &str| read(&hub.channels).get(c).map(|e| lock(&e.state).subscribers.len());
+        assert_eq!((subscribers("busy"), subscribers("other"), subscribers("third")), (Some(2), Some(1), None));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn churn_on_one_channel_keeps_the_bus_in_step() {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let hub = Arc::new(Hub::new(Some(tx), 16, Arc::new(Metrics::new())));
+        // The bus: confirms every Subscribe and records what it was asked, until the hub is gone.
+        let h = Arc::downgrade(&hub);
+        let bus = tokio::spawn(async move {
+            let mut log = Vec::new();
+            while let Some(cmd) = rx.recv().await {
+                match cmd {
+                    BusCommand::Subscribe { channel, generation } => {
+                        log.push(true);
+                        if let Some(h) = h.upgrade() {
+                            h.confirm(&channel, generation);
+                        }
+                    }
+                    BusCommand::Unsubscribe { .. } => log.push(false),
+                }
+            }
+            log
+        });
+        let clients: Vec<_> = (0..8u64)
+            .map(|c| {
+                let hub = hub.clone();
+                tokio::spawn(async move {
+                    for round in 0..200u64 {
+                        let conn = c * 1000 + round;
+                        hub.subscribe("c", conn, Arc::new(Outbox::new(4)), Mode::Raw, false).await.unwrap();
+                        if round % 3 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                        assert!(hub.unsubscribe("c", conn));
+                    }
+                })
+            })
+            .collect();
+        for c in clients {
+            c.await.unwrap();
+        }
+        assert!(hub.channels().is_empty());
+        drop(hub);
+        let log = bus.await.unwrap();
+        // Subscribe and Unsubscribe alternate, starting with a Subscribe and ending with an
+        // Unsubscribe: the bus ends subscribed exactly when the hub has the channel.
+        assert!(log.len() >= 2 && log.len() % 2 == 0, "{} commands", log.len());
+        assert!(log.iter().enumerate().all(|(i, subscribe)| *subscribe == (i % 2 == 0)), "{log:?}");
     }
 }
