@@ -35,7 +35,6 @@ def row(step):
         "fanout_rate": max(x["deliveries_per_s"] for x in b) if b else float("nan"),
         "burst_rate": burst.get("deliveries_per_s", float("nan")),
         "burst_range": [x["deliveries_per_s"] for x in step.get("bursts", [burst])],
-        "burst_messages": burst.get("messages", 0),
         "burst_lost": sum(x.get("expected", 0) - x.get("deliveries", 0) for x in step.get("bursts", [burst])),
         "fpw": burst.get("frames_per_write"),
         # From the first broadcast's first delivery to the last one's: how spread out the

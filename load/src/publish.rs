@@ -71,25 +71,20 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<Value> {
                 // Why this subscriber stopped before it had every message.
                 let mut ended = None::<String>;
                 while latencies.len() < expected {
-                    let t = match tokio::time::timeout_at(deadline.into(), ws.next()).await {
-                        Ok(Some(Ok(Message::Text(t)))) => t,
+                    let next = match tokio::time::timeout_at(deadline.into(), ws.next()).await {
+                        Ok(Some(Ok(Message::Text(t)))) => Ok(t),
                         Ok(Some(Ok(Message::Close(frame)))) => {
-                            ended = Some(
-                                frame.map_or("closed".into(), |f| format!("closed {} {}", u16::from(f.code), f.reason)),
-                            );
-                            break;
+                            Err(frame.map_or("closed".into(), |f| format!("closed {} {}", u16::from(f.code), f.reason)))
                         }
                         Ok(Some(Ok(_))) => continue,
-                        Ok(Some(Err(e))) => {
-                            ended = Some(e.to_string());
-                            break;
-                        }
-                        Ok(None) => {
-                            ended = Some("connection ended".into());
-                            break;
-                        }
-                        Err(_) => {
-                            ended = Some("deadline".into());
+                        Ok(Some(Err(e))) => Err(e.to_string()),
+                        Ok(None) => Err("connection ended".into()),
+                        Err(_) => Err("deadline".into()),
+                    };
+                    let t = match next {
+                        Ok(t) => t,
+                        Err(why) => {
+                            ended = Some(why);
                             break;
                         }
                     };

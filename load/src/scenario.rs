@@ -7,8 +7,8 @@
 //! per connection, kernel memory per connection, server CPU while idle, then the time until one
 //! broadcast reaches every connection, the fan-out throughput of a burst of broadcasts
 //! (deliveries per second until the last connection has the last message), and
-//! publish-to-deliver latency under a steady broadcast rate. It stops at the last step, or earlier when connections fail or memory runs low, and
-//! says why. Prints one JSON document.
+//! publish-to-deliver latency under a steady broadcast rate. It stops at the last step, or
+//! earlier when connections fail or memory runs low, and says why. Prints one JSON document.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -502,13 +502,14 @@ fn collect_seqs(
             received += v["received"].as_u64().unwrap_or(0);
             last = last.max(v["last_us"].as_u64().unwrap_or(0));
             last_at = last_at.max(v["last_at_us"].as_u64().unwrap_or(0));
-            let first = v["first_at_us"].as_u64().unwrap_or(u64::MAX);
-            first_at.entry(seq).and_modify(|f| *f = (*f).min(first)).or_insert(first);
+            if let Some(first) = v["first_at_us"].as_u64() {
+                let earliest = first_at.entry(seq).or_insert(first);
+                *earliest = (*earliest).min(first);
+            }
         }
     }
-    let firsts = first_at.values().filter(|f| **f != u64::MAX);
-    let arrival_spread_us = firsts.clone().max().zip(firsts.min()).map_or(0, |(hi, lo)| hi - lo);
     let first_at_us = first_at.values().copied().min().unwrap_or(0);
+    let arrival_spread_us = first_at.values().copied().max().map_or(0, |last_first| last_first - first_at_us);
     Ok(Delivered { received, slowest_us: last, first_at_us, last_at_us: last_at, arrival_spread_us })
 }
 

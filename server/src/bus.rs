@@ -135,9 +135,8 @@ impl Bus {
         &self.hub
     }
 
-    /// Publishes to every subscriber of `channel` in the fleet, in the channel's order.
-    /// Publishes `envelopes` (at most [`MAX_PUBLISH_BATCH`](crate::history::MAX_PUBLISH_BATCH))
-    /// in order, all or none.
+    /// Publishes `envelopes` (at most [`MAX_PUBLISH_BATCH`](crate::history::MAX_PUBLISH_BATCH)),
+    /// all or none, to every subscriber of `channel` in the fleet, in the channel's order.
     pub async fn publish(&self, channel: &str, envelopes: Vec<Envelope>) -> Result<(), BusError> {
         match &self.transport {
             Transport::Local(history) => {

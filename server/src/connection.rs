@@ -308,6 +308,7 @@ type ReadEnd = Option<CloseReason>;
 /// Consecutive publishes to one channel, gathered from one read to go to the bus together.
 #[derive(Default)]
 struct PublishRun {
+    /// The run's channel (the last run's while empty: its buffer is reused).
     channel: String,
     envelopes: Vec<Envelope>,
 }
@@ -461,28 +462,21 @@ impl Connection {
         self.shared.metrics.bytes_in.inc_by(len as u64);
     }
 
-    /// A protocol-mode text frame. Publishes join the run; anything else first waits for the
-    /// run to go out, so replies and effects keep the client's order.
+    /// A protocol-mode text frame. A publish to the run's channel joins the run; anything else
+    /// (a publish elsewhere included) first waits for the run to go out, so replies and effects
+    /// keep the client's order.
     async fn on_protocol_text(&mut self, text: &str, run: &mut PublishRun) {
-        match protocol::parse_client_frame(text) {
+        let op = protocol::parse_client_frame(text);
+        if !matches!(&op, Ok(ClientOp::Publish { channel, .. }) if run.channel == *channel) {
+            self.publish_run(run, None).await;
+        }
+        match op {
             Ok(ClientOp::Publish { channel, data }) => {
-                if run.channel != channel {
-                    self.publish_run(run, None).await;
-                }
                 run.add(channel, Payload::Json(Bytes::copy_from_slice(data.as_bytes())));
             }
-            Ok(ClientOp::Subscribe { channel, since }) => {
-                self.publish_run(run, None).await;
-                self.subscribe(channel, since).await;
-            }
-            Ok(ClientOp::Unsubscribe { channel }) => {
-                self.publish_run(run, None).await;
-                self.unsubscribe(channel);
-            }
-            Err(e) => {
-                self.publish_run(run, None).await;
-                self.reply_error(&e);
-            }
+            Ok(ClientOp::Subscribe { channel, since }) => self.subscribe(channel, since).await,
+            Ok(ClientOp::Unsubscribe { channel }) => self.unsubscribe(channel),
+            Err(e) => self.reply_error(&e),
         }
     }
 
@@ -493,18 +487,19 @@ impl Connection {
         if run.envelopes.is_empty() {
             return None;
         }
-        let (channel, envelopes) = (std::mem::take(&mut run.channel), std::mem::take(&mut run.envelopes));
+        let envelopes = std::mem::take(&mut run.envelopes);
         let count = envelopes.len();
         // Boxed: a publish's state (a Redis script call) would otherwise be part of every idle
         // connection's task.
-        let Err(e) = Box::pin(self.shared.bus.publish(&channel, envelopes)).await else { return None };
+        let Err(e) = Box::pin(self.shared.bus.publish(&run.channel, envelopes)).await else { return None };
         self.shared.metrics.publish_failures.inc_by(count as u64);
-        debug!(conn = self.id, %channel, messages = count, error = %e, "publish failed");
+        debug!(conn = self.id, channel = %run.channel, messages = count, error = %e, "publish failed");
         if raw_channel.is_some() {
             return Some(CloseReason::BusUnavailable);
         }
+        let error = ProtocolError::new(ErrorCode::BusUnavailable, format!("not published: {e}"));
         for _ in 0..count {
-            self.reply_error(&ProtocolError::new(ErrorCode::BusUnavailable, format!("not published: {e}")));
+            self.reply_error(&error);
         }
         None
     }

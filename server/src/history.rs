@@ -111,8 +111,9 @@ if not epoch then
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
 end
 local size = tonumber(ARGV[2])
-local last = redis.call('HINCRBY', KEYS[1], 'offset', #ARGV - 4)
-local offset = last - (#ARGV - 4)
+local count = #ARGV - 4
+local last = redis.call('HINCRBY', KEYS[1], 'offset', count)
+local offset = last - count
 for i = 5, #ARGV do
   offset = offset + 1
   if size > 0 then

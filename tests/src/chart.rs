@@ -124,13 +124,13 @@ fn objects_of(printed: &str) -> Vec<Value> {
     objects
 }
 
-/// The first object of `kind` in `objects`.
 /// The operator Deployment of a rendered chart, as JSON.
 pub fn rendered_deployment(yaml: &str) -> Value {
     let doc = documents(yaml).into_iter().find(|d| kind_of(d) == "Deployment").expect("no Deployment in the chart");
     to_json(&doc).remove(0)
 }
 
+/// The first object of `kind` in `objects`.
 pub fn find<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
     objects.iter().find(|o| o["kind"] == kind).unwrap_or_else(|| panic!("no {kind} in the rendered chart"))
 }
