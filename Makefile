@@ -12,7 +12,7 @@ build: ## Build every crate (release)
 	$(CARGO) build --release --workspace
 
 .PHONY: run
-run: ## The main job: local fleet + control plane + operator + a WebSocketCluster (Ctrl-C stops it)
+run: ## The main job: a real node, the chart's operator and a WebSocketCluster you can connect to (Ctrl-C stops it)
 	scripts/install-deps.sh
 	scripts/run.sh
 
@@ -26,9 +26,10 @@ lint: ## Formatting and clippy, warnings are errors
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 .PHONY: test
-test: lint ## Every test: unit, real-process server tests, then the control-plane tests
+test: lint ## Every test: unit, real-process server tests, the control-plane tests, the node tests
 	$(CARGO) test --workspace --exclude wsfleet-e2e
 	$(MAKE) test-cluster
+	$(MAKE) test-node
 
 .PHONY: generate
 generate: ## Regenerate crds/ and the chart's copy from the Rust types (tests fail when they drift)
@@ -58,3 +59,28 @@ test-cluster: ## Control-plane tests (wsfleet-e2e); starts and stops the cluster
 	$(CARGO) build -p wsfleet-operator -p wsfleet-server --bins
 	tests/cluster/build-helm.sh > /dev/null
 	tests/cluster/with-cluster.sh $(CARGO) test -p wsfleet-e2e
+
+.PHONY: images
+images: ## Build the server, operator, Redis and pause images (no Docker); import them when the node runs
+	scripts/install-deps.sh
+	images/build.sh
+	tests/cluster/node/import-images.sh
+
+.PHONY: node-up
+node-up: ## Start (or reuse) the real node: kubelet + containerd, images imported, the chart installed
+	scripts/install-deps.sh
+	tests/cluster/node/up.sh
+
+.PHONY: node-down
+node-down: ## Stop the node and remove all it made; fails unless the machine is left as it was found
+	tests/cluster/node/down.sh
+
+.PHONY: node-env
+node-env: ## Print KUBECONFIG and PATH exports for the node: eval "$$(make -s node-env)"
+	@tests/cluster/node/env.sh
+
+.PHONY: test-node
+test-node: ## End-to-end tests on the real node (wsfleet-e2e --test node); starts and stops it unless already up
+	$(CARGO) build -p wsfleet-server --bins --example wscat
+	tests/cluster/build-helm.sh > /dev/null
+	tests/cluster/node/with-node.sh $(CARGO) test -p wsfleet-e2e --features node-profile --test node

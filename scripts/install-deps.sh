@@ -1,12 +1,27 @@
 #!/usr/bin/env bash
-# Installs what the tests and the local fleet need and a fresh machine may lack.
+# Installs what the tests, the local fleet and the node profile need and a fresh machine may lack.
 # Safe to run again: it only installs what is missing.
+#
+#   redis-server, curl, jq           the data plane and its tests
+#   containerd, runc, CNI plugins    the node profile's container runtime (tests/cluster/node)
+#   iptables, nftables, openssl,     kube-proxy's rules and their clean-up, the node's certificates,
+#   python3, binutils, kmod          the image builder (images/image.py, strip), br_netfilter
 set -euo pipefail
 
 missing=()
-command -v redis-server >/dev/null || missing+=(redis-server)
-command -v curl >/dev/null || missing+=(curl)
-command -v jq >/dev/null || missing+=(jq)
+need() { command -v "$1" >/dev/null || missing+=("$2"); }
+need redis-server redis-server
+need curl curl
+need jq jq
+need containerd containerd
+need runc runc
+[ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
+need iptables iptables
+need nft nftables
+need openssl openssl
+need python3 python3
+need strip binutils
+need modprobe kmod
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -1,104 +1,73 @@
 #!/usr/bin/env bash
-# The main job: wsfleet end to end on this machine, in the foreground.
+# The main job: wsfleet end to end on this machine, on a real Kubernetes node, in the foreground.
 #
-#  1. a real data plane: redis-server and 3 wsfleet-server processes on loopback that clients
-#     can connect to (scripts/run-fleet.sh);
-#  2. the local Kubernetes control plane (tests/cluster; the first run builds it, ~10 minutes);
-#  3. the CRD and the operator, then a WebSocketCluster "chat" whose external Redis is the one
-#     from step 1, so its status counts the real servers' connections;
-#  4. `kubectl get wsc` and `kubectl describe wsc`, then it waits. Ctrl-C stops everything.
-#
-# The control plane runs no containers (kwok fakes the pods): the operator's Deployments and
-# DaemonSets are real API objects, the WebSocket servers are the local processes of step 1.
+#  1. the node profile (tests/cluster/node): etcd, kube-apiserver, controller-manager, scheduler,
+#     kubelet + containerd, kube-proxy and CoreDNS as processes of this machine; the first run
+#     builds them from Go modules (about 12 minutes), later starts take under a minute;
+#  2. the images (server, operator, Redis, pause) built here and imported into containerd, and
+#     the Helm chart installed: the operator runs as a pod;
+#  3. the sample WebSocketCluster (operator/examples/chat.yaml) in namespace wsfleet-demo: three
+#     server pods, a managed Redis pod and the node-tuning DaemonSet, all real containers;
+#  4. how to connect from this machine, `kubectl get wsc` and `kubectl describe wsc`; then it
+#     waits. Ctrl-C takes the node down and leaves the machine as it was found.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 NAMESPACE=${NAMESPACE:-wsfleet-demo}
-REDIS_PORT=${REDIS_PORT:-6390}
-WS_PORT=${WS_PORT:-8081}
-HTTP_PORT=${HTTP_PORT:-9091}
-OPERATOR_HTTP=${OPERATOR_HTTP:-127.0.0.1:8090}
 RUN_DIR=.run/main
 mkdir -p "$RUN_DIR"
+say() { echo "[run] $*"; }
 
-cargo build --release -p wsfleet-server -p wsfleet-operator --bins --example wscat
+say "building the release binaries and the wscat example"
+cargo build --release -q -p wsfleet-server -p wsfleet-operator --bins --example wscat
 
-pids=()
-cluster_started=
+stopping=
 stop() {
   trap - INT TERM EXIT
+  [ -n "$stopping" ] && exit 0
+  stopping=1
   echo
-  echo "stopping: operator, fleet, control plane"
-  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-  [ -n "$cluster_started" ] && tests/cluster/down.sh || true
+  say "taking the node down (every process, container, interface and rule it made)"
+  tests/cluster/node/down.sh || exit 1
   exit 0
 }
 trap stop INT TERM HUP EXIT
 
-REDIS_PREFIX="$NAMESPACE.chat" REDIS_PORT=$REDIS_PORT WS_PORT=$WS_PORT HTTP_PORT=$HTTP_PORT SKIP_BUILD=1 QUIET=1 scripts/run-fleet.sh &
-pids+=($!)
-for _ in $(seq 100); do
-  [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$((HTTP_PORT + 2))/readyz")" = 200 ] && break
-  sleep 0.1
-done
+say "starting the node (progress below; full logs in .run/node/logs/)"
+SKIP_CARGO=1 tests/cluster/node/up.sh > "$RUN_DIR/kubeconfig-path"
+eval "$(tests/cluster/node/env.sh)"
 
-# In a session of its own, so that Ctrl-C reaches this script (which stops the control plane in
-# order) and not the control-plane processes directly.
-if ! setsid tests/cluster/up.sh >"$RUN_DIR/cluster-up.log" 2>&1 </dev/null; then
-  echo "the control plane did not start; see $RUN_DIR/cluster-up.log" >&2
-  exit 1
-fi
-cluster_started=1
-eval "$(tests/cluster/env.sh)"
+kubectl create namespace "$NAMESPACE" --dry-run=client -o yaml | kubectl apply -f - > /dev/null
+say "applying operator/examples/chat.yaml in namespace $NAMESPACE"
+start=$(date +%s)
+kubectl -n "$NAMESPACE" apply -f operator/examples/chat.yaml
+kubectl -n "$NAMESPACE" wait --for condition=Ready wsc/chat --timeout=300s > /dev/null
+say "Ready in $(( $(date +%s) - start ))s"
+ip=$(kubectl -n "$NAMESPACE" get service chat -o jsonpath='{.spec.clusterIP}')
+port=$(kubectl -n "$NAMESPACE" get service chat -o jsonpath='{.spec.ports[0].port}')
 
-kubectl apply -f crds/websocketcluster.yaml >/dev/null
-kubectl wait --for condition=established crd/websocketclusters.wsfleet.dev --timeout=60s >/dev/null
-kubectl create namespace "$NAMESPACE" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-
-./target/release/wsfleet-operator --http-listen "$OPERATOR_HTTP" --lease-namespace "$NAMESPACE" \
-  --resync-seconds 5 2>"$RUN_DIR/operator.log" &
-pids+=($!)
-
-kubectl -n "$NAMESPACE" apply -f - <<YAML
-apiVersion: wsfleet.dev/v1alpha1
-kind: WebSocketCluster
-metadata:
-  name: chat
-spec:
-  replicas: 3
-  redis:
-    external:
-      url: redis://127.0.0.1:$REDIS_PORT
-  nodeTuning:
-    enabled: true
-    sysctls:
-      net.core.somaxconn: "65535"
-YAML
-kubectl -n "$NAMESPACE" wait --for condition=Ready wsc/chat --timeout=120s >/dev/null
-# The servers heartbeat every 5 s and the operator looks every 5 s.
-for _ in $(seq 40); do
-  [ -n "$(kubectl -n "$NAMESPACE" get wsc chat -o jsonpath='{.status.connections}')" ] && break
-  sleep 0.5
-done
-
-cat <<TXT
-
-=== kubectl get wsc (KUBECONFIG=$KUBECONFIG) ===
-TXT
+echo
+echo "=== kubectl -n $NAMESPACE get pods -o wide ==="
+kubectl -n "$NAMESPACE" get pods -o wide
+echo
+echo "=== kubectl -n $NAMESPACE get wsc ==="
 kubectl -n "$NAMESPACE" get wsc
 echo
-echo "=== kubectl describe wsc chat ==="
+echo "=== kubectl -n $NAMESPACE describe wsc chat ==="
 kubectl -n "$NAMESPACE" describe wsc chat
 cat <<TXT
 
-Everything is running. In another terminal:
-  eval "\$(make -s cluster-env)"
-  kubectl -n $NAMESPACE get wsc -w                     # the Connections column follows the clients
+Everything is running. The Service's address ($ip) is reachable from this machine (kube-proxy
+routes it to the server pods on the node's bridge). In other terminals:
+
+  ./target/release/examples/wscat ws://$ip:$port/ws/lobby     # type a line: the other one sees it
+  ./target/release/examples/wscat ws://$ip:$port/ws/lobby
+
+  eval "\$(make -s node-env)"                                   # KUBECONFIG and PATH for kubectl
+  kubectl -n $NAMESPACE get wsc -w                               # Connections follows the clients
   kubectl -n $NAMESPACE scale wsc/chat --replicas=5
-  ./target/release/examples/wscat ws://127.0.0.1:$WS_PORT/ws/lobby
-  ./target/release/examples/wscat ws://127.0.0.1:$((WS_PORT + 2))/ws/lobby
-Operator metrics: http://$OPERATOR_HTTP/metrics  logs: $RUN_DIR/  Ctrl-C stops everything.
+  kubectl -n wsfleet-system logs deploy/wsfleet                  # the operator's log
+
+Ctrl-C stops everything.
 TXT
-wait -n "${pids[@]}" || true
-echo "a process exited; see $RUN_DIR/ and .run/fleet/" >&2
+while true; do sleep 3600; done

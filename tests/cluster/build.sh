@@ -2,7 +2,8 @@
 # Builds the local control plane's binaries from Go modules into a version-keyed cache
 # outside the repository, and does nothing when the cache is already complete.
 #
-#   kube-apiserver, kube-controller-manager, kube-scheduler, kubectl  <- k8s.io/kubernetes
+#   kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
+#   kubelet, kube-proxy (the node profile)                           <- k8s.io/kubernetes
 #   etcd                                                             <- go.etcd.io/etcd/server/v3
 #   kwok, kwokctl                                                    <- sigs.k8s.io/kwok
 #
@@ -19,7 +20,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 
 log() { echo "[build] $*" >&2; }
 
-need=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok kwokctl)
+need=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy etcd kwok kwokctl)
 missing=()
 for b in "${need[@]}"; do [ -x "$CLUSTER_BIN/$b" ] || missing+=("$b"); done
 if [ ${#missing[@]} -eq 0 ]; then
@@ -54,7 +55,8 @@ build_kubernetes() {
     echo ")"
   } > go.mod
   local pkgs=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
-              k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
+              k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
+              k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy)
   # Pin the version on every package: a bare `go get pkg` would upgrade k8s.io/kubernetes to
   # the newest release, whose staging packages the replaces above do not have.
   go get -tool "${pkgs[@]/%/@$v}"

@@ -30,20 +30,35 @@ pub fn kubeconfig() -> PathBuf {
     path
 }
 
-/// True for an API server URL on this machine's loopback: `https://127.x.y.z:port`,
-/// `https://localhost:port` or `https://[::1]:port`.
-pub fn is_loopback_server(server: &str) -> bool {
+/// The host of an API server URL (`https://HOST:port/...`), without brackets.
+fn server_host(server: &str) -> &str {
     let rest = server.split_once("://").map_or(server, |(_, r)| r);
     let authority = rest.split('/').next().unwrap_or_default();
-    let host = if let Some(v6) = authority.strip_prefix('[') {
+    if let Some(v6) = authority.strip_prefix('[') {
         v6.split(']').next().unwrap_or_default()
     } else {
         authority.rsplit_once(':').map_or(authority, |(h, _)| h)
-    };
+    }
+}
+
+/// True for an API server URL on this machine's loopback: `https://127.x.y.z:port`,
+/// `https://localhost:port` or `https://[::1]:port`.
+pub fn is_loopback_server(server: &str) -> bool {
+    let host = server_host(server);
     host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Panics unless the kubeconfig's current API server is on loopback: these tests create and
+/// True for an API server URL on this machine: loopback, or an IP address that one of this
+/// machine's own interfaces holds (the node profile's API server is on its bridge's address).
+/// A socket can be bound only to a local address, which is the test.
+pub fn is_local_server(server: &str) -> bool {
+    is_loopback_server(server)
+        || server_host(server)
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| std::net::UdpSocket::bind((ip, 0)).is_ok())
+}
+
+/// Panics unless the kubeconfig's current API server is on this machine: these tests create and
 /// delete objects, and must never touch a real cluster that `KUBECONFIG` happens to name.
 fn assert_loopback_cluster() {
     static CHECKED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
@@ -56,9 +71,9 @@ fn assert_loopback_cluster() {
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", kubectl_program()));
         let server = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         assert!(
-            out.status.success() && is_loopback_server(&server),
-            "KUBECONFIG names the API server {server:?}, which is not on loopback; these tests only run \
-             against the local control plane (`make cluster-up`)"
+            out.status.success() && is_local_server(&server),
+            "KUBECONFIG names the API server {server:?}, which is not on this machine; these tests only \
+             run against the local control plane (`make cluster-up` or `make node-up`)"
         );
     });
 }
@@ -231,11 +246,13 @@ pub fn fixture(name: &str) -> String {
 }
 
 pub mod chart;
+pub mod clients;
+pub mod node;
 pub mod processes;
 
 #[cfg(test)]
 mod tests {
-    use super::is_loopback_server;
+    use super::{is_local_server, is_loopback_server};
 
     #[test]
     fn loopback_servers() {
@@ -246,5 +263,9 @@ mod tests {
         assert!(!is_loopback_server("https://10.0.0.1:6443"));
         assert!(!is_loopback_server("https://kubernetes.example.com"));
         assert!(!is_loopback_server("https://[2001:db8::1]:6443"));
+        // Loopback is local; a documentation address (TEST-NET-1) is held by no machine.
+        assert!(is_local_server("https://127.0.0.1:6443"));
+        assert!(!is_local_server("https://198.51.100.1:6443"));
+        assert!(!is_local_server("https://kubernetes.example.com"));
     }
 }
