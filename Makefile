@@ -26,10 +26,11 @@ lint: ## Formatting and clippy, warnings are errors
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 .PHONY: test
-test: lint ## Every test: unit, real-process server tests, the control-plane tests, the node tests
-	$(CARGO) test --workspace --exclude wsfleet-e2e
-	$(MAKE) test-cluster
-	$(MAKE) test-node
+test: ## Every test: lint, unit, real-process server tests, the control-plane tests, the node tests
+	@scripts/timed.sh "lint" $(MAKE) --no-print-directory lint
+	@scripts/timed.sh "unit and real-process tests" $(CARGO) test --workspace --exclude wsfleet-e2e
+	@scripts/timed.sh "control-plane tests (kwok profile)" $(MAKE) --no-print-directory test-cluster
+	@scripts/timed.sh "node tests (real kubelet)" $(MAKE) --no-print-directory test-node
 
 .PHONY: generate
 generate: ## Regenerate crds/ and the chart's copy from the Rust types (tests fail when they drift)
@@ -81,6 +82,4 @@ node-env: ## Print KUBECONFIG and PATH exports for the node: eval "$$(make -s no
 
 .PHONY: test-node
 test-node: ## End-to-end tests on the real node (wsfleet-e2e --test node); starts and stops it unless already up
-	$(CARGO) build -p wsfleet-server --bins --example wscat
-	tests/cluster/build-helm.sh > /dev/null
 	tests/cluster/node/with-node.sh $(CARGO) test -p wsfleet-e2e --features node-profile --test node

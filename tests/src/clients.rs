@@ -230,7 +230,12 @@ pub struct PublisherLog {
 
 /// Publishes `{"n": 1}`, `{"n": 2}`, ... on `channel` every `interval` through `url` (the
 /// Service), reconnecting when its connection ends, until `stop` turns true.
-pub async fn publisher(url: String, channel: String, interval: Duration, mut stop: watch::Receiver<bool>) -> PublisherLog {
+pub async fn publisher(
+    url: String,
+    channel: String,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> PublisherLog {
     let mut log = PublisherLog::default();
     let mut n = 0u64;
     'connections: while !*stop.borrow() {

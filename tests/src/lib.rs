@@ -53,9 +53,7 @@ pub fn is_loopback_server(server: &str) -> bool {
 /// A socket can be bound only to a local address, which is the test.
 pub fn is_local_server(server: &str) -> bool {
     is_loopback_server(server)
-        || server_host(server)
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| std::net::UdpSocket::bind((ip, 0)).is_ok())
+        || server_host(server).parse::<std::net::IpAddr>().is_ok_and(|ip| std::net::UdpSocket::bind((ip, 0)).is_ok())
 }
 
 /// Panics unless the kubeconfig's current API server is on this machine: these tests create and

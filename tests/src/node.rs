@@ -118,7 +118,10 @@ pub fn pod_of(p: &Value) -> Pod {
             .any(|c| c["type"] == "Ready" && c["status"] == "True"),
         terminating: !p["metadata"]["deletionTimestamp"].is_null(),
         restarts: container["restartCount"].as_u64().unwrap_or_default(),
-        container_id: container["containerID"].as_str().and_then(|id| id.strip_prefix("containerd://")).map(str::to_owned),
+        container_id: container["containerID"]
+            .as_str()
+            .and_then(|id| id.strip_prefix("containerd://"))
+            .map(str::to_owned),
     }
 }
 

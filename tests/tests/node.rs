@@ -202,7 +202,9 @@ fn the_charts_operator_runs_a_fleet_whose_pods_serve_and_count_real_clients() {
         for (p, pod) in pods.iter().enumerate() {
             let mut ws = clients::connect(&pod.ws_url()).await.unwrap();
             for n in 0..20 {
-                clients::send(&mut ws, json!({"op": "publish", "channel": "room", "data": {"pod": p, "n": n}})).await.unwrap();
+                clients::send(&mut ws, json!({"op": "publish", "channel": "room", "data": {"pod": p, "n": n}}))
+                    .await
+                    .unwrap();
             }
             pubs.push(ws);
         }
@@ -225,7 +227,7 @@ fn the_charts_operator_runs_a_fleet_whose_pods_serve_and_count_real_clients() {
 
     // The fleet's total comes from the servers' heartbeats in the managed Redis, which the
     // operator (a pod) reaches through the cluster's DNS and Service.
-    wait_until("the Connections column to count the clients", Duration::from_secs(60), || {
+    wait_until("the Connections column to count the clients", Duration::from_secs(90), || {
         let c = wsc(&ns.name, "chat")["status"]["connections"].clone();
         if c == open { Ok(()) } else { Err(format!("connections {c}, want {open}")) }
     });
@@ -246,7 +248,8 @@ fn the_charts_operator_runs_a_fleet_whose_pods_serve_and_count_real_clients() {
     wait_until("every pod, container and process of the fleet to be gone", Duration::from_secs(90), || {
         let pods = kubectl(&["-n", &ns.name, "get", "pods", "-o", "name"]);
         let containers = containers_of_namespace(&ns.name);
-        let alive: Vec<u32> = pids.iter().copied().filter(|p| std::path::Path::new(&format!("/proc/{p}")).exists()).collect();
+        let alive: Vec<u32> =
+            pids.iter().copied().filter(|p| std::path::Path::new(&format!("/proc/{p}")).exists()).collect();
         if pods.trim().is_empty() && containers.is_empty() && alive.is_empty() {
             Ok(())
         } else {
@@ -314,14 +317,22 @@ fn a_rolling_update_with_1000_clients_drains_every_old_pod_and_loses_nothing() {
     let new = server_pods(&ns.name, &obj);
     assert!(new.iter().all(|p| !old.iter().any(|o| o.name == p.name)), "every pod replaced");
     // Where the clients went: the new pods' own connection gauges, while the clients are on.
-    let by_pod: BTreeMap<String, f64> = new.iter().map(|p| (p.name.clone(), pod_metric(p, "wsfleet_connections"))).collect();
+    let by_pod: BTreeMap<String, f64> =
+        new.iter().map(|p| (p.name.clone(), pod_metric(p, "wsfleet_connections"))).collect();
     assert_eq!(by_pod.values().sum::<f64>() as usize, 3 * CLIENTS_PER_POD + 1, "{by_pod:?}");
     let seen = traffic.finish();
 
     seen.assert_no_loss();
     seen.assert_every_resume_recovered();
-    assert!(seen.closes(1012) >= 3 * CLIENTS_PER_POD, "every client of an old pod was closed with 1012: {}", seen.closes(1012));
-    print_figure("3-pod rolling update with 1,002 subscribers + 1 publisher", format!("{:.1} s", rollout.as_secs_f64()));
+    assert!(
+        seen.closes(1012) >= 3 * CLIENTS_PER_POD,
+        "every client of an old pod was closed with 1012: {}",
+        seen.closes(1012)
+    );
+    print_figure(
+        "3-pod rolling update with 1,002 subscribers + 1 publisher",
+        format!("{:.1} s", rollout.as_secs_f64()),
+    );
     print_figure("1012 closes", seen.closes(1012));
     let reconnects: usize = seen.subs.iter().map(|s| s.sessions.len() - 1).sum();
     print_figure("subscriber reconnects (each resumed with since)", reconnects);
@@ -415,7 +426,10 @@ fn a_deleted_redis_pod_is_reported_and_recovered_as_a_new_epoch_never_a_silent_g
     for s in &seen.subs {
         let epochs: Vec<&str> = s.messages.iter().map(|m| m.epoch.as_str()).collect();
         let switch = epochs.iter().position(|e| e == new_epoch).expect("the new epoch reached every subscriber");
-        assert!(epochs[..switch].iter().all(|e| *e == epochs[0]) && epochs[0] != new_epoch, "one old epoch, then the new");
+        assert!(
+            epochs[..switch].iter().all(|e| *e == epochs[0]) && epochs[0] != new_epoch,
+            "one old epoch, then the new"
+        );
         let (old, new) = s.messages.split_at(switch);
         let old_offsets: Vec<u64> = old.iter().map(|m| m.offset).collect();
         assert_eq!(old_offsets, (1..=old.len() as u64).collect::<Vec<_>>(), "no gap in the old epoch");

@@ -50,8 +50,10 @@ if grep -q '^kubelet ' <<< "$running" && api_ready; then
   log "deleting every pod"
   k delete deployments,daemonsets,statefulsets,replicasets,jobs --all -A --wait=false > /dev/null 2>&1 || true
   k delete pods --all -A --grace-period=0 --force --wait=false > /dev/null 2>&1 || true
+  # Done when no container process runs any more (kubelet has stopped every sandbox, which
+  # releases its network); the stopped containers themselves are deleted below.
   t=$(date +%s)
-  while [ -n "$(ctr_k8s containers ls -q 2>/dev/null)" ] && (( $(date +%s) - t < 60 )); do
+  while ctr_k8s tasks ls 2>/dev/null | awk 'NR > 1 && $3 == "RUNNING"' | grep -q . && (( $(date +%s) - t < 60 )); do
     sleep 1
   done
 fi
