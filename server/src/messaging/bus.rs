@@ -1,0 +1,161 @@
+//! The message bus that joins the servers of a fleet, and the seam between its backends.
+//!
+//! [`Bus`] is what the rest of the server sees: publish a run of envelopes to a channel, read a
+//! channel's position and what a resuming subscriber missed, the [`Hub`] of local subscribers,
+//! and [`BusHealth`] (readiness reports it). Behind it sits one [`Backend`], chosen once at start
+//! by [`Bus::start`]: the in-process bus ([`crate::messaging::local`]) or Redis pub/sub
+//! ([`crate::messaging::redis`]). Another topology (Redis Cluster with sharded pub/sub) is one
+//! more module implementing [`Backend`] and one more arm in [`Bus::start`]; nothing else changes.
+//!
+//! Every backend keeps the same promises: a channel's messages reach every subscribing server
+//! in one order, each with its offset and epoch ([`crate::messaging::history`]), and a local
+//! publish goes through the same order as a remote one (short-cutting it would let local
+//! subscribers see a different order than remote ones).
+//!
+//! Cost: a backend call is one boxed future per publish run (up to
+//! [`MAX_PUBLISH_BATCH`](crate::messaging::history::MAX_PUBLISH_BATCH) messages) or per
+//! subscribe — the connection boxed those calls before there was a seam — and nothing per
+//! message or per recipient.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use futures_util::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::messaging::envelope::Envelope;
+use crate::messaging::history::{HistoryConfig, Replay, Since};
+use crate::messaging::hub::{Hub, SubscribeError};
+use crate::messaging::presence::PresenceStore;
+use crate::metrics::Metrics;
+
+/// Any error a backend reports, kept whole as the source of a [`BusError`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("invalid --redis-url: {0}")]
+    InvalidUrl(#[source] BoxError),
+    #[error("the message bus is unavailable: {0}")]
+    Unavailable(#[source] BoxError),
+    #[error("the message bus is unavailable: {0}")]
+    NotConfirmed(#[from] SubscribeError),
+    #[error("the message bus is unavailable: the server is shutting down")]
+    ShuttingDown,
+}
+
+/// Whether the bus can deliver right now.
+#[derive(Debug)]
+pub struct BusHealth {
+    up: AtomicBool,
+}
+
+impl BusHealth {
+    pub fn new(up: bool) -> Self {
+        BusHealth { up: AtomicBool::new(up) }
+    }
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+    /// Records whether the bus delivers, here and in the `bus_up` gauge.
+    pub fn set(&self, up: bool, metrics: &Metrics) {
+        self.up.store(up, Ordering::Release);
+        metrics.bus_up.set(up as i64);
+    }
+}
+
+/// One way of joining the servers of a fleet. Implementations order, record and deliver with the
+/// semantics of [`crate::messaging::history`].
+pub trait Backend: Send + Sync {
+    /// Publishes `envelopes` (1 to [`MAX_PUBLISH_BATCH`](crate::messaging::history::MAX_PUBLISH_BATCH)),
+    /// all or none, to every subscriber of `channel` in the fleet, in the channel's order.
+    /// `hub` is this server's: a backend that delivers locally hands the messages to it.
+    fn publish<'a>(
+        &'a self,
+        hub: &'a Hub,
+        channel: &'a str,
+        envelopes: Vec<Envelope>,
+    ) -> BoxFuture<'a, Result<(), BusError>>;
+
+    /// The channel's position now, and the messages missed since `since`.
+    fn read<'a>(&'a self, channel: &'a str, since: Option<&'a Since>) -> BoxFuture<'a, Result<Replay, BusError>>;
+
+    /// Where this server heartbeats its connection count; `None` when there is no fleet to
+    /// report to (the in-process bus).
+    fn presence(&self) -> Option<Arc<dyn PresenceStore>>;
+
+    /// A word for logs: `in-process`, `redis`.
+    fn name(&self) -> &'static str;
+}
+
+/// The bus as the server uses it: one backend, the hub of local subscribers, the bus's health.
+pub struct Bus {
+    backend: Box<dyn Backend>,
+    hub: Arc<Hub>,
+    pub health: Arc<BusHealth>,
+}
+
+impl Bus {
+    /// Builds the hub and the bus: Redis with a URL, in-process without. A backend's tasks are
+    /// spawned on `tracker` and stop on `shutdown`. Fails only on invalid settings: an
+    /// unreachable Redis is retried. `hold_limit` bounds what the hub holds for one resuming
+    /// subscriber.
+    pub fn start(
+        redis_url: Option<&str>,
+        prefix: &str,
+        history: HistoryConfig,
+        hold_limit: usize,
+        metrics: Arc<Metrics>,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<Bus, BusError> {
+        match redis_url {
+            None => Ok(crate::messaging::local::start(history, hold_limit, metrics)),
+            Some(url) => crate::messaging::redis::start(url, prefix, history, hold_limit, metrics, tracker, shutdown),
+        }
+    }
+
+    /// Puts a started backend together with its hub and health.
+    pub fn new(backend: Box<dyn Backend>, hub: Arc<Hub>, health: Arc<BusHealth>) -> Bus {
+        Bus { backend, hub, health }
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// See [`Backend::publish`].
+    pub fn publish<'a>(&'a self, channel: &'a str, envelopes: Vec<Envelope>) -> BoxFuture<'a, Result<(), BusError>> {
+        self.backend.publish(&self.hub, channel, envelopes)
+    }
+
+    /// See [`Backend::read`].
+    pub fn read<'a>(&'a self, channel: &'a str, since: Option<&'a Since>) -> BoxFuture<'a, Result<Replay, BusError>> {
+        self.backend.read(channel, since)
+    }
+
+    /// See [`Backend::presence`].
+    pub fn presence(&self) -> Option<Arc<dyn PresenceStore>> {
+        self.backend.presence()
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn an_invalid_url_is_refused_up_front() {
+        let tracker = TaskTracker::new();
+        let history = HistoryConfig { size: 10, ttl: Duration::from_secs(10), max_replay: 10 };
+        let metrics = Arc::new(Metrics::new());
+        let r = Bus::start(Some("http://nope"), "p", history, 10, metrics, &tracker, CancellationToken::new());
+        assert!(matches!(r, Err(BusError::InvalidUrl(_))));
+    }
+}

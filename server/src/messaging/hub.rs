@@ -1,0 +1,532 @@
+//! Channel -> local subscribers, and the fan-out of every message that reaches this server.
+//!
+//! * A channel exists here while it has at least one local subscriber. Its first subscriber asks
+//!   the bus to subscribe it; its last one leaving asks the bus to unsubscribe. A subscribe
+//!   returns only once the bus confirms, so the subscriber sees every message published after.
+//! * [`Hub::deliver`] renders a message once per client mode (see [`protocol`]) and pushes the
+//!   same reference-counted frame into every subscriber's [`Outbox`]. A full outbox closes that
+//!   client (1013, counted by the outbox); nobody else waits for it.
+//! * Order and exactly-once: messages of one channel are delivered under that channel's lock, in
+//!   the order the bus hands them over. The channel remembers the last `(epoch, offset)` it
+//!   delivered and drops anything at or before it, so a gap refilled from history after a bus
+//!   reconnect never duplicates a message.
+//! * The seam of a resume: a protocol subscriber starts *gated*; live messages are held for it
+//!   while its connection reads history. [`Hub::open_gate`] then queues, under the channel lock,
+//!   the `subscribed` reply, the replayed entries and the held messages after the replay's head,
+//!   and from then on skips anything at or before that head. No gap, no duplicate.
+//!
+//! * Locks: `deliver` holds a channel's lock for a whole fan-out, so nothing waits for a
+//!   channel's lock while holding the channel map. A channel whose last subscriber left is
+//!   marked closed, then taken out of the map under the map lock together with its bus
+//!   Unsubscribe; a subscriber that finds it closed starts a new entry, whose Subscribe is
+//!   therefore queued after that Unsubscribe.
+//!
+//! No I/O here: the hub talks to the bus only through a bounded command queue.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+
+use wsfleet_contract::sync::{lock, read, write};
+
+use crate::messaging::envelope::{Sequenced, now_micros};
+use crate::metrics::Metrics;
+use crate::protocol::{self, RawFrame};
+use crate::transport::frame::{self, Frame};
+use crate::transport::outbox::{Outbox, Push};
+
+/// How long a subscribe waits for the bus to confirm before it fails with `bus_unavailable`.
+pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The two client modes of the public interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `/ws/<channel>`: payloads as-is.
+    Raw,
+    /// `/ws`: JSON frames.
+    Protocol,
+}
+
+pub type ConnId = u64;
+
+/// A position in a channel's order.
+pub type Position = (Arc<str>, u64);
+
+/// What the hub asks of the bus. `generation` ties a confirmation to the channel entry that
+/// asked for it, so a late confirmation never vouches for a newer entry of the same name.
+#[derive(Debug)]
+pub enum BusCommand {
+    Subscribe { channel: Arc<str>, generation: u64 },
+    Unsubscribe { channel: Arc<str> },
+}
+
+struct Subscriber {
+    outbox: Arc<Outbox>,
+    mode: Mode,
+    /// Messages at or before this position are not for this subscriber (it got them, or they
+    /// predate it).
+    skip_through: Option<Position>,
+    /// While gated: live messages held back until the replay is queued.
+    held: Option<Vec<(Position, Frame)>>,
+}
+
+#[derive(Default)]
+struct ChannelState {
+    subscribers: HashMap<ConnId, Subscriber>,
+    /// The last position delivered here.
+    cursor: Option<Position>,
+    /// Its last subscriber left: the entry is on its way out of the map and takes no one new.
+    closed: bool,
+}
+
+struct Channel {
+    generation: u64,
+    state: Mutex<ChannelState>,
+    confirmed: AtomicBool,
+    confirmed_notify: Notify,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("the message bus did not confirm the subscription in time")]
+    BusUnavailable,
+}
+
+pub struct Hub {
+    channels: RwLock<HashMap<Arc<str>, Arc<Channel>>>,
+    /// `None`: in-process bus, where every subscription is confirmed at once.
+    bus: Option<mpsc::Sender<BusCommand>>,
+    next_generation: AtomicU64,
+    /// Most messages held for one gated subscriber (its outbox limit).
+    hold_limit: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Hub {
+    pub fn new(bus: Option<mpsc::Sender<BusCommand>>, hold_limit: usize, metrics: Arc<Metrics>) -> Self {
+        Hub { channels: RwLock::default(), bus, next_generation: AtomicU64::new(1), hold_limit, metrics }
+    }
+
+    /// Adds a local subscriber and waits until the bus delivers the channel to this server. A
+    /// `gated` subscriber receives nothing until [`Hub::open_gate`].
+    pub async fn subscribe(
+        &self,
+        channel: &str,
+        conn: ConnId,
+        outbox: Arc<Outbox>,
+        mode: Mode,
+        gated: bool,
+    ) -> Result<(), SubscribeError> {
+        let sub = Subscriber { outbox, mode, skip_through: None, held: gated.then(Vec::new) };
+        // The map lock is never held while waiting for a channel's lock, which `deliver` holds
+        // for a whole fan-out: every other channel's delivery needs the map too.
+        let (entry, created) = loop {
+            let mut channels = write(&self.channels);
+            let Some(entry) = channels.get(channel).cloned() else {
+                // A new entry holds its creator before anyone else can see it, so it cannot be
+                // closed before the creator has asked the bus for the channel.
+                let subscribers = HashMap::from([(conn, sub)]);
+                let entry = Arc::new(Channel {
+                    generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
+                    state: Mutex::new(ChannelState { subscribers, ..Default::default() }),
+                    confirmed: AtomicBool::new(self.bus.is_none()),
+                    confirmed_notify: Notify::new(),
+                });
+                channels.insert(Arc::from(channel), entry.clone());
+                self.metrics.bus_channels.set(channels.len() as i64);
+                break (entry, true);
+            };
+            drop(channels);
+            let mut state = lock(&entry.state);
+            if state.closed {
+                // Its last subscriber just left; take it out (if that one has not yet) and
+                // start a new entry.
+                drop(state);
+                self.retire(channel, &entry);
+                continue;
+            }
+            state.subscribers.insert(conn, sub);
+            drop(state);
+            break (entry, false);
+        };
+        if created && let Some(bus) = &self.bus {
+            let cmd = BusCommand::Subscribe { channel: Arc::from(channel), generation: entry.generation };
+            if tokio::time::timeout(SUBSCRIBE_TIMEOUT, bus.send(cmd)).await.is_err() {
+                self.unsubscribe(channel, conn);
+                return Err(SubscribeError::BusUnavailable);
+            }
+        }
+        let confirmed = async {
+            loop {
+                let notified = entry.confirmed_notify.notified();
+                if entry.confirmed.load(Ordering::Acquire) {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(SUBSCRIBE_TIMEOUT, confirmed).await.is_err() {
+            self.unsubscribe(channel, conn);
+            return Err(SubscribeError::BusUnavailable);
+        }
+        Ok(())
+    }
+
+    /// Ends a subscriber's gate: queues `first` (the reply), then `replay`, then the messages
+    /// held meanwhile that come after `head`; later messages at or before `head` are skipped.
+    /// Also gives the channel its starting cursor, so a bus reconnect knows where to refill from.
+    pub fn open_gate(&self, channel: &str, conn: ConnId, first: Option<Frame>, replay: &[Sequenced], head: Position) {
+        let Some(entry) = read(&self.channels).get(channel).cloned() else { return };
+        let mut state = lock(&entry.state);
+        if state.cursor.is_none() {
+            state.cursor = Some(head.clone());
+        }
+        let Some(sub) = state.subscribers.get_mut(&conn) else { return };
+        let held = sub.held.take().unwrap_or_default();
+        let mut frames = first.into_iter().chain(replay.iter().map(|m| render(channel, sub.mode, m)));
+        // Pushing stops at an overflow: the outbox has closed the client (and counted it).
+        if !frames.any(|f| sub.outbox.push(f) == Push::Overflow) {
+            // Held messages of the replay's epoch after its head; older epochs are history.
+            let _ = held
+                .into_iter()
+                .filter(|(pos, _)| pos.0 == head.0 && pos.1 > head.1)
+                .any(|(_, f)| sub.outbox.push(f) == Push::Overflow);
+        }
+        sub.skip_through = Some(head);
+    }
+
+    /// Removes a local subscriber; returns whether it was subscribed. The last one to leave
+    /// closes the channel here and on the bus.
+    pub fn unsubscribe(&self, channel: &str, conn: ConnId) -> bool {
+        let Some(entry) = read(&self.channels).get(channel).cloned() else { return false };
+        let mut state = lock(&entry.state);
+        let was = state.subscribers.remove(&conn).is_some();
+        let last = was && state.subscribers.is_empty();
+        state.closed |= last;
+        drop(state);
+        if last {
+            self.retire(channel, &entry);
+        }
+        was
+    }
+
+    /// Takes a closed entry out of the map (whoever comes first: its last subscriber, or a new
+    /// one that found it closed) and asks the bus to unsubscribe, under the map lock: the
+    /// Unsubscribe is queued before the Subscribe of any newer entry of the same name.
+    fn retire(&self, channel: &str, entry: &Arc<Channel>) {
+        let mut channels = write(&self.channels);
+        if !channels.get(channel).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            return;
+        }
+        channels.remove(channel);
+        self.metrics.bus_channels.set(channels.len() as i64);
+        if let Some(bus) = &self.bus {
+            // The bus drains its queue continuously; if it is momentarily full, the stale
+            // subscription only costs messages that `deliver` ignores.
+            let _ = bus.try_send(BusCommand::Unsubscribe { channel: Arc::from(channel) });
+        }
+    }
+
+    /// Called by the bus when `channel` (entry `generation`) is subscribed on the bus.
+    pub fn confirm(&self, channel: &str, generation: u64) {
+        if let Some(entry) = read(&self.channels).get(channel)
+            && entry.generation == generation
+        {
+            entry.confirmed.store(true, Ordering::Release);
+            entry.confirmed_notify.notify_waiters();
+        }
+    }
+
+    /// Channels with local subscribers and their generations, for the bus to (re)subscribe.
+    pub fn channels(&self) -> Vec<(Arc<str>, u64)> {
+        read(&self.channels).iter().map(|(name, c)| (name.clone(), c.generation)).collect()
+    }
+
+    /// The last position delivered on `channel`, for refilling a gap after a bus reconnect.
+    pub fn cursor(&self, channel: &str) -> Option<Position> {
+        let entry = read(&self.channels).get(channel).cloned()?;
+        let state = lock(&entry.state);
+        state.cursor.clone()
+    }
+
+    /// Fans one message out to the channel's local subscribers. Messages at or before the
+    /// channel's cursor (same epoch) were delivered already and are dropped.
+    pub fn deliver(&self, channel: &str, msg: &Sequenced) {
+        let Some(entry) = read(&self.channels).get(channel).cloned() else { return };
+        let mut state = lock(&entry.state);
+        if let Some(cursor) = &state.cursor
+            && cursor.0 == msg.epoch
+            && msg.offset <= cursor.1
+        {
+            return;
+        }
+        let pos: Position = (msg.epoch.clone(), msg.offset);
+        state.cursor = Some(pos.clone());
+        let latency = now_micros().saturating_sub(msg.envelope.published_at_micros);
+        self.metrics.deliver_latency.observe(latency as f64 / 1e6);
+        let mut rendered: [Option<Frame>; 2] = [None, None];
+        for sub in state.subscribers.values_mut() {
+            if sub.skip_through.as_ref().is_some_and(|skip| at_or_before(&pos, skip)) {
+                continue;
+            }
+            let frame = rendered[sub.mode as usize].get_or_insert_with(|| render(channel, sub.mode, msg)).clone();
+            match &mut sub.held {
+                Some(held) if held.len() < self.hold_limit => held.push((pos.clone(), frame)),
+                Some(_) => sub.outbox.close_slow(),
+                // A full outbox closes its client and counts it.
+                None => {
+                    sub.outbox.push(frame);
+                }
+            }
+        }
+    }
+}
+
+/// `a` is at or before `b` in the same epoch.
+fn at_or_before(a: &Position, b: &Position) -> bool {
+    a.1 <= b.1 && (Arc::ptr_eq(&a.0, &b.0) || a.0 == b.0)
+}
+
+/// The frame a subscriber of `mode` receives for `msg`.
+fn render(channel: &str, mode: Mode, msg: &Sequenced) -> Frame {
+    match mode {
+        Mode::Raw => match protocol::encode_raw(&msg.envelope.payload) {
+            // UTF-8 already: checked where it entered (the frame reader, or the envelope decoder
+            // for what came over the bus).
+            RawFrame::Text(b) => frame::text(&b),
+            RawFrame::Binary(b) => frame::binary(&b),
+        },
+        Mode::Protocol => {
+            frame::text(protocol::encode_message(channel, &msg.epoch, msg.offset, &msg.envelope.payload).as_bytes())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messaging::envelope::{Envelope, Payload};
+    use prometheus_client::metrics::counter::Counter;
+    use std::collections::VecDeque;
+
+    fn outbox(limit: usize) -> Arc<Outbox> {
+        Arc::new(Outbox::new(limit, Counter::default()))
+    }
+
+    fn local_hub() -> Hub {
+        Hub::new(None, 16, Arc::new(Metrics::new()))
+    }
+
+    fn seq(epoch: &str, offset: u64, text: &str) -> Sequenced {
+        Sequenced {
+            epoch: Arc::from(epoch),
+            offset,
+            envelope: Envelope::new(Payload::Json(bytes::Bytes::from(serde_json::to_string(text).unwrap()))),
+        }
+    }
+
+    async fn drain(o: &Outbox) -> Vec<Frame> {
+        let mut batch = VecDeque::new();
+        o.next_batch(&mut batch).await;
+        batch.into()
+    }
+
+    fn payload(f: &Frame) -> &str {
+        std::str::from_utf8(frame::decode_server_frame(f).unwrap().1).unwrap()
+    }
+
+    fn offsets(frames: &[Frame]) -> Vec<u64> {
+        frames
+            .iter()
+            .filter_map(|f| serde_json::from_str::<serde_json::Value>(payload(f)).ok()?["offset"].as_u64())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn one_encoding_shared_by_all_subscribers_of_a_mode() {
+        let hub = local_hub();
+        let (a, b, c) = (outbox(8), outbox(8), outbox(8));
+        hub.subscribe("room", 1, a.clone(), Mode::Protocol, false).await.unwrap();
+        hub.subscribe("room", 2, b.clone(), Mode::Protocol, false).await.unwrap();
+        hub.subscribe("room", 3, c.clone(), Mode::Raw, false).await.unwrap();
+        hub.deliver("room", &seq("e", 1, "hi"));
+        let (ma, mb, mc) = (drain(&a).await, drain(&b).await, drain(&c).await);
+        assert_eq!(payload(&ma[0]), r#"{"type":"message","channel":"room","epoch":"e","offset":1,"data":"hi"}"#);
+        assert_eq!(payload(&mc[0]), "hi");
+        // Same allocation, not just equal bytes.
+        assert_eq!(ma[0].as_ptr(), mb[0].as_ptr());
+    }
+
+    #[tokio::test]
+    async fn a_slow_subscriber_is_closed_and_the_others_keep_receiving() {
+        let hub = local_hub();
+        let (slow, fast) = (Arc::new(Outbox::new(2, hub.metrics.slow_client_closes.clone())), outbox(100));
+        hub.subscribe("c", 1, slow.clone(), Mode::Raw, false).await.unwrap();
+        hub.subscribe("c", 2, fast.clone(), Mode::Raw, false).await.unwrap();
+        for i in 1..=10 {
+            hub.deliver("c", &seq("e", i, "x"));
+        }
+        assert!(slow.is_closing());
+        assert_eq!(drain(&fast).await.len(), 10);
+        assert_eq!(hub.metrics.slow_client_closes.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn duplicates_and_stale_offsets_are_dropped_per_channel() {
+        let hub = local_hub();
+        let o = outbox(100);
+        hub.subscribe("c", 1, o.clone(), Mode::Protocol, false).await.unwrap();
+        for (epoch, off) in [("e", 1), ("e", 2), ("e", 2), ("e", 1), ("e", 3), ("f", 1), ("f", 2)] {
+            hub.deliver("c", &seq(epoch, off, "x"));
+        }
+        assert_eq!(offsets(&drain(&o).await), [1, 2, 3, 1, 2]);
+        assert_eq!(hub.cursor("c"), Some((Arc::from("f"), 2)));
+    }
+
+    #[tokio::test]
+    async fn the_resume_seam_has_no_gap_and_no_duplicate() {
+        let hub = local_hub();
+        let o = outbox(100);
+        hub.subscribe("c", 1, o.clone(), Mode::Protocol, true).await.unwrap();
+        // Live messages arrive while the connection reads history (head was 5 at the read).
+        for off in [4, 5, 6, 7] {
+            hub.deliver("c", &seq("e", off, "live"));
+        }
+        let replay: Vec<_> = (3..=5).map(|o| seq("e", o, "replayed")).collect();
+        hub.open_gate("c", 1, Some(frame::text(b"subscribed")), &replay, (Arc::from("e"), 5));
+        hub.deliver("c", &seq("e", 8, "live"));
+        let frames = drain(&o).await;
+        assert_eq!(payload(&frames[0]), "subscribed");
+        assert_eq!(offsets(&frames), [3, 4, 5, 6, 7, 8]);
+    }
+
+    #[tokio::test]
+    async fn a_gated_subscriber_that_falls_too_far_behind_is_closed() {
+        let hub = Hub::new(None, 3, Arc::new(Metrics::new()));
+        let o = outbox(100);
+        hub.subscribe("c", 1, o.clone(), Mode::Protocol, true).await.unwrap();
+        for off in 1..=5 {
+            hub.deliver("c", &seq("e", off, "x"));
+        }
+        assert!(o.is_closing());
+    }
+
+    #[tokio::test]
+    async fn channels_come_and_go_with_their_subscribers() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let hub = Arc::new(Hub::new(Some(tx), 16, Arc::new(Metrics::new())));
+        let h = hub.clone();
+        let sub = tokio::spawn(async move { h.subscribe("c", 1, outbox(4), Mode::Raw, false).await });
+        let Some(BusCommand::Subscribe { channel, generation }) = rx.recv().await else { panic!() };
+        assert_eq!(&*channel, "c");
+        hub.confirm("c", generation + 1); // a stale confirmation does not count
+        tokio::task::yield_now().await;
+        assert!(!sub.is_finished());
+        hub.confirm("c", generation);
+        sub.await.unwrap().unwrap();
+        assert_eq!(hub.channels().len(), 1);
+        assert!(hub.unsubscribe("c", 1));
+        assert!(matches!(rx.recv().await, Some(BusCommand::Unsubscribe { .. })));
+        assert!(hub.channels().is_empty());
+        assert!(!hub.unsubscribe("c", 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unconfirmed_subscribe_fails_and_leaves_nothing_behind() {
+        let (tx, _rx) = mpsc::channel(8);
+        let hub = Hub::new(Some(tx), 16, Arc::new(Metrics::new()));
+        let r = hub.subscribe("c", 1, outbox(4), Mode::Raw, false).await;
+        assert!(matches!(r, Err(SubscribeError::BusUnavailable)));
+        assert!(hub.channels().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fan_out_under_way_holds_up_no_other_channel() {
+        let hub = Arc::new(local_hub());
+        for (channel, conn) in [("busy", 1), ("busy", 2), ("other", 3)] {
+            hub.subscribe(channel, conn, outbox(16), Mode::Raw, false).await.unwrap();
+        }
+        // Hold "busy" as `deliver` does during a fan-out, and have a subscriber leave it and
+        // another join it meanwhile: both wait for that channel, and nothing else may.
+        let busy = read(&hub.channels).get("busy").cloned().unwrap();
+        let fan_out = lock(&busy.state);
+        let (h1, h2) = (hub.clone(), hub.clone());
+        let leaving = std::thread::spawn(move || h1.unsubscribe("busy", 1));
+        let joining = tokio::spawn(async move {
+            h2.subscribe("busy", 4, outbox(16), Mode::Raw, false).await.unwrap();
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let (h3, o5) = (hub.clone(), outbox(16));
+        let others = std::thread::spawn(move || {
+            h3.deliver("other", &seq("e", 1, "x"));
+            tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+                h3.subscribe("third", 5, o5, Mode::Raw, false).await.unwrap();
+                assert!(h3.unsubscribe("third", 5));
+            });
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !others.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let others_done = others.is_finished();
+        assert!(!leaving.is_finished() && !joining.is_finished(), "they wait for the busy channel");
+        drop(fan_out);
+        assert!(others_done, "a fan-out on one channel held up delivery and subscribes on others");
+        others.join().unwrap();
+        assert!(leaving.join().unwrap());
+        joining.await.unwrap();
+        let subscribers = |c: &str| read(&hub.channels).get(c).map(|e| lock(&e.state).subscribers.len());
+        assert_eq!((subscribers("busy"), subscribers("other"), subscribers("third")), (Some(2), Some(1), None));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn churn_on_one_channel_keeps_the_bus_in_step() {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let hub = Arc::new(Hub::new(Some(tx), 16, Arc::new(Metrics::new())));
+        // The bus: confirms every Subscribe and records what it was asked, until the hub is gone.
+        let h = Arc::downgrade(&hub);
+        let bus = tokio::spawn(async move {
+            let mut log = Vec::new();
+            while let Some(cmd) = rx.recv().await {
+                match cmd {
+                    BusCommand::Subscribe { channel, generation } => {
+                        log.push(true);
+                        if let Some(h) = h.upgrade() {
+                            h.confirm(&channel, generation);
+                        }
+                    }
+                    BusCommand::Unsubscribe { .. } => log.push(false),
+                }
+            }
+            log
+        });
+        let clients: Vec<_> = (0..8u64)
+            .map(|c| {
+                let hub = hub.clone();
+                tokio::spawn(async move {
+                    for round in 0..200u64 {
+                        let conn = c * 1000 + round;
+                        hub.subscribe("c", conn, outbox(4), Mode::Raw, false).await.unwrap();
+                        if round % 3 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                        assert!(hub.unsubscribe("c", conn));
+                    }
+                })
+            })
+            .collect();
+        for c in clients {
+            c.await.unwrap();
+        }
+        assert!(hub.channels().is_empty());
+        drop(hub);
+        let log = bus.await.unwrap();
+        // Subscribe and Unsubscribe alternate, starting with a Subscribe and ending with an
+        // Unsubscribe: the bus ends subscribed exactly when the hub has the channel.
+        assert!(log.len() >= 2 && log.len() % 2 == 0, "{} commands", log.len());
+        assert!(log.iter().enumerate().all(|(i, subscribe)| *subscribe == (i % 2 == 0)), "{log:?}");
+    }
+}

@@ -1,0 +1,248 @@
+//! One client's outbound queue: bounded, lock-light, and where a slow client is caught.
+//!
+//! Producers (the hub's fan-out, the connection's own replies) [`Outbox::push`] frames; the
+//! connection's write loop takes them in batches. When a push finds the queue full, the client
+//! is too slow: its queue is dropped and the write loop closes it with 1013 (Try Again Later).
+//! A slow client therefore costs at most `limit` queued frames and never delays the producer.
+//! The outbox counts its own slow verdict (`slow_client_closes`), once per client, whoever
+//! pushed: callers need not.
+//!
+//! The queue is a `VecDeque` that allocates only when frames are waiting, and the write loop
+//! waits on a single waker slot rather than a `Notify`, so an idle connection pays for a mutex,
+//! an empty deque and one `Option<Waker>`.
+
+use std::collections::VecDeque;
+use std::sync::{Mutex, MutexGuard};
+use std::task::{Poll, Waker};
+
+use prometheus_client::metrics::counter::Counter;
+
+use crate::transport::frame::{self, Frame};
+
+/// Why a connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The outbound queue overflowed: 1013.
+    Slow,
+    /// The server drains: 1012 (Service Restart), reconnect elsewhere.
+    Draining,
+    /// A message or frame over `--max-message-size`: 1009.
+    TooLarge,
+    /// A text frame that is not UTF-8: 1007.
+    InvalidUtf8,
+    /// A WebSocket protocol violation: 1002.
+    ProtocolViolation,
+    /// The bus could not take the raw-mode subscription: 1013 with its own reason.
+    BusUnavailable,
+    /// The peer sent a close frame (with this code); only the reply remains to be flushed.
+    PeerClosed(Option<u16>),
+}
+
+impl CloseReason {
+    /// The close frame the server sends: its own code and reason, or the echo of the peer's.
+    pub fn frame(self) -> Frame {
+        let (code, reason) = match self {
+            CloseReason::Slow => (1013, "client too slow"),
+            CloseReason::Draining => (1012, "server draining"),
+            CloseReason::TooLarge => (1009, "message too large"),
+            CloseReason::InvalidUtf8 => (1007, "text frame is not valid UTF-8"),
+            CloseReason::ProtocolViolation => (1002, "protocol violation"),
+            CloseReason::BusUnavailable => (1013, "message bus unavailable"),
+            CloseReason::PeerClosed(code) => return frame::close(code.filter(|c| frame::is_valid_close_code(*c)), ""),
+        };
+        frame::close(Some(code), reason)
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Push {
+    Queued,
+    /// The queue was full: the client is now marked slow and will be closed.
+    Overflow,
+    /// The connection is already closing; the frame was dropped.
+    Closed,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Frame>,
+    close: Option<CloseReason>,
+    /// The write loop, when it waits for frames or for a slow verdict. One connection has one
+    /// writer, so one slot is enough.
+    waiting: Option<Waker>,
+}
+
+impl State {
+    /// Remembers the writer's waker (`will_wake` spares a clone when the same task waits again).
+    fn wait(&mut self, waker: &Waker) {
+        match &self.waiting {
+            Some(w) if w.will_wake(waker) => {}
+            _ => self.waiting = Some(waker.clone()),
+        }
+    }
+}
+
+/// Wakes the writer, if it waits, after letting go of the lock.
+fn wake(mut state: MutexGuard<'_, State>) {
+    let waiting = state.waiting.take();
+    drop(state);
+    if let Some(w) = waiting {
+        w.wake();
+    }
+}
+
+pub struct Outbox {
+    state: Mutex<State>,
+    limit: usize,
+    /// Clients closed as too slow (the server's `slow_client_closes`).
+    slow_closes: Counter,
+}
+
+impl Outbox {
+    pub fn new(limit: usize, slow_closes: Counter) -> Self {
+        Outbox { state: Mutex::new(State::default()), limit, slow_closes }
+    }
+
+    pub fn push(&self, msg: Frame) -> Push {
+        let mut state = self.lock();
+        if state.close.is_some() {
+            return Push::Closed;
+        }
+        if state.queue.len() >= self.limit {
+            state.queue = VecDeque::new();
+            state.close = Some(CloseReason::Slow);
+            wake(state);
+            self.slow_closes.inc();
+            return Push::Overflow;
+        }
+        state.queue.push_back(msg);
+        wake(state);
+        Push::Queued
+    }
+
+    /// Asks the write loop to close the connection after the frames already queued.
+    /// The first reason wins.
+    pub fn close(&self, reason: CloseReason) {
+        let mut state = self.lock();
+        if state.close.is_none() {
+            state.close = Some(reason);
+        }
+        wake(state);
+    }
+
+    /// Marks the client too slow without a push (it fell behind while its frames were held
+    /// elsewhere): it is closed with 1013 after what is queued, and counted, unless it is
+    /// closing already.
+    pub fn close_slow(&self) {
+        let mut state = self.lock();
+        if state.close.is_none() {
+            state.close = Some(CloseReason::Slow);
+            self.slow_closes.inc();
+        }
+        wake(state);
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.lock().close.is_some()
+    }
+
+    /// Resolves once the client has been marked slow. Meant to race a blocked write.
+    pub async fn slow(&self) {
+        std::future::poll_fn(|cx| {
+            let mut state = self.lock();
+            if state.close == Some(CloseReason::Slow) {
+                return Poll::Ready(());
+            }
+            state.wait(cx.waker());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Moves every queued frame into `batch` (which must be empty), waiting until there is at
+    /// least one or a close was asked for. Returns the close reason once the queue is empty.
+    pub async fn next_batch(&self, batch: &mut VecDeque<Frame>) -> Option<CloseReason> {
+        std::future::poll_fn(|cx| {
+            let mut state = self.lock();
+            if !state.queue.is_empty() {
+                std::mem::swap(&mut state.queue, batch);
+                return Poll::Ready(None);
+            }
+            if state.close.is_some() {
+                return Poll::Ready(state.close);
+            }
+            state.wait(cx.waker());
+            Poll::Pending
+        })
+        .await
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock leaves a consistent queue; keep going.
+        wsfleet_contract::sync::lock(&self.state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(s: &str) -> Frame {
+        frame::text(s.as_bytes())
+    }
+
+    #[tokio::test]
+    async fn batches_in_order() {
+        let o = outbox(10);
+        assert_eq!(o.push(text("a")), Push::Queued);
+        assert_eq!(o.push(text("b")), Push::Queued);
+        let mut batch = VecDeque::new();
+        assert_eq!(o.next_batch(&mut batch).await, None);
+        assert_eq!(batch, [text("a"), text("b")]);
+    }
+
+    fn outbox(limit: usize) -> Outbox {
+        Outbox::new(limit, Counter::default())
+    }
+
+    #[tokio::test]
+    async fn overflow_drops_the_queue_and_closes_slow() {
+        let o = outbox(2);
+        o.push(text("a"));
+        o.push(text("b"));
+        assert_eq!(o.push(text("c")), Push::Overflow);
+        assert_eq!(o.push(text("d")), Push::Closed);
+        let mut batch = VecDeque::new();
+        assert_eq!(o.next_batch(&mut batch).await, Some(CloseReason::Slow));
+        assert!(batch.is_empty());
+        o.close_slow();
+        assert_eq!(o.slow_closes.get(), 1, "one slow client, counted once");
+    }
+
+    #[tokio::test]
+    async fn drain_close_comes_after_queued_frames() {
+        let o = outbox(10);
+        o.push(text("a"));
+        o.close(CloseReason::Draining);
+        o.close(CloseReason::Slow);
+        let mut batch = VecDeque::new();
+        assert_eq!(o.next_batch(&mut batch).await, None);
+        assert_eq!(batch.len(), 1);
+        batch.clear();
+        assert_eq!(o.next_batch(&mut batch).await, Some(CloseReason::Draining));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_writer_wakes_on_push() {
+        let o = std::sync::Arc::new(outbox(10));
+        let o2 = o.clone();
+        let writer = tokio::spawn(async move {
+            let mut batch = VecDeque::new();
+            o2.next_batch(&mut batch).await;
+            batch.len()
+        });
+        tokio::task::yield_now().await;
+        o.push(text("x"));
+        assert_eq!(writer.await.unwrap(), 1);
+    }
+}
