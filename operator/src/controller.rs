@@ -22,6 +22,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
+use wsfleet_contract::presence;
+use wsfleet_contract::sync::lock;
 
 use crate::FIELD_MANAGER;
 use crate::children;
@@ -93,16 +95,13 @@ impl Context {
 
     async fn connections(&self, wsc: &WebSocketCluster) -> Result<i64, String> {
         let key = format!("{}/{}", wsc.namespace().unwrap_or_default(), wsc.name_any());
-        if let Some((at, value)) = self.connections.lock().unwrap_or_else(|e| e.into_inner()).get(&key)
+        if let Some((at, value)) = lock(&self.connections).get(&key)
             && at.elapsed() < self.resync
         {
             return value.clone();
         }
         let value = read_connections(wsc).await;
-        self.connections
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, (std::time::Instant::now(), value.clone()));
+        lock(&self.connections).insert(key, (std::time::Instant::now(), value.clone()));
         value
     }
 }
@@ -353,7 +352,8 @@ async fn read_connections(wsc: &WebSocketCluster) -> Result<i64, String> {
     }
     let read = async {
         let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
-        wsfleet_server::presence::fleet_stats(&client, &children::redis_prefix(wsc)).await.map_err(|e| e.to_string())
+        let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?;
+        presence::fleet_stats(&mut conn, &children::redis_prefix(wsc)).await.map_err(|e| e.to_string())
     };
     match tokio::time::timeout(Duration::from_secs(2), read).await {
         Ok(Ok(pods)) => Ok(pods.values().sum::<u64>() as i64),
