@@ -89,6 +89,18 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
 }
 
+/// What every backend is started with, besides its own address.
+pub struct Start<'a> {
+    pub history: HistoryConfig,
+    /// Most messages the hub holds for one resuming subscriber.
+    pub hold_limit: usize,
+    pub metrics: Arc<Metrics>,
+    /// Where the backend's tasks run...
+    pub tracker: &'a TaskTracker,
+    /// ...until this fires.
+    pub shutdown: CancellationToken,
+}
+
 /// The bus as the server uses it: one backend, the hub of local subscribers, the bus's health.
 pub struct Bus {
     backend: Box<dyn Backend>,
@@ -110,9 +122,10 @@ impl Bus {
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Bus, BusError> {
+        let start = Start { history, hold_limit, metrics, tracker, shutdown };
         match redis_url {
-            None => Ok(crate::messaging::local::start(history, hold_limit, metrics)),
-            Some(url) => crate::messaging::redis::start(url, prefix, history, hold_limit, metrics, tracker, shutdown),
+            None => Ok(crate::messaging::local::start(start)),
+            Some(url) => crate::messaging::redis::start(url, prefix, start),
         }
     }
 

@@ -133,14 +133,12 @@ pub async fn serve(
     // Boxed: the request buffer and parse state are only needed until the upgrade (memory per
     // idle connection).
     let handshake = Box::pin(handshake::handshake(&mut stream, &shared, &mut permit));
-    let upgraded = tokio::time::timeout(shared.handshake_timeout, handshake).await.unwrap_or(Err(Outcome::TimedOut));
-    let (route, leftover) = match upgraded {
-        Ok(upgraded) => upgraded,
-        Err(outcome) => {
-            shared.metrics.upgrade(outcome.metric_label());
-            debug!(%peer, ?outcome, "not upgraded");
-            return;
-        }
+    // Matched as a temporary: a named result would keep its storage in the task (memory per
+    // connection) after the upgrade.
+    let (route, leftover) = match tokio::time::timeout(shared.handshake_timeout, handshake).await {
+        Ok(Ok(upgraded)) => upgraded,
+        Ok(Err(outcome)) => return not_upgraded(&shared, peer, outcome),
+        Err(_) => return not_upgraded(&shared, peer, Outcome::TimedOut),
     };
     shared.metrics.upgrade(Outcome::Accepted.metric_label());
     shared.metrics.connections.inc();
@@ -159,6 +157,12 @@ pub async fn serve(
     // Free the slot before the gauge says so, so that anyone who sees the gauge drop can connect.
     drop(permit);
     shared.metrics.connections.dec();
+}
+
+/// Counts and logs a handshake that did not end in an upgrade.
+fn not_upgraded(shared: &Shared, peer: SocketAddr, outcome: Outcome) {
+    shared.metrics.upgrade(outcome.metric_label());
+    debug!(%peer, ?outcome, "not upgraded");
 }
 
 /// One upgraded connection: its identity, its outbox, its subscriptions.
