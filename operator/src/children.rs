@@ -463,6 +463,30 @@ pub fn build_tuning_daemonset(wsc: &WebSocketCluster) -> Option<DaemonSet> {
     })
 }
 
+/// Every child one cluster wants, built together from the spec: the reconcile's first step.
+/// An optional child that is `None` is one the spec no longer asks for (it is removed).
+#[derive(Debug, Clone)]
+pub struct Children {
+    pub server: Deployment,
+    pub client_service: Service,
+    pub pdb: PodDisruptionBudget,
+    pub redis: Option<Deployment>,
+    pub redis_service: Option<Service>,
+    pub tuning: Option<DaemonSet>,
+}
+
+/// Builds every child of `wsc`.
+pub fn build_all(wsc: &WebSocketCluster) -> Children {
+    Children {
+        server: build_server_deployment(wsc),
+        client_service: build_client_service(wsc),
+        pdb: build_pdb(wsc),
+        redis: build_redis_deployment(wsc),
+        redis_service: build_redis_service(wsc),
+        tuning: build_tuning_daemonset(wsc),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -619,6 +643,21 @@ pub(crate) mod tests {
         assert_eq!(pod.containers[0].args.clone().unwrap(), ["tune", "--sysctl", "net.core.somaxconn=65535"]);
         let security = pod.containers[0].security_context.as_ref().unwrap();
         assert_eq!((security.privileged, security.run_as_user), (Some(true), Some(0)));
+    }
+
+    #[test]
+    fn build_all_follows_the_optional_parts_of_the_spec() {
+        let mut wsc = sample("chat");
+        let all = build_all(&wsc);
+        assert!(all.redis.is_some() && all.redis_service.is_some() && all.tuning.is_none());
+        assert_eq!(all.server.metadata.name.as_deref(), Some("chat-server"));
+        wsc.spec.redis = RedisSpec {
+            managed: None,
+            external: Some(ExternalRedis { url: Some("redis://r:6379".into()), url_secret_ref: None }),
+        };
+        wsc.spec.node_tuning.enabled = true;
+        let all = build_all(&wsc);
+        assert!(all.redis.is_none() && all.redis_service.is_none() && all.tuning.is_some());
     }
 
     #[test]
