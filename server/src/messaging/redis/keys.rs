@@ -6,7 +6,7 @@
 //! | `<prefix>:ch:<channel>` | the pub/sub channel of a wsfleet channel |
 //! | `<prefix>:meta:<channel>` | hash: the channel's epoch and head offset |
 //! | `<prefix>:hist:<channel>` | stream: the channel's history, entry ids `<offset>-0` |
-//! | `<prefix>:presence:<pod>` | one server's connection count (`wsfleet_contract::presence`) |
+//! | `<prefix>:presence` | hash: each server's connection count (`wsfleet_contract::presence`) |
 //!
 //! A channel's three keys are built from the same name, the place a sharded topology would put a
 //! hash tag so that they share a slot.
@@ -46,9 +46,9 @@ impl Keys {
         format!("{}:hist:{channel}", self.prefix)
     }
 
-    /// One server's presence entry.
-    pub fn presence(&self, pod: &str) -> String {
-        wsfleet_contract::presence::key(&self.prefix, pod)
+    /// The hash of the fleet's presence entries.
+    pub fn presence(&self) -> String {
+        wsfleet_contract::presence::key(&self.prefix)
     }
 }
 
@@ -63,6 +63,6 @@ mod tests {
         assert_eq!(keys.channel_of("fleet-a:ch:room:1"), Some("room:1"));
         assert_eq!(keys.channel_of("fleet-b:ch:room:1"), None);
         assert_eq!(keys.channel_of("fleet-a:xx:room:1"), None);
-        assert_eq!(keys.presence("pod-0"), "fleet-a:presence:pod-0");
+        assert_eq!(keys.presence(), "fleet-a:presence");
     }
 }

@@ -1,14 +1,14 @@
-//! Presence in a single Redis: this server's entry (a key with a TTL, see
-//! `wsfleet_contract::presence` for its name), and the reading of every entry of a fleet that
-//! the `fleet-stats` subcommand prints.
+//! Presence in a single Redis: this server's entry in its fleet's presence hash (the format and
+//! its scripts are `wsfleet_contract::presence`, which the operator reads too), and the reading
+//! of every entry that the `fleet-stats` subcommand prints.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
-use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
+use wsfleet_contract::presence;
 
 use super::keys::Keys;
 use crate::messaging::bus::BusError;
@@ -29,22 +29,25 @@ impl RedisPresence {
 impl PresenceStore for RedisPresence {
     fn refresh<'a>(&'a self, pod: &'a str, connections: u64, ttl: Duration) -> BoxFuture<'a, Result<(), BusError>> {
         let mut conn = self.conn.clone();
-        let key = self.keys.presence(pod);
         async move {
-            conn.set_ex::<_, _, ()>(&key, connections, ttl.as_secs()).await.map_err(|e| BusError::Unavailable(e.into()))
+            presence::refresh(&mut conn, self.keys.prefix(), pod, connections, ttl)
+                .await
+                .map_err(|e| BusError::Unavailable(e.into()))
         }
         .boxed()
     }
 
     fn remove<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<(), BusError>> {
         let mut conn = self.conn.clone();
-        let key = self.keys.presence(pod);
-        async move { conn.del::<_, ()>(&key).await.map_err(|e| BusError::Unavailable(e.into())) }.boxed()
+        async move {
+            presence::remove(&mut conn, self.keys.prefix(), pod).await.map_err(|e| BusError::Unavailable(e.into()))
+        }
+        .boxed()
     }
 }
 
 /// Live connection counts per pod of the fleet that uses `prefix`.
 pub async fn fleet_stats(client: &redis::Client, prefix: &str) -> redis::RedisResult<BTreeMap<String, u64>> {
     let mut conn = client.get_multiplexed_async_connection().await?;
-    wsfleet_contract::presence::fleet_stats(&mut conn, prefix).await
+    presence::fleet_stats(&mut conn, prefix).await
 }
