@@ -8,10 +8,12 @@
 //! 4. **status**: compute it (pure, [`status::compute`]) and patch it only when it changed.
 //!
 //! Events for every child created, changed or removed and for every failure. Only this module
-//! and [`crate::leader`] use the API server, and the only reads are the controller's watches:
+//! and [`crate::leader`] use the API server, and this module reads only through the controller's watches:
 //! children are read from the caches those watches fill ([`Stores`]), never with a GET.
 //!
-//! At scale: at most [`MAX_CONCURRENT_RECONCILES`] reconciles run at once; an invalid spec waits
+//! At scale: a resync of a cluster whose children are as last applied writes nothing (the apply
+//! of an unchanged child is skipped, the status patched only when it changed); at most
+//! [`MAX_CONCURRENT_RECONCILES`] reconciles run at once; an invalid spec waits
 //! for a change, any other failure is retried with exponential backoff and jitter; every
 //! distinct Redis gets one pooled connection; every per-cluster cache forgets a cluster that
 //! has not been reconciled for a few resync periods (it was deleted).
@@ -165,36 +167,42 @@ fn stores() -> (Stores, Writers) {
     )
 }
 
-/// A value remembered per cluster (or per Redis), and when it was last refreshed.
+/// A value remembered per cluster (or per child, or per Redis), and when it was last refreshed.
 struct Remembered<T> {
     at: Instant,
     value: T,
 }
 
-/// Per-key memory that forgets keys not refreshed within `ttl`.
+/// Per-key memory that forgets keys not refreshed within its `ttl` (swept at most once per
+/// `ttl`, so a key lives at most twice as long).
 struct Memory<T> {
-    entries: Mutex<HashMap<String, Remembered<T>>>,
+    ttl: Duration,
+    entries: Mutex<(HashMap<String, Remembered<T>>, Instant)>,
 }
 
 impl<T: Clone> Memory<T> {
-    fn new() -> Self {
-        Memory { entries: Mutex::new(HashMap::new()) }
+    fn new(ttl: Duration) -> Self {
+        Memory { ttl, entries: Mutex::new((HashMap::new(), Instant::now())) }
     }
 
     /// The value of `key` if it was refreshed within `fresh`.
     fn get(&self, key: &str, fresh: Duration) -> Option<T> {
-        lock(&self.entries).get(key).filter(|e| e.at.elapsed() < fresh).map(|e| e.value.clone())
+        lock(&self.entries).0.get(key).filter(|e| e.at.elapsed() < fresh.min(self.ttl)).map(|e| e.value.clone())
     }
 
-    /// Sets `key`, and forgets every key not refreshed within `ttl`.
-    fn set(&self, key: &str, value: T, ttl: Duration) {
-        let mut entries = lock(&self.entries);
-        entries.retain(|_, e| e.at.elapsed() < ttl);
+    /// Sets (and refreshes) `key`; now and then forgets every key not refreshed within the ttl.
+    fn set(&self, key: &str, value: T) {
+        let mut guard = lock(&self.entries);
+        let (entries, swept) = &mut *guard;
+        if swept.elapsed() >= self.ttl {
+            entries.retain(|_, e| e.at.elapsed() < self.ttl);
+            *swept = Instant::now();
+        }
         entries.insert(key.to_owned(), Remembered { at: Instant::now(), value });
     }
 
     fn remove(&self, key: &str) -> Option<T> {
-        lock(&self.entries).remove(key).map(|e| e.value)
+        lock(&self.entries).0.remove(key).map(|e| e.value)
     }
 }
 
@@ -220,12 +228,17 @@ pub struct Context {
     redis: Memory<ConnectionManager>,
     /// Consecutive failed reconciles per cluster, for the backoff.
     failures: Memory<u32>,
+    /// Per child: the hash of what was last applied and the resourceVersion the apply returned.
+    /// While both still hold, the child is as applied and the apply is skipped: a resync of an
+    /// unchanged cluster writes nothing.
+    applied: Memory<(u64, Option<String>)>,
 }
 
 impl Context {
     pub fn new(client: Client, metrics: Arc<Metrics>, resync: Duration, instance: String) -> Self {
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(instance) };
         let (stores, writers) = stores();
+        let forget_after = resync * FORGET_AFTER_RESYNCS;
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -234,15 +247,11 @@ impl Context {
             stores,
             writers: Mutex::new(Some(writers)),
             caches_filled: AtomicBool::new(false),
-            connections: Memory::new(),
-            redis: Memory::new(),
-            failures: Memory::new(),
+            connections: Memory::new(forget_after),
+            redis: Memory::new(forget_after),
+            failures: Memory::new(forget_after),
+            applied: Memory::new(forget_after),
         }
-    }
-
-    /// How long a per-cluster entry outlives its last refresh.
-    fn forget_after(&self) -> Duration {
-        self.resync * FORGET_AFTER_RESYNCS
     }
 
     /// The fleet total of `wsc`, read from Redis at most once per resync.
@@ -252,7 +261,7 @@ impl Context {
             return value;
         }
         let value = self.read_connections(wsc).await;
-        self.connections.set(&key, value.clone(), self.forget_after());
+        self.connections.set(&key, value.clone());
         value
     }
 
@@ -279,7 +288,7 @@ impl Context {
 
     /// The pooled connection to `url` (made on first use; it reconnects by itself).
     fn redis_connection(&self, url: &str) -> Result<ConnectionManager, String> {
-        let conn = match self.redis.get(url, self.forget_after()) {
+        let conn = match self.redis.get(url, Duration::MAX) {
             Some(conn) => conn,
             None => {
                 let client = redis::Client::open(url).map_err(|e| format!("invalid Redis URL: {e}"))?;
@@ -291,7 +300,7 @@ impl Context {
             }
         };
         // Refreshed on every use; a Redis no cluster uses any more is forgotten.
-        self.redis.set(url, conn.clone(), self.forget_after());
+        self.redis.set(url, conn.clone());
         Ok(conn)
     }
 }
@@ -472,8 +481,8 @@ pub fn error_policy(wsc: Arc<WebSocketCluster>, error: &Error, ctx: Arc<Context>
         return Action::await_change();
     }
     let key = cluster_key(&wsc);
-    let failures = ctx.failures.get(&key, ctx.forget_after()).unwrap_or(0) + 1;
-    ctx.failures.set(&key, failures, ctx.forget_after());
+    let failures = ctx.failures.get(&key, Duration::MAX).unwrap_or(0) + 1;
+    ctx.failures.set(&key, failures);
     Action::requeue(backoff(failures, jitter(&key)))
 }
 
@@ -492,6 +501,14 @@ fn jitter(key: &str) -> f64 {
     0.5 + (hasher.finish() % 1000) as f64 / 1000.0
 }
 
+/// A digest of a desired child, to tell whether it changed since it was last applied (in this
+/// process only: the hasher's keys are fixed, not its stability across releases).
+fn hash_of<K: Serialize>(child: &K) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_vec(child).unwrap_or_default().hash(&mut hasher);
+    hasher.finish()
+}
+
 /// What changes when a child's spec changes: its generation where it has one (status updates
 /// bump the resourceVersion too, and are no change of ours), else its resourceVersion.
 fn revision(meta: &kube::core::ObjectMeta) -> String {
@@ -503,7 +520,9 @@ fn revision(meta: &kube::core::ObjectMeta) -> String {
 
 /// Server-side applies one child (force: this operator owns these fields) and publishes an event
 /// when the child was created or changed, judged against the cached copy. Returns the child as
-/// the API server has it now.
+/// the API server has it now. Skipped when the cached child is still the one this operator last
+/// applied (same resourceVersion) and the desired child has not changed since: anyone's change to
+/// the child (a new resourceVersion) brings the apply back, so drift is still corrected.
 async fn apply<K>(ctx: &Context, wsc: &WebSocketCluster, ns: &str, child: K) -> Result<K, Error>
 where
     K: Cached
@@ -513,14 +532,24 @@ where
         + DeserializeOwned
         + std::fmt::Debug,
 {
-    let api = Api::<K>::namespaced(ctx.client.clone(), ns);
     let name = child.meta().name.clone().unwrap_or_default();
     let kind = <K as k8s_openapi::Resource>::KIND;
-    let before = ctx.stores.get::<K>(ns, &name).map(|o| revision(o.meta()));
-    let after = api
+    let key = format!("{kind}/{ns}/{name}");
+    let desired = hash_of(&child);
+    let cached = ctx.stores.get::<K>(ns, &name);
+    if let Some(cached) = &cached
+        && ctx.applied.get(&key, Duration::MAX) == Some((desired, cached.meta().resource_version.clone()))
+    {
+        // Nobody changed it since our apply, and we want the same: nothing to write.
+        ctx.applied.set(&key, (desired, cached.meta().resource_version.clone()));
+        return Ok(K::clone(cached));
+    }
+    let before = cached.map(|o| revision(o.meta()));
+    let after = Api::<K>::namespaced(ctx.client.clone(), ns)
         .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&child))
         .await
         .map_err(|source| Error::Apply { kind, name: name.clone(), source })?;
+    ctx.applied.set(&key, (desired, after.meta().resource_version.clone()));
     let (reason, verb) = match before {
         // Not cached yet: new, unless it already has a history (the cache lags behind a create
         // of a moment ago).
@@ -614,15 +643,16 @@ mod tests {
 
     #[test]
     fn memory_forgets_what_is_not_refreshed() {
-        let memory = Memory::new();
-        memory.set("ns/a", 1, Duration::from_secs(60));
-        assert_eq!(memory.get("ns/a", Duration::from_secs(60)), Some(1));
+        let memory = Memory::new(Duration::from_millis(20));
+        memory.set("ns/a", 1);
+        assert_eq!(memory.get("ns/a", Duration::MAX), Some(1));
         assert_eq!(memory.get("ns/a", Duration::ZERO), None, "stale for a reader wanting it fresher");
-        std::thread::sleep(Duration::from_millis(5));
-        // Setting another key sweeps every key older than the given ttl.
-        memory.set("ns/b", 2, Duration::from_millis(1));
-        assert_eq!(memory.get("ns/a", Duration::from_secs(60)), None, "forgotten, not just stale");
-        assert_eq!(memory.get("ns/b", Duration::from_secs(60)), Some(2));
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(memory.get("ns/a", Duration::MAX), None, "past the ttl");
+        // The next set sweeps it out.
+        memory.set("ns/b", 2);
+        assert!(!lock(&memory.entries).0.contains_key("ns/a"), "forgotten, not just stale");
+        assert_eq!(memory.get("ns/b", Duration::MAX), Some(2));
     }
 
     #[test]
