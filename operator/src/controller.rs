@@ -8,8 +8,9 @@
 //! 4. **status**: compute it (pure, [`status::compute`]) and patch it only when it changed.
 //!
 //! Events for every child created, changed or removed and for every failure. Only this module
-//! and [`crate::leader`] use the API server, and this module reads only through the controller's watches:
-//! children are read from the caches those watches fill ([`Stores`]), never with a GET.
+//! and [`crate::leader`] use the API server, and this module reads only through the
+//! controller's watches: children come from the caches those watches fill ([`Stores`]), never
+//! from a GET.
 //!
 //! At scale: a resync of a cluster whose children are as last applied writes nothing (the apply
 //! of an unchanged child is skipped, the status patched only when it changed); at most
