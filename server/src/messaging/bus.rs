@@ -3,9 +3,10 @@
 //! [`Bus`] is what the rest of the server sees: publish a run of envelopes to a channel, read a
 //! channel's position and what a resuming subscriber missed, the [`Hub`] of local subscribers,
 //! and [`BusHealth`] (readiness reports it). Behind it sits one [`Backend`], chosen once at start
-//! by [`Bus::start`]: the in-process bus ([`crate::messaging::local`]) or Redis pub/sub
-//! ([`crate::messaging::redis`]). Another topology (Redis Cluster with sharded pub/sub) is one
-//! more module implementing [`Backend`] and one more arm in [`Bus::start`]; nothing else changes.
+//! by [`Bus::start`] (in [`crate::messaging`], above the backends): the in-process bus or Redis
+//! pub/sub. Another topology (Redis Cluster with sharded pub/sub) is one more module
+//! implementing [`Backend`] and one more arm in [`Bus::start`]; nothing else changes. This
+//! module knows no backend: they depend on it, never the reverse.
 //!
 //! Every backend keeps the same promises: a channel's messages reach every subscribing server
 //! in one order, each with its offset and epoch ([`crate::messaging::history`]), and a local
@@ -19,6 +20,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
@@ -27,7 +29,6 @@ use tokio_util::task::TaskTracker;
 use crate::messaging::envelope::Envelope;
 use crate::messaging::history::{HistoryConfig, Replay, Since};
 use crate::messaging::hub::{Hub, SubscribeError};
-use crate::messaging::presence::PresenceStore;
 use crate::metrics::Metrics;
 
 /// Any error a backend reports, kept whole as the source of a [`BusError`].
@@ -81,8 +82,8 @@ pub trait Backend: Send + Sync {
     /// The channel's position now, and the messages missed since `since`.
     fn read<'a>(&'a self, channel: &'a str, since: Option<&'a Since>) -> BoxFuture<'a, Result<Replay, BusError>>;
 
-    /// Where this server heartbeats its connection count; `None` when there is no fleet to
-    /// report to (the in-process bus).
+    /// Where this server heartbeats its connection count ([`crate::messaging::presence`]);
+    /// `None` when there is no fleet to report to (the in-process bus).
     fn presence(&self) -> Option<Arc<dyn PresenceStore>>;
 
     /// A word for logs: `in-process`, `redis`.
@@ -101,6 +102,14 @@ pub struct Start<'a> {
     pub shutdown: CancellationToken,
 }
 
+/// Where a backend keeps presence entries.
+pub trait PresenceStore: Send + Sync {
+    /// Sets this server's entry to `connections`, to expire after `ttl` unless refreshed.
+    fn refresh<'a>(&'a self, pod: &'a str, connections: u64, ttl: Duration) -> BoxFuture<'a, Result<(), BusError>>;
+    /// Removes this server's entry.
+    fn remove<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<(), BusError>>;
+}
+
 /// The bus as the server uses it: one backend, the hub of local subscribers, the bus's health.
 pub struct Bus {
     backend: Box<dyn Backend>,
@@ -109,26 +118,6 @@ pub struct Bus {
 }
 
 impl Bus {
-    /// Builds the hub and the bus: Redis with a URL, in-process without. A backend's tasks are
-    /// spawned on `tracker` and stop on `shutdown`. Fails only on invalid settings: an
-    /// unreachable Redis is retried. `hold_limit` bounds what the hub holds for one resuming
-    /// subscriber.
-    pub fn start(
-        redis_url: Option<&str>,
-        prefix: &str,
-        history: HistoryConfig,
-        hold_limit: usize,
-        metrics: Arc<Metrics>,
-        tracker: &TaskTracker,
-        shutdown: CancellationToken,
-    ) -> Result<Bus, BusError> {
-        let start = Start { history, hold_limit, metrics, tracker, shutdown };
-        match redis_url {
-            None => Ok(crate::messaging::local::start(start)),
-            Some(url) => crate::messaging::redis::start(url, prefix, start),
-        }
-    }
-
     /// Puts a started backend together with its hub and health.
     pub fn new(backend: Box<dyn Backend>, hub: Arc<Hub>, health: Arc<BusHealth>) -> Bus {
         Bus { backend, hub, health }
@@ -155,20 +144,5 @@ impl Bus {
 
     pub fn backend_name(&self) -> &'static str {
         self.backend.name()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn an_invalid_url_is_refused_up_front() {
-        let tracker = TaskTracker::new();
-        let history = HistoryConfig { size: 10, ttl: Duration::from_secs(10), max_replay: 10 };
-        let metrics = Arc::new(Metrics::new());
-        let r = Bus::start(Some("http://nope"), "p", history, 10, metrics, &tracker, CancellationToken::new());
-        assert!(matches!(r, Err(BusError::InvalidUrl(_))));
     }
 }

@@ -11,11 +11,10 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use wsfleet_contract::sync::lock;
 
-use crate::messaging::bus::{Backend, Bus, BusError, BusHealth, Start};
+use crate::messaging::bus::{Backend, Bus, BusError, BusHealth, PresenceStore, Start};
 use crate::messaging::envelope::{Envelope, Sequenced, new_epoch};
 use crate::messaging::history::{HistoryConfig, Lost, Replay, Since};
 use crate::messaging::hub::Hub;
-use crate::messaging::presence::PresenceStore;
 
 /// The in-process bus, always up.
 pub fn start(start: Start<'_>) -> Bus {

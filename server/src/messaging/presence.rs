@@ -3,29 +3,21 @@
 //! that dies simply stops refreshing its entry, which expires within [`PRESENCE_TTL`]; a server
 //! that drains removes its entry at the end.
 //!
-//! The cadence lives here; where entries are kept is the backend's ([`PresenceStore`]).
+//! The cadence lives here; where entries are kept is the backend's ([`PresenceStore`], part of
+//! the bus seam).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::messaging::bus::BusError;
+use crate::messaging::bus::PresenceStore;
 
 /// How often a server refreshes its entry.
 pub const PRESENCE_EVERY: Duration = Duration::from_secs(5);
 /// How long an entry lives without a refresh.
 pub const PRESENCE_TTL: Duration = Duration::from_secs(15);
-
-/// Where a backend keeps presence entries.
-pub trait PresenceStore: Send + Sync {
-    /// Sets this server's entry to `connections`, to expire after `ttl` unless refreshed.
-    fn refresh<'a>(&'a self, pod: &'a str, connections: u64, ttl: Duration) -> BoxFuture<'a, Result<(), BusError>>;
-    /// Removes this server's entry.
-    fn remove<'a>(&'a self, pod: &'a str) -> BoxFuture<'a, Result<(), BusError>>;
-}
 
 /// Refreshes this server's entry until `stop`, then removes it.
 pub async fn heartbeat(

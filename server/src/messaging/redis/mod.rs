@@ -32,11 +32,10 @@ use self::presence::RedisPresence;
 pub use self::presence::fleet_stats;
 use self::scripts::{CommandError, RedisHistory};
 use self::subscriber::Subscriber;
-use crate::messaging::bus::{Backend, Bus, BusError, BusHealth, Start};
+use crate::messaging::bus::{Backend, Bus, BusError, BusHealth, PresenceStore, Start};
 use crate::messaging::envelope::Envelope;
 use crate::messaging::history::{Replay, Since};
 use crate::messaging::hub::Hub;
-use crate::messaging::presence::PresenceStore;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);

@@ -11,8 +11,7 @@ use redis::aio::ConnectionManager;
 use wsfleet_contract::presence;
 
 use super::keys::Keys;
-use crate::messaging::bus::BusError;
-use crate::messaging::presence::PresenceStore;
+use crate::messaging::bus::{BusError, PresenceStore};
 
 /// This server's presence entry, written over the bus's publishing connection.
 pub struct RedisPresence {
