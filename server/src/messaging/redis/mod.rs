@@ -11,8 +11,9 @@
 //! presence heartbeat); one pub/sub connection subscribes. Local publishes also go through
 //! Redis, so every server sees a channel's messages in the one order Redis gave them.
 //!
-//! Only this module (and the `fleet-stats` subcommand through [`presence`]) speaks Redis; a
-//! second topology lives beside it as its own module.
+//! In the server, only this module (and the `fleet-stats` subcommand through [`presence`])
+//! speaks Redis; the presence format it shares with the operator is `wsfleet_contract::presence`.
+//! A second topology lives beside it as its own module.
 
 pub mod keys;
 pub mod presence;
