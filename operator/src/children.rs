@@ -28,6 +28,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
+use wsfleet_contract::{env as server_env, tune};
+
 use crate::crd::WebSocketCluster;
 
 /// Health and metrics port of the servers (fixed; the spec's `port` may not take it).
@@ -140,27 +142,27 @@ fn env(name: &str, value: impl ToString) -> EnvVar {
 fn server_env(wsc: &WebSocketCluster) -> Vec<EnvVar> {
     let spec = &wsc.spec;
     let mut vars = vec![
-        env("WSFLEET_LISTEN", format!("0.0.0.0:{}", spec.port)),
-        env("WSFLEET_HTTP_LISTEN", format!("0.0.0.0:{HTTP_PORT}")),
+        env(server_env::LISTEN, format!("0.0.0.0:{}", spec.port)),
+        env(server_env::HTTP_LISTEN, format!("0.0.0.0:{HTTP_PORT}")),
         EnvVar {
-            name: "WSFLEET_POD_NAME".into(),
+            name: server_env::POD_NAME.into(),
             value_from: Some(EnvVarSource {
                 field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), ..Default::default() }),
                 ..Default::default()
             }),
             ..Default::default()
         },
-        env("WSFLEET_REDIS_PREFIX", redis_prefix(wsc)),
-        env("WSFLEET_MAX_CONNECTIONS", spec.max_connections_per_pod),
-        env("WSFLEET_DRAIN_TIMEOUT", spec.drain.timeout_seconds),
-        env("WSFLEET_HISTORY_SIZE", spec.history.size),
-        env("WSFLEET_HISTORY_TTL", spec.history.ttl_seconds),
-        env("WSFLEET_LOG_FORMAT", "json"),
+        env(server_env::REDIS_PREFIX, redis_prefix(wsc)),
+        env(server_env::MAX_CONNECTIONS, spec.max_connections_per_pod),
+        env(server_env::DRAIN_TIMEOUT, spec.drain.timeout_seconds),
+        env(server_env::HISTORY_SIZE, spec.history.size),
+        env(server_env::HISTORY_TTL, spec.history.ttl_seconds),
+        env(server_env::LOG_FORMAT, server_env::LOG_FORMAT_JSON),
     ];
     match (redis_url(wsc), spec.redis.external.as_ref().and_then(|e| e.url_secret_ref.clone())) {
-        (Some(url), _) => vars.push(env("WSFLEET_REDIS_URL", url)),
+        (Some(url), _) => vars.push(env(server_env::REDIS_URL, url)),
         (None, Some(secret)) => vars.push(EnvVar {
-            name: "WSFLEET_REDIS_URL".into(),
+            name: server_env::REDIS_URL.into(),
             value_from: Some(EnvVarSource { secret_key_ref: Some(secret), ..Default::default() }),
             ..Default::default()
         }),
@@ -168,11 +170,11 @@ fn server_env(wsc: &WebSocketCluster) -> Vec<EnvVar> {
     }
     if let Some(auth) = &spec.auth {
         if !auth.allowed_origins.is_empty() {
-            vars.push(env("WSFLEET_ALLOWED_ORIGINS", auth.allowed_origins.join(",")));
+            vars.push(env(server_env::ALLOWED_ORIGINS, auth.allowed_origins.join(",")));
         }
         if let Some(secret) = &auth.jwt_secret_ref {
             vars.push(EnvVar {
-                name: "WSFLEET_JWT_SECRET".into(),
+                name: server_env::JWT_SECRET.into(),
                 value_from: Some(EnvVarSource { secret_key_ref: Some(secret.clone()), ..Default::default() }),
                 ..Default::default()
             });
@@ -409,9 +411,9 @@ pub fn build_tuning_daemonset(wsc: &WebSocketCluster) -> Option<DaemonSet> {
     if !tuning.enabled {
         return None;
     }
-    let mut args = vec!["tune".to_owned()];
+    let mut args = vec![tune::SUBCOMMAND.to_owned()];
     for (k, v) in &tuning.sysctls {
-        args.push("--sysctl".into());
+        args.push(tune::SYSCTL_FLAG.into());
         args.push(format!("{k}={v}"));
     }
     let container = Container {
@@ -459,6 +461,30 @@ pub fn build_tuning_daemonset(wsc: &WebSocketCluster) -> Option<DaemonSet> {
         }),
         status: None,
     })
+}
+
+/// Every child one cluster wants, built together from the spec: the reconcile's first step.
+/// An optional child that is `None` is one the spec no longer asks for (it is removed).
+#[derive(Debug, Clone)]
+pub struct Children {
+    pub server: Deployment,
+    pub client_service: Service,
+    pub pdb: PodDisruptionBudget,
+    pub redis: Option<Deployment>,
+    pub redis_service: Option<Service>,
+    pub tuning: Option<DaemonSet>,
+}
+
+/// Builds every child of `wsc`.
+pub fn build_all(wsc: &WebSocketCluster) -> Children {
+    Children {
+        server: build_server_deployment(wsc),
+        client_service: build_client_service(wsc),
+        pdb: build_pdb(wsc),
+        redis: build_redis_deployment(wsc),
+        redis_service: build_redis_service(wsc),
+        tuning: build_tuning_daemonset(wsc),
+    }
 }
 
 #[cfg(test)]
@@ -569,6 +595,25 @@ pub(crate) mod tests {
         assert_eq!((secret.name.as_str(), secret.key.as_str()), ("chat-jwt", "secret"));
     }
 
+    /// The server's own test checks that it accepts every name of the contract; this one checks
+    /// that the operator sets no other, with every optional variable present.
+    #[test]
+    fn every_variable_set_on_the_server_is_in_the_contract() {
+        let mut wsc = sample("chat");
+        wsc.spec.auth = Some(
+            serde_json::from_value(serde_json::json!({
+                "allowedOrigins": ["https://a.example"],
+                "jwtSecretRef": {"name": "chat-jwt", "key": "secret"},
+            }))
+            .unwrap(),
+        );
+        let env = build_server_deployment(&wsc).spec.unwrap().template.spec.unwrap().containers[0].env.clone().unwrap();
+        assert!(env.len() >= 12, "{} variables: not every optional one is set", env.len());
+        for var in &env {
+            assert!(server_env::ALL.contains(&var.name.as_str()), "{} is not in the contract", var.name);
+        }
+    }
+
     #[test]
     fn service_pdb_and_redis() {
         let mut wsc = sample("chat");
@@ -598,6 +643,21 @@ pub(crate) mod tests {
         assert_eq!(pod.containers[0].args.clone().unwrap(), ["tune", "--sysctl", "net.core.somaxconn=65535"]);
         let security = pod.containers[0].security_context.as_ref().unwrap();
         assert_eq!((security.privileged, security.run_as_user), (Some(true), Some(0)));
+    }
+
+    #[test]
+    fn build_all_follows_the_optional_parts_of_the_spec() {
+        let mut wsc = sample("chat");
+        let all = build_all(&wsc);
+        assert!(all.redis.is_some() && all.redis_service.is_some() && all.tuning.is_none());
+        assert_eq!(all.server.metadata.name.as_deref(), Some("chat-server"));
+        wsc.spec.redis = RedisSpec {
+            managed: None,
+            external: Some(ExternalRedis { url: Some("redis://r:6379".into()), url_secret_ref: None }),
+        };
+        wsc.spec.node_tuning.enabled = true;
+        let all = build_all(&wsc);
+        assert!(all.redis.is_none() && all.redis_service.is_none() && all.tuning.is_some());
     }
 
     #[test]

@@ -329,7 +329,7 @@ pub struct NodeTuningSpec {
 fn sysctls_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({
         "type": "object",
-        "maxProperties": wsfleet_server::tune::ALLOWED_SYSCTLS.len(),
+        "maxProperties": wsfleet_contract::tune::ALLOWED_SYSCTLS.len(),
         "additionalProperties": {
             "type": "string",
             "maxLength": 64,
@@ -341,12 +341,12 @@ fn sysctls_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
 
 /// CEL: every key is allow-listed (the same list the server's `tune` subcommand enforces).
 pub fn sysctl_keys_rule() -> String {
-    let list = wsfleet_server::tune::ALLOWED_SYSCTLS.iter().map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", ");
+    let list = wsfleet_contract::tune::ALLOWED_SYSCTLS.iter().map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", ");
     format!("self.all(k, k in [{list}])")
 }
 
 pub fn sysctl_keys_message() -> String {
-    format!("sysctl keys must be one of: {}", wsfleet_server::tune::ALLOWED_SYSCTLS.join(", "))
+    format!("sysctl keys must be one of: {}", wsfleet_contract::tune::ALLOWED_SYSCTLS.join(", "))
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema, Default)]

@@ -7,11 +7,13 @@
 //! | [`crd`] | the API: spec, status, condition types and reasons, validation rules |
 //! | [`children`] | pure: one `build_<kind>` per child object, from the spec |
 //! | [`status`] | pure: status and conditions from what the children report |
-//! | [`controller`] | reconcile = build -> apply (server-side) -> observe -> status; events, errors |
+//! | [`controller`] | reconcile = build -> apply (server-side) -> observe -> status; events, errors, backoff, caches |
 //! | [`leader`] | Lease-based leader election: only the leader reconciles |
 //! | [`telemetry`] | metrics and the `/healthz`, `/readyz`, `/metrics` endpoints |
 //!
-//! Only [`controller`] and [`leader`] talk to the API server.
+//! Only [`controller`] and [`leader`] talk to the API server. What the operator and the server
+//! must agree on (environment names, the tuning command, presence keys) comes from the
+//! `wsfleet-contract` crate; the operator does not depend on the server.
 
 pub mod children;
 pub mod controller;

@@ -11,11 +11,11 @@ use clap::Parser;
 use kube::api::{Api, ListParams};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
+use wsfleet_contract::process::{self, LogFormat};
 use wsfleet_operator::controller::{self, Context};
 use wsfleet_operator::crd::WebSocketCluster;
 use wsfleet_operator::leader::{Elector, LeaseConfig};
 use wsfleet_operator::telemetry::{self, Metrics};
-use wsfleet_server::config::LogFormat;
 
 /// The wsfleet operator: turns each WebSocketCluster into server Deployments, a Redis bus and
 /// node tuning, and keeps them that way. Connects with KUBECONFIG or the in-cluster service
@@ -72,7 +72,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot listen on --http-listen {}", args.http_listen))?;
     info!(http = %http.local_addr()?, "listening");
     let shutdown = CancellationToken::new();
-    tokio::spawn(wait_for_signal(shutdown.clone()));
+    tokio::spawn(process::cancel_on_signal(shutdown.clone()));
     let app = telemetry::router(metrics.clone());
     let http_stop = shutdown.clone();
     tokio::spawn(async move { axum::serve(http, app).with_graceful_shutdown(http_stop.cancelled_owned()).await });
@@ -142,15 +142,4 @@ fn default_identity() -> String {
     let host =
         std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "operator".into());
     format!("{host}-{}", std::process::id())
-}
-
-async fn wait_for_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        warn!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    info!("shutdown requested");
-    shutdown.cancel();
 }

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+use wsfleet_contract::env;
+pub use wsfleet_contract::process::LogFormat;
 
 /// A wsfleet server: WebSocket broadcast whose channels span every server on the same Redis.
 ///
@@ -46,10 +48,10 @@ pub struct TuneArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct FleetStatsArgs {
     /// Redis URL of the fleet's message bus.
-    #[arg(long, env = "WSFLEET_REDIS_URL")]
+    #[arg(long, env = env::REDIS_URL)]
     pub redis_url: String,
     /// Key prefix of the fleet (its servers' `--redis-prefix`).
-    #[arg(long, env = "WSFLEET_REDIS_PREFIX", default_value = "wsfleet", value_parser = parse_prefix)]
+    #[arg(long, env = env::REDIS_PREFIX, default_value = "wsfleet", value_parser = parse_prefix)]
     pub redis_prefix: String,
     /// Print JSON: `{"pods": {"<pod>": <connections>, ...}, "total": <connections>}`.
     #[arg(long)]
@@ -60,28 +62,28 @@ pub struct FleetStatsArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct Config {
     /// Address for WebSocket clients.
-    #[arg(long, env = "WSFLEET_LISTEN", default_value = "0.0.0.0:8080")]
+    #[arg(long, env = env::LISTEN, default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
 
     /// Address for `/livez`, `/readyz` and `/metrics`.
-    #[arg(long, env = "WSFLEET_HTTP_LISTEN", default_value = "0.0.0.0:9090")]
+    #[arg(long, env = env::HTTP_LISTEN, default_value = "0.0.0.0:9090")]
     pub http_listen: SocketAddr,
 
     /// Redis URL of the fleet's message bus (e.g. `redis://127.0.0.1:6379`). Without it the
     /// server uses an in-process bus and is a single-node broadcast server.
-    #[arg(long, env = "WSFLEET_REDIS_URL")]
+    #[arg(long, env = env::REDIS_URL)]
     pub redis_url: Option<String>,
 
     /// Prefix of every Redis key and pub/sub channel this fleet uses, so fleets can share a Redis.
-    #[arg(long, env = "WSFLEET_REDIS_PREFIX", default_value = "wsfleet", value_parser = parse_prefix)]
+    #[arg(long, env = env::REDIS_PREFIX, default_value = "wsfleet", value_parser = parse_prefix)]
     pub redis_prefix: String,
 
     /// Name of this server in logs and fleet statistics (the pod name on Kubernetes).
-    #[arg(long, env = "WSFLEET_POD_NAME", default_value = "wsfleet-server")]
+    #[arg(long, env = env::POD_NAME, default_value = "wsfleet-server")]
     pub pod_name: String,
 
     /// Most concurrent WebSocket connections; past it, upgrades get HTTP 503 with Retry-After.
-    #[arg(long, env = "WSFLEET_MAX_CONNECTIONS", default_value_t = 100_000,
+    #[arg(long, env = env::MAX_CONNECTIONS, default_value_t = 100_000,
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub max_connections: u32,
 
@@ -92,18 +94,18 @@ pub struct Config {
 
     /// Messages kept per channel so clients can resume (`since`) and servers can refill a gap
     /// after a Redis blip; 0 keeps none (offsets and epochs still work).
-    #[arg(long, env = "WSFLEET_HISTORY_SIZE", default_value_t = 1000,
+    #[arg(long, env = env::HISTORY_SIZE, default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub history_size: u64,
 
     /// Seconds a channel's order and history outlive its last publish; after that it starts a
     /// new epoch.
-    #[arg(long, env = "WSFLEET_HISTORY_TTL", default_value_t = 300,
+    #[arg(long, env = env::HISTORY_TTL, default_value_t = 300,
           value_parser = clap::value_parser!(u64).range(1..=30 * 24 * 3600))]
     pub history_ttl: u64,
 
     /// Seconds over which a draining server (SIGTERM) spreads the closes of its clients (1012).
-    #[arg(long, env = "WSFLEET_DRAIN_TIMEOUT", default_value_t = 30,
+    #[arg(long, env = env::DRAIN_TIMEOUT, default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub drain_timeout: u64,
 
@@ -134,12 +136,12 @@ pub struct Config {
 
     /// Comma-separated `Origin` values allowed to connect (exact match); empty allows any.
     /// Clients that send no Origin header (non-browser clients) are always allowed.
-    #[arg(long, env = "WSFLEET_ALLOWED_ORIGINS", value_delimiter = ',')]
+    #[arg(long, env = env::ALLOWED_ORIGINS, value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
     /// HS256 secret: when set, every upgrade needs a JWT signed with it and not expired
     /// (`Authorization: Bearer <jwt>` or `?access_token=<jwt>`), else HTTP 401.
-    #[arg(long, env = "WSFLEET_JWT_SECRET", hide_env_values = true, value_parser = parse_jwt_secret)]
+    #[arg(long, env = env::JWT_SECRET, hide_env_values = true, value_parser = parse_jwt_secret)]
     pub jwt_secret: Option<String>,
 
     /// Bytes taken from a socket per read. The buffer belongs to the worker thread, not to the
@@ -161,34 +163,13 @@ pub struct Config {
     pub worker_threads: u16,
 
     /// Log format.
-    #[arg(long, env = "WSFLEET_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, env = env::LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
 
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-impl LogFormat {
-    /// Logs to stderr in this format, at the level `WSFLEET_LOG` sets (default `info`), with
-    /// colours only on a terminal. Both wsfleet binaries start with this.
-    pub fn init_tracing(self) {
-        let filter = tracing_subscriber::EnvFilter::try_from_env("WSFLEET_LOG")
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-        match self {
-            LogFormat::Text => builder.init(),
-            LogFormat::Json => builder.json().init(),
-        }
-    }
-}
-
 impl Config {
-    pub fn history(&self) -> crate::history::HistoryConfig {
-        crate::history::HistoryConfig {
+    pub fn history(&self) -> crate::messaging::history::HistoryConfig {
+        crate::messaging::history::HistoryConfig {
             size: self.history_size,
             ttl: Duration::from_secs(self.history_ttl),
             // Room in the client's queue for the `subscribed` reply and live messages.
@@ -251,6 +232,27 @@ mod tests {
         let cli = Cli::parse_from(["wsfleet-server", "fleet-stats", "--redis-url", "redis://127.0.0.1:1", "--json"]);
         let Some(Command::FleetStats(args)) = cli.command else { panic!("no subcommand") };
         assert!(args.json);
+    }
+
+    /// The operator sets only names of `wsfleet_contract::env::ALL` (its own test checks that);
+    /// this one checks the server takes every one of them.
+    #[test]
+    fn every_variable_the_operator_may_set_is_a_setting() {
+        use clap::CommandFactory;
+        let command = Cli::command();
+        let accepted: Vec<String> =
+            command.get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()).collect();
+        for name in env::ALL {
+            assert!(accepted.iter().any(|a| a == name), "{name} is not a server setting; accepted: {accepted:?}");
+        }
+    }
+
+    #[test]
+    fn the_tuning_command_the_operator_runs_parses() {
+        use wsfleet_contract::tune::{SUBCOMMAND, SYSCTL_FLAG};
+        let cli = Cli::parse_from(["wsfleet-server", SUBCOMMAND, SYSCTL_FLAG, "net.core.somaxconn=65535"]);
+        let Some(Command::Tune(args)) = cli.command else { panic!("no tune subcommand") };
+        assert_eq!(args.sysctls.len(), 1);
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //! `/readyz` is what Kubernetes routes by: 503 while the server drains (so endpoints drop it
 //! before its clients are closed) and while the message bus is down (a server that cannot
 //! deliver should not take new clients). `/livez` only says the process serves HTTP.
+//!
+//! It sees the server through [`Health`] alone: no connection handler, no bus internals.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -13,26 +15,36 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-use crate::connection::Shared;
+use crate::messaging::bus::BusHealth;
+use crate::metrics::Metrics;
 
-pub fn router(shared: Arc<Shared>) -> Router {
+/// What the endpoints report: the server's state, not its connections.
+#[derive(Clone)]
+pub struct Health {
+    /// Set once the server drains.
+    pub draining: Arc<AtomicBool>,
+    pub bus: Arc<BusHealth>,
+    pub metrics: Arc<Metrics>,
+}
+
+pub fn router(health: Health) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(shared)
+        .with_state(health)
 }
 
-async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    if shared.draining.load(Ordering::Acquire) {
+async fn readyz(State(health): State<Health>) -> impl IntoResponse {
+    if health.draining.load(Ordering::Acquire) {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
-    } else if !shared.bus.health.is_up() {
+    } else if !health.bus.is_up() {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready: message bus down\n")
     } else {
         (StatusCode::OK, "ok\n")
     }
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], shared.metrics.render())
+async fn metrics(State(health): State<Health>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], health.metrics.render())
 }

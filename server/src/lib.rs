@@ -10,37 +10,31 @@
 //! |---|---|
 //! | [`config`] | command line and `WSFLEET_*` environment, parsed once into typed settings |
 //! | [`protocol`] | pure: channel names, the JSON frames of protocol mode, error codes |
-//! | [`envelope`] | pure: how a published message travels on the bus |
-//! | [`history`] | per-channel offsets, epochs and history (Redis scripts, or in-process) |
-//! | [`frame`] | the WebSocket wire format: frames encoded once, a client's messages reassembled |
-//! | [`upgrade`] | the HTTP upgrade request and its answers |
-//! | [`outbox`] | one client's bounded outbound queue; where slow clients are caught |
-//! | [`hub`] | channel -> local subscribers; encodes each message once and fans it out |
-//! | [`bus`] | Redis pub/sub or in-process; subscribe on demand, reconnect, health |
 //! | [`auth`] | optional JWT check at the handshake |
-//! | [`connection`] | one WebSocket client: admission, read loop, write loop, keepalive |
-//! | [`presence`] | heartbeats of each server's connection count; the fleet total |
-//! | [`tune`] | the node-tuning subcommand: allow-listed sysctls, written and reported |
+//! | [`transport`] | the WebSocket half: upgrade, frames, outboxes, connections |
+//! | [`transport::connection`] | one client: admission (pure), handshake, reader and ops, writer |
+//! | [`messaging`] | the messaging half: envelope, history, hub, bus and its backends, presence |
+//! | [`messaging::bus`] | the bus the server uses, and the backend seam (in-process, Redis) |
+//! | [`messaging::redis`] | everything that speaks Redis: keys, scripts, subscriber, presence |
 //! | [`server`] | accept loop, connection limits, drain on shutdown |
 //! | [`http`] | `/livez`, `/readyz`, `/metrics` |
 //! | [`metrics`] | the Prometheus metrics every other module updates |
+//! | [`tune`] | the node-tuning subcommand: allow-listed sysctls, written and reported |
+//!
+//! Dependencies point down this table's halves: transport uses messaging's bus and hub;
+//! messaging pushes into transport's outboxes and never sees a connection; [`protocol`] and the
+//! pure messaging types (envelope, history) import no backend. What the operator must agree on
+//! (environment names, presence keys, sysctls) is in the `wsfleet-contract` crate.
 //!
 //! Library entry points take their listeners and their shutdown trigger as arguments
 //! ([`server::run`]); the binary binds ports, raises limits and listens for signals.
 
 pub mod auth;
-pub mod bus;
 pub mod config;
-pub mod connection;
-pub mod envelope;
-pub mod frame;
-pub mod history;
 pub mod http;
-pub mod hub;
+pub mod messaging;
 pub mod metrics;
-pub mod outbox;
-pub mod presence;
 pub mod protocol;
 pub mod server;
+pub mod transport;
 pub mod tune;
-pub mod upgrade;

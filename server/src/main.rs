@@ -9,7 +9,8 @@ use clap::Parser;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
-use wsfleet_server::config::{Cli, Command, Config, FleetStatsArgs, LogFormat, TuneArgs};
+use wsfleet_contract::process::{self, LogFormat};
+use wsfleet_server::config::{Cli, Command, Config, FleetStatsArgs, TuneArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -49,7 +50,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on --http-listen {}", config.http_listen))?;
     info!(websocket = %ws.local_addr()?, http = %http.local_addr()?, "listening");
     let shutdown = CancellationToken::new();
-    tokio::spawn(wait_for_signal(shutdown.clone()));
+    tokio::spawn(process::cancel_on_signal(shutdown.clone()));
     wsfleet_server::server::run(ws, http, config, shutdown).await?;
     Ok(())
 }
@@ -75,14 +76,10 @@ fn tune(args: TuneArgs) -> ExitCode {
     if args.once {
         return ExitCode::SUCCESS;
     }
-    let sleep = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        }
-    };
     match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt.block_on(sleep),
+        Ok(rt) => {
+            rt.block_on(process::wait_for_signal());
+        }
         Err(e) => error!(error = %e, "cannot start the runtime"),
     }
     ExitCode::SUCCESS
@@ -93,7 +90,7 @@ fn fleet_stats(args: FleetStatsArgs) -> ExitCode {
         let client = redis::Client::open(args.redis_url.as_str()).context("invalid --redis-url")?;
         let stats = tokio::time::timeout(
             std::time::Duration::from_secs(10),
-            wsfleet_server::presence::fleet_stats(&client, &args.redis_prefix),
+            wsfleet_server::messaging::redis::fleet_stats(&client, &args.redis_prefix),
         )
         .await
         .context("Redis did not answer in 10 s")?
@@ -131,20 +128,6 @@ fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(backlog)
-}
-
-async fn wait_for_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        warn!("cannot install signal handlers; the server will not drain on signals");
-        return;
-    };
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    info!(signal = name, "shutdown requested");
-    shutdown.cancel();
 }
 
 /// Every connection is a file descriptor: use all the kernel allows this process.

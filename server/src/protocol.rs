@@ -6,6 +6,10 @@
 //!   [`ClientOp`] or a [`ProtocolError`] that names the bad field; nothing here does I/O.
 //! * [`encode_message`] renders a published [`Payload`] for each mode. The hub calls it once per
 //!   message and mode and shares the result among all recipients.
+//!
+//! Both halves speak this vocabulary: the transport parses what clients send, the hub renders
+//! what they receive. It imports only the pure messaging types (envelope, history positions),
+//! never a bus backend.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -15,8 +19,8 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::envelope::valid_epoch;
-use crate::history::{Replay, Since};
+use crate::messaging::envelope::{Payload, valid_epoch};
+use crate::messaging::history::{Replay, Since};
 
 pub const MAX_CHANNEL_LEN: usize = 128;
 
@@ -199,17 +203,6 @@ fn str_field<'a>(raw: &'a RawValue, field: &str) -> Result<&'a str, ProtocolErro
         }
         None => Err(ProtocolError::new(ErrorCode::InvalidField, format!("field `{field}` must be a string"))),
     }
-}
-
-/// A published message's body, as it travels on the bus.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Payload {
-    /// A raw-mode text frame (UTF-8 guaranteed).
-    Text(Bytes),
-    /// A raw-mode binary frame.
-    Binary(Bytes),
-    /// A protocol-mode `data` value: JSON text as the client sent it.
-    Json(Bytes),
 }
 
 /// How a message is shown to raw-mode clients: the payload unwrapped. A JSON string becomes its

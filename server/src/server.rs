@@ -22,11 +22,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::bus::{Bus, BusError};
 use crate::config::Config;
-use crate::connection::{self, Shared};
+use crate::http::Health;
+use crate::messaging::bus::{Bus, BusError};
 use crate::metrics::Metrics;
-use crate::outbox::CloseReason;
+use crate::transport::connection::{self, Outcome, Refusal, Shared};
+use crate::transport::outbox::CloseReason;
 
 /// Sockets that may be in the middle of being refused (503) at once.
 pub const REFUSALS_IN_FLIGHT: usize = 1024;
@@ -66,18 +67,21 @@ pub async fn run(
 
     let http_task = {
         let stop = stop.clone();
-        let app = crate::http::router(shared.clone());
+        let app = crate::http::router(Health {
+            draining: shared.draining.clone(),
+            bus: shared.bus.health.clone(),
+            metrics: shared.metrics.clone(),
+        });
         tokio::spawn(async move { axum::serve(http, app).with_graceful_shutdown(stop.cancelled_owned()).await })
     };
-    if let Some(conn) = shared.bus.redis_connection() {
+    if let Some(store) = shared.bus.presence() {
         let counted = shared.clone();
         let connections = move || counted.connections.len() as u64;
-        let (prefix, pod) = (config.redis_prefix.clone(), config.pod_name.clone());
-        tracker.spawn(crate::presence::heartbeat(conn, prefix, pod, connections, stop.clone()));
+        tracker.spawn(crate::messaging::presence::heartbeat(store, config.pod_name.clone(), connections, stop.clone()));
     }
     let accept_task =
         tokio::spawn(accept_loop(ws, shared.clone(), config.max_connections as usize, tracker.clone(), stop.clone()));
-    info!(pod = %config.pod_name, bus = if config.redis_url.is_some() { "redis" } else { "in-process" }, "serving");
+    info!(pod = %config.pod_name, bus = shared.bus.backend_name(), "serving");
 
     shutdown.cancelled().await;
     let started = Instant::now();
@@ -131,7 +135,7 @@ async fn accept_loop(
                             drop(refusal);
                         });
                     }
-                    Err(_) => shared.metrics.upgrade("full"),
+                    Err(_) => shared.metrics.upgrade(Outcome::Refused(Refusal::Full).metric_label()),
                 },
             },
             Err(e) => {

@@ -2,32 +2,12 @@
 //! (only keys on [`ALLOWED_SYSCTLS`]) under `/proc/sys`, reports each one's value before and
 //! after, then sleeps until it is stopped so the pod stays Ready while the node is tuned.
 //!
-//! The allow-list is shared with the operator, whose CRD refuses any other key; the check here
-//! keeps a hand-made DaemonSet from writing anything else either.
+//! The allow-list is the operator's too (`wsfleet_contract::tune`), whose CRD refuses any other
+//! key; the check here keeps a hand-made DaemonSet from writing anything else either.
 
 use std::path::{Path, PathBuf};
 
-/// Kernel settings a `WebSocketCluster` may tune on its nodes: connection backlog, ephemeral
-/// ports, socket buffers, file handles and connection tracking — what a node holding hundreds
-/// of thousands of WebSocket connections runs out of first.
-pub const ALLOWED_SYSCTLS: &[&str] = &[
-    "fs.file-max",
-    "fs.nr_open",
-    "net.core.netdev_max_backlog",
-    "net.core.rmem_max",
-    "net.core.somaxconn",
-    "net.core.wmem_max",
-    "net.ipv4.ip_local_port_range",
-    "net.ipv4.tcp_fin_timeout",
-    "net.ipv4.tcp_keepalive_time",
-    "net.ipv4.tcp_max_syn_backlog",
-    "net.ipv4.tcp_max_tw_buckets",
-    "net.ipv4.tcp_mem",
-    "net.ipv4.tcp_rmem",
-    "net.ipv4.tcp_tw_reuse",
-    "net.ipv4.tcp_wmem",
-    "net.netfilter.nf_conntrack_max",
-];
+pub use wsfleet_contract::tune::ALLOWED_SYSCTLS;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TuneError {

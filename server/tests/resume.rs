@@ -294,11 +294,7 @@ async fn fleet_stats_reports_each_server_and_the_total() {
     let _ca: Vec<Ws> = futures_util::future::join_all((0..3).map(|_| connect(&url_a))).await;
     let _cb: Vec<Ws> = futures_util::future::join_all((0..2).map(|_| connect(&url_b))).await;
     let stats = wait_until("both pods report their connections", || {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsfleet-server"))
-            .args(["fleet-stats", "--redis-url", &redis.url(), "--json"])
-            .output()
-            .unwrap();
-        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        let v = fleet_stats_json(&redis)?;
         (v["total"] == 5).then_some(v)
     });
     assert_eq!(stats, json!({"pods": {"pod-a": 3, "pod-b": 2}, "total": 5}));
@@ -308,4 +304,29 @@ async fn fleet_stats_reports_each_server_and_the_total() {
         .unwrap();
     let table = String::from_utf8(table.stdout).unwrap();
     assert!(table.lines().any(|l| l.starts_with("TOTAL") && l.trim_end().ends_with('5')), "{table}");
+}
+
+/// `wsfleet-server fleet-stats --json` against `redis`.
+fn fleet_stats_json(redis: &Redis) -> Option<Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsfleet-server"))
+        .args(["fleet-stats", "--redis-url", &redis.url(), "--json"])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_stats_skips_dead_servers_and_forgets_drained_ones() {
+    let redis = Redis::start();
+    // A server that crashed long ago: its entry expired at the epoch.
+    redis.cli(&["HSET", "wsfleet:presence", "crashed-pod", "7 1"]);
+    let _a = Server::start(Some(&redis), &["--pod-name", "pod-a"]);
+    let mut b = Server::start(Some(&redis), &["--pod-name", "pod-b", "--drain-timeout", "1"]);
+    wait_until("both live pods are listed, the dead one is not", || {
+        (fleet_stats_json(&redis)?["pods"] == json!({"pod-a": 0, "pod-b": 0})).then_some(())
+    });
+    assert!(!redis.cli(&["HKEYS", "wsfleet:presence"]).contains("crashed-pod"), "a refresh prunes expired entries");
+    b.sigterm();
+    assert!(b.wait_exit(Duration::from_secs(10)).is_some(), "pod-b drains and exits");
+    wait_until("the drained pod is gone", || (fleet_stats_json(&redis)?["pods"] == json!({"pod-a": 0})).then_some(()));
 }

@@ -11,7 +11,7 @@
 //! wall clock, used for the publish-to-deliver latency histogram. A server drops (and counts)
 //! envelopes it cannot read rather than guessing.
 //!
-//! The publish script (see [`crate::history`]) gives each envelope its channel's next offset and
+//! The publish script (see [`crate::messaging::redis`]) gives each envelope its channel's next offset and
 //! current epoch and sends it on as a [`Sequenced`] message: `<offset>:<epoch>:<envelope>`. The
 //! history stream keeps the bare envelope under the entry id `<offset>-0`.
 
@@ -20,7 +20,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::protocol::Payload;
+/// A published message's body, as it travels on the bus.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// A raw-mode text frame (UTF-8 guaranteed).
+    Text(Bytes),
+    /// A raw-mode binary frame.
+    Binary(Bytes),
+    /// A protocol-mode `data` value: JSON text as the client sent it.
+    Json(Bytes),
+}
 
 const VERSION: u8 = 1;
 const HEADER: usize = 10;

@@ -5,7 +5,7 @@
 //!   returns only once the bus confirms, so the subscriber sees every message published after.
 //! * [`Hub::deliver`] renders a message once per client mode (see [`protocol`]) and pushes the
 //!   same reference-counted frame into every subscriber's [`Outbox`]. A full outbox closes that
-//!   client (1013); nobody else waits for it.
+//!   client (1013, counted by the outbox); nobody else waits for it.
 //! * Order and exactly-once: messages of one channel are delivered under that channel's lock, in
 //!   the order the bus hands them over. The channel remembers the last `(epoch, offset)` it
 //!   delivered and drops anything at or before it, so a gap refilled from history after a bus
@@ -30,11 +30,13 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
 
-use crate::envelope::{Sequenced, now_micros};
-use crate::frame::{self, Frame};
+use wsfleet_contract::sync::{lock, read, write};
+
+use crate::messaging::envelope::{Sequenced, now_micros};
 use crate::metrics::Metrics;
-use crate::outbox::{CloseReason, Outbox, Push};
 use crate::protocol::{self, RawFrame};
+use crate::transport::frame::{self, Frame};
+use crate::transport::outbox::{Outbox, Push};
 
 /// How long a subscribe waits for the bus to confirm before it fails with `bus_unavailable`.
 pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -185,18 +187,15 @@ impl Hub {
         let Some(sub) = state.subscribers.get_mut(&conn) else { return };
         let held = sub.held.take().unwrap_or_default();
         let mut frames = first.into_iter().chain(replay.iter().map(|m| render(channel, sub.mode, m)));
-        let mut overflow = frames.any(|f| sub.outbox.push(f) == Push::Overflow);
-        if !overflow {
+        // Pushing stops at an overflow: the outbox has closed the client (and counted it).
+        if !frames.any(|f| sub.outbox.push(f) == Push::Overflow) {
             // Held messages of the replay's epoch after its head; older epochs are history.
-            overflow = held
+            let _ = held
                 .into_iter()
                 .filter(|(pos, _)| pos.0 == head.0 && pos.1 > head.1)
                 .any(|(_, f)| sub.outbox.push(f) == Push::Overflow);
         }
         sub.skip_through = Some(head);
-        if overflow {
-            self.metrics.slow_client_closes.inc();
-        }
     }
 
     /// Removes a local subscriber; returns whether it was subscribed. The last one to leave
@@ -269,7 +268,6 @@ impl Hub {
         let latency = now_micros().saturating_sub(msg.envelope.published_at_micros);
         self.metrics.deliver_latency.observe(latency as f64 / 1e6);
         let mut rendered: [Option<Frame>; 2] = [None, None];
-        let mut slow = 0;
         for sub in state.subscribers.values_mut() {
             if sub.skip_through.as_ref().is_some_and(|skip| at_or_before(&pos, skip)) {
                 continue;
@@ -277,22 +275,12 @@ impl Hub {
             let frame = rendered[sub.mode as usize].get_or_insert_with(|| render(channel, sub.mode, msg)).clone();
             match &mut sub.held {
                 Some(held) if held.len() < self.hold_limit => held.push((pos.clone(), frame)),
-                Some(_) => {
-                    if !sub.outbox.is_closing() {
-                        sub.outbox.close(CloseReason::Slow);
-                        slow += 1;
-                    }
-                }
+                Some(_) => sub.outbox.close_slow(),
+                // A full outbox closes its client and counts it.
                 None => {
-                    if sub.outbox.push(frame) == Push::Overflow {
-                        slow += 1;
-                    }
+                    sub.outbox.push(frame);
                 }
             }
-        }
-        drop(state);
-        if slow > 0 {
-            self.metrics.slow_client_closes.inc_by(slow);
         }
     }
 }
@@ -317,22 +305,16 @@ fn render(channel: &str, mode: Mode, msg: &Sequenced) -> Frame {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    m.read().unwrap_or_else(|e| e.into_inner())
-}
-fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    m.write().unwrap_or_else(|e| e.into_inner())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::Envelope;
-    use crate::protocol::Payload;
+    use crate::messaging::envelope::{Envelope, Payload};
+    use prometheus_client::metrics::counter::Counter;
     use std::collections::VecDeque;
+
+    fn outbox(limit: usize) -> Arc<Outbox> {
+        Arc::new(Outbox::new(limit, Counter::default()))
+    }
 
     fn local_hub() -> Hub {
         Hub::new(None, 16, Arc::new(Metrics::new()))
@@ -366,7 +348,7 @@ mod tests {
     #[tokio::test]
     async fn one_encoding_shared_by_all_subscribers_of_a_mode() {
         let hub = local_hub();
-        let (a, b, c) = (Arc::new(Outbox::new(8)), Arc::new(Outbox::new(8)), Arc::new(Outbox::new(8)));
+        let (a, b, c) = (outbox(8), outbox(8), outbox(8));
         hub.subscribe("room", 1, a.clone(), Mode::Protocol, false).await.unwrap();
         hub.subscribe("room", 2, b.clone(), Mode::Protocol, false).await.unwrap();
         hub.subscribe("room", 3, c.clone(), Mode::Raw, false).await.unwrap();
@@ -381,7 +363,7 @@ mod tests {
     #[tokio::test]
     async fn a_slow_subscriber_is_closed_and_the_others_keep_receiving() {
         let hub = local_hub();
-        let (slow, fast) = (Arc::new(Outbox::new(2)), Arc::new(Outbox::new(100)));
+        let (slow, fast) = (Arc::new(Outbox::new(2, hub.metrics.slow_client_closes.clone())), outbox(100));
         hub.subscribe("c", 1, slow.clone(), Mode::Raw, false).await.unwrap();
         hub.subscribe("c", 2, fast.clone(), Mode::Raw, false).await.unwrap();
         for i in 1..=10 {
@@ -395,7 +377,7 @@ mod tests {
     #[tokio::test]
     async fn duplicates_and_stale_offsets_are_dropped_per_channel() {
         let hub = local_hub();
-        let o = Arc::new(Outbox::new(100));
+        let o = outbox(100);
         hub.subscribe("c", 1, o.clone(), Mode::Protocol, false).await.unwrap();
         for (epoch, off) in [("e", 1), ("e", 2), ("e", 2), ("e", 1), ("e", 3), ("f", 1), ("f", 2)] {
             hub.deliver("c", &seq(epoch, off, "x"));
@@ -407,7 +389,7 @@ mod tests {
     #[tokio::test]
     async fn the_resume_seam_has_no_gap_and_no_duplicate() {
         let hub = local_hub();
-        let o = Arc::new(Outbox::new(100));
+        let o = outbox(100);
         hub.subscribe("c", 1, o.clone(), Mode::Protocol, true).await.unwrap();
         // Live messages arrive while the connection reads history (head was 5 at the read).
         for off in [4, 5, 6, 7] {
@@ -424,7 +406,7 @@ mod tests {
     #[tokio::test]
     async fn a_gated_subscriber_that_falls_too_far_behind_is_closed() {
         let hub = Hub::new(None, 3, Arc::new(Metrics::new()));
-        let o = Arc::new(Outbox::new(100));
+        let o = outbox(100);
         hub.subscribe("c", 1, o.clone(), Mode::Protocol, true).await.unwrap();
         for off in 1..=5 {
             hub.deliver("c", &seq("e", off, "x"));
@@ -437,7 +419,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(8);
         let hub = Arc::new(Hub::new(Some(tx), 16, Arc::new(Metrics::new())));
         let h = hub.clone();
-        let sub = tokio::spawn(async move { h.subscribe("c", 1, Arc::new(Outbox::new(4)), Mode::Raw, false).await });
+        let sub = tokio::spawn(async move { h.subscribe("c", 1, outbox(4), Mode::Raw, false).await });
         let Some(BusCommand::Subscribe { channel, generation }) = rx.recv().await else { panic!() };
         assert_eq!(&*channel, "c");
         hub.confirm("c", generation + 1); // a stale confirmation does not count
@@ -456,7 +438,7 @@ mod tests {
     async fn an_unconfirmed_subscribe_fails_and_leaves_nothing_behind() {
         let (tx, _rx) = mpsc::channel(8);
         let hub = Hub::new(Some(tx), 16, Arc::new(Metrics::new()));
-        let r = hub.subscribe("c", 1, Arc::new(Outbox::new(4)), Mode::Raw, false).await;
+        let r = hub.subscribe("c", 1, outbox(4), Mode::Raw, false).await;
         assert!(matches!(r, Err(SubscribeError::BusUnavailable)));
         assert!(hub.channels().is_empty());
     }
@@ -465,7 +447,7 @@ mod tests {
     async fn a_fan_out_under_way_holds_up_no_other_channel() {
         let hub = Arc::new(local_hub());
         for (channel, conn) in [("busy", 1), ("busy", 2), ("other", 3)] {
-            hub.subscribe(channel, conn, Arc::new(Outbox::new(16)), Mode::Raw, false).await.unwrap();
+            hub.subscribe(channel, conn, outbox(16), Mode::Raw, false).await.unwrap();
         }
         // Hold "busy" as `deliver` does during a fan-out, and have a subscriber leave it and
         // another join it meanwhile: both wait for that channel, and nothing else may.
@@ -474,10 +456,10 @@ mod tests {
         let (h1, h2) = (hub.clone(), hub.clone());
         let leaving = std::thread::spawn(move || h1.unsubscribe("busy", 1));
         let joining = tokio::spawn(async move {
-            h2.subscribe("busy", 4, Arc::new(Outbox::new(16)), Mode::Raw, false).await.unwrap();
+            h2.subscribe("busy", 4, outbox(16), Mode::Raw, false).await.unwrap();
         });
         std::thread::sleep(Duration::from_millis(100));
-        let (h3, o5) = (hub.clone(), Arc::new(Outbox::new(16)));
+        let (h3, o5) = (hub.clone(), outbox(16));
         let others = std::thread::spawn(move || {
             h3.deliver("other", &seq("e", 1, "x"));
             tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
@@ -527,7 +509,7 @@ mod tests {
                 tokio::spawn(async move {
                     for round in 0..200u64 {
                         let conn = c * 1000 + round;
-                        hub.subscribe("c", conn, Arc::new(Outbox::new(4)), Mode::Raw, false).await.unwrap();
+                        hub.subscribe("c", conn, outbox(4), Mode::Raw, false).await.unwrap();
                         if round % 3 == 0 {
                             tokio::task::yield_now().await;
                         }

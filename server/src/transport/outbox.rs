@@ -4,6 +4,8 @@
 //! connection's write loop takes them in batches. When a push finds the queue full, the client
 //! is too slow: its queue is dropped and the write loop closes it with 1013 (Try Again Later).
 //! A slow client therefore costs at most `limit` queued frames and never delays the producer.
+//! The outbox counts its own slow verdict (`slow_client_closes`), once per client, whoever
+//! pushed: callers need not.
 //!
 //! The queue is a `VecDeque` that allocates only when frames are waiting, and the write loop
 //! waits on a single waker slot rather than a `Notify`, so an idle connection pays for a mutex,
@@ -13,7 +15,9 @@ use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
 use std::task::{Poll, Waker};
 
-use crate::frame::{self, Frame};
+use prometheus_client::metrics::counter::Counter;
+
+use crate::transport::frame::{self, Frame};
 
 /// Why a connection ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,11 +94,13 @@ fn wake(mut state: MutexGuard<'_, State>) {
 pub struct Outbox {
     state: Mutex<State>,
     limit: usize,
+    /// Clients closed as too slow (the server's `slow_client_closes`).
+    slow_closes: Counter,
 }
 
 impl Outbox {
-    pub fn new(limit: usize) -> Self {
-        Outbox { state: Mutex::new(State::default()), limit }
+    pub fn new(limit: usize, slow_closes: Counter) -> Self {
+        Outbox { state: Mutex::new(State::default()), limit, slow_closes }
     }
 
     pub fn push(&self, msg: Frame) -> Push {
@@ -106,6 +112,7 @@ impl Outbox {
             state.queue = VecDeque::new();
             state.close = Some(CloseReason::Slow);
             wake(state);
+            self.slow_closes.inc();
             return Push::Overflow;
         }
         state.queue.push_back(msg);
@@ -119,6 +126,18 @@ impl Outbox {
         let mut state = self.lock();
         if state.close.is_none() {
             state.close = Some(reason);
+        }
+        wake(state);
+    }
+
+    /// Marks the client too slow without a push (it fell behind while its frames were held
+    /// elsewhere): it is closed with 1013 after what is queued, and counted, unless it is
+    /// closing already.
+    pub fn close_slow(&self) {
+        let mut state = self.lock();
+        if state.close.is_none() {
+            state.close = Some(CloseReason::Slow);
+            self.slow_closes.inc();
         }
         wake(state);
     }
@@ -160,7 +179,7 @@ impl Outbox {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock leaves a consistent queue; keep going.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        wsfleet_contract::sync::lock(&self.state)
     }
 }
 
@@ -174,7 +193,7 @@ mod tests {
 
     #[tokio::test]
     async fn batches_in_order() {
-        let o = Outbox::new(10);
+        let o = outbox(10);
         assert_eq!(o.push(text("a")), Push::Queued);
         assert_eq!(o.push(text("b")), Push::Queued);
         let mut batch = VecDeque::new();
@@ -182,9 +201,13 @@ mod tests {
         assert_eq!(batch, [text("a"), text("b")]);
     }
 
+    fn outbox(limit: usize) -> Outbox {
+        Outbox::new(limit, Counter::default())
+    }
+
     #[tokio::test]
     async fn overflow_drops_the_queue_and_closes_slow() {
-        let o = Outbox::new(2);
+        let o = outbox(2);
         o.push(text("a"));
         o.push(text("b"));
         assert_eq!(o.push(text("c")), Push::Overflow);
@@ -192,11 +215,13 @@ mod tests {
         let mut batch = VecDeque::new();
         assert_eq!(o.next_batch(&mut batch).await, Some(CloseReason::Slow));
         assert!(batch.is_empty());
+        o.close_slow();
+        assert_eq!(o.slow_closes.get(), 1, "one slow client, counted once");
     }
 
     #[tokio::test]
     async fn drain_close_comes_after_queued_frames() {
-        let o = Outbox::new(10);
+        let o = outbox(10);
         o.push(text("a"));
         o.close(CloseReason::Draining);
         o.close(CloseReason::Slow);
@@ -209,7 +234,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_writer_wakes_on_push() {
-        let o = std::sync::Arc::new(Outbox::new(10));
+        let o = std::sync::Arc::new(outbox(10));
         let o2 = o.clone();
         let writer = tokio::spawn(async move {
             let mut batch = VecDeque::new();

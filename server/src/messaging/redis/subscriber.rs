@@ -1,42 +1,32 @@
-//! The message bus that joins the servers of a fleet: Redis pub/sub, or in-process.
+//! The subscribing side of the Redis bus: one pub/sub connection per server, subscribed to a
+//! channel while the hub has local subscribers for it (the hub asks through a bounded command
+//! queue). Every server receives a channel's messages in the order Redis executed the PUBLISH
+//! commands, so all subscribers fleet-wide see one order.
 //!
-//! Redis: one connection subscribes (a channel while it has local subscribers, see [`Hub`]) and
-//! one multiplexed connection publishes for every client of this server. Every server receives
-//! a channel's messages from Redis in the order Redis executed the PUBLISH commands, so all
-//! subscribers fleet-wide see one order. Local publishes also go through Redis: short-cutting
-//! them would let local subscribers see a different order than remote ones.
-//!
-//! The subscriber task reconnects with capped exponential backoff, resubscribes every channel
-//! the hub still has, pings to find half-open connections, and keeps [`BusHealth`] true only
-//! while it is connected (readiness reports it).
-//!
-//! Publishing goes through [`crate::history`]: each message gets its channel's next offset and
-//! is recorded before it is published. After a reconnect the subscriber task refills, from that
-//! history, every message its channels missed while it was away, before it reads any live one
-//! (the hub drops what it already delivered), so a Redis blip within the history window loses
-//! nothing.
-//!
-//! Without Redis, publishing orders, records and delivers straight into the local hub.
+//! The task reconnects with capped exponential backoff, resubscribes every channel the hub still
+//! has, pings to find half-open connections, and keeps [`BusHealth`] true only while it is
+//! connected (readiness reports it). After a reconnect it refills, from history, every message
+//! its channels missed while it was away, before it reads any live one (the hub drops what it
+//! already delivered), so a Redis blip within the history window loses nothing.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
+use redis::aio::PubSubSink;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::envelope::{Envelope, Sequenced};
-use crate::history::{HistoryConfig, HistoryError, LocalHistory, Lost, RedisHistory, Replay, Since};
-use crate::hub::{BusCommand, Hub};
+use super::scripts::{CommandError, RedisHistory};
+use super::{BACKOFF_MAX, COMMAND_TIMEOUT, CONNECT_TIMEOUT};
+use crate::messaging::bus::BusHealth;
+use crate::messaging::envelope::Sequenced;
+use crate::messaging::history::{Lost, Since};
+use crate::messaging::hub::{BusCommand, Hub};
 use crate::metrics::Metrics;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 const PING_EVERY: Duration = Duration::from_secs(5);
 /// A subscription connection whose PING is unanswered this long is taken as dead. Generous: a
 /// busy server (or machine) must not drop a healthy bus — a reconnect costs a resubscribe and a
@@ -44,131 +34,16 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 /// connections on two cores).
 const PING_TIMEOUT: Duration = Duration::from_secs(15);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(3);
 /// Channels per SUBSCRIBE command when resubscribing after a reconnect.
 const RESUBSCRIBE_CHUNK: usize = 256;
-const COMMAND_QUEUE: usize = 4096;
 
-#[derive(Debug, thiserror::Error)]
-pub enum BusError {
-    #[error("invalid --redis-url: {0}")]
-    InvalidUrl(#[source] redis::RedisError),
-    #[error("the message bus is unavailable: {0}")]
-    Unavailable(String),
-}
-
-/// Whether the bus can deliver right now.
-#[derive(Debug)]
-pub struct BusHealth {
-    up: AtomicBool,
-}
-
-impl BusHealth {
-    pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
-    }
-}
-
-enum Transport {
-    Local(LocalHistory),
-    Redis(RedisHistory),
-}
-
-/// The publishing side of the bus, shared by every connection.
-pub struct Bus {
-    transport: Transport,
-    hub: Arc<Hub>,
-    pub health: Arc<BusHealth>,
-}
-
-impl Bus {
-    /// Builds the hub and the bus. With a Redis URL, the subscriber task is spawned on `tracker`
-    /// and stops on `shutdown`. Fails only on an invalid URL: an unreachable Redis is retried.
-    /// `hold_limit` bounds what the hub holds for one resuming subscriber.
-    pub fn start(
-        redis_url: Option<&str>,
-        prefix: &str,
-        history: HistoryConfig,
-        hold_limit: usize,
-        metrics: Arc<Metrics>,
-        tracker: &TaskTracker,
-        shutdown: CancellationToken,
-    ) -> Result<Bus, BusError> {
-        let Some(url) = redis_url else {
-            metrics.bus_up.set(1);
-            let hub = Arc::new(Hub::new(None, hold_limit, metrics));
-            let health = Arc::new(BusHealth { up: AtomicBool::new(true) });
-            return Ok(Bus { transport: Transport::Local(LocalHistory::new(history)), hub, health });
-        };
-        let client = redis::Client::open(url).map_err(BusError::InvalidUrl)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(BACKOFF_MAX);
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(BusError::InvalidUrl)?;
-        let history = RedisHistory::new(conn, prefix, history);
-        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-        let hub = Arc::new(Hub::new(Some(tx), hold_limit, metrics.clone()));
-        let health = Arc::new(BusHealth { up: AtomicBool::new(false) });
-        let subscriber = Subscriber {
-            client,
-            history: history.clone(),
-            hub: hub.clone(),
-            commands: rx,
-            health: health.clone(),
-            metrics,
-        };
-        tracker.spawn(subscriber.run(shutdown));
-        Ok(Bus { transport: Transport::Redis(history), hub, health })
-    }
-
-    /// The Redis connection for small commands (presence), `None` for the in-process bus.
-    pub fn redis_connection(&self) -> Option<ConnectionManager> {
-        match &self.transport {
-            Transport::Local(_) => None,
-            Transport::Redis(history) => Some(history.connection()),
-        }
-    }
-
-    pub fn hub(&self) -> &Arc<Hub> {
-        &self.hub
-    }
-
-    /// Publishes `envelopes` (at most [`MAX_PUBLISH_BATCH`](crate::history::MAX_PUBLISH_BATCH)),
-    /// all or none, to every subscriber of `channel` in the fleet, in the channel's order.
-    pub async fn publish(&self, channel: &str, envelopes: Vec<Envelope>) -> Result<(), BusError> {
-        match &self.transport {
-            Transport::Local(history) => {
-                history.publish(channel, envelopes, |msg| self.hub.deliver(channel, msg));
-                Ok(())
-            }
-            Transport::Redis(history) => history.publish(channel, &envelopes).await.map(drop).map_err(BusError::from),
-        }
-    }
-
-    /// The channel's position now, and the messages missed since `since`.
-    pub async fn read(&self, channel: &str, since: Option<&Since>) -> Result<Replay, BusError> {
-        match &self.transport {
-            Transport::Local(history) => Ok(history.read(channel, since)),
-            Transport::Redis(history) => history.read(channel, since).await.map_err(BusError::from),
-        }
-    }
-}
-
-impl From<HistoryError> for BusError {
-    fn from(e: HistoryError) -> Self {
-        BusError::Unavailable(e.to_string())
-    }
-}
-
-struct Subscriber {
-    client: redis::Client,
-    history: RedisHistory,
-    hub: Arc<Hub>,
-    commands: mpsc::Receiver<BusCommand>,
-    health: Arc<BusHealth>,
-    metrics: Arc<Metrics>,
+pub(super) struct Subscriber {
+    pub(super) client: redis::Client,
+    pub(super) history: RedisHistory,
+    pub(super) hub: Arc<Hub>,
+    pub(super) commands: mpsc::Receiver<BusCommand>,
+    pub(super) health: Arc<BusHealth>,
+    pub(super) metrics: Arc<Metrics>,
 }
 
 /// Why a subscription session ended.
@@ -178,7 +53,7 @@ enum SessionEnd {
 }
 
 impl Subscriber {
-    async fn run(mut self, shutdown: CancellationToken) {
+    pub(super) async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = BACKOFF_MIN;
         let mut sessions = 0u64;
         loop {
@@ -221,7 +96,7 @@ impl Subscriber {
         // (a duplicate SUBSCRIBE is harmless, and order keeps unsubscribe-then-subscribe right).
         let channels = self.hub.channels();
         for chunk in channels.chunks(RESUBSCRIBE_CHUNK) {
-            let keys: Vec<String> = chunk.iter().map(|(c, _)| self.history.pubsub_key(c)).collect();
+            let keys: Vec<String> = chunk.iter().map(|(c, _)| self.history.keys().pubsub(c)).collect();
             if let Err(e) = with_timeout(sink.subscribe(keys)).await {
                 return SessionEnd::Lost(format!("resubscribe failed: {e}"));
             }
@@ -274,19 +149,19 @@ impl Subscriber {
     async fn on_command(&self, sink: &mut PubSubSink, cmd: BusCommand) -> Result<(), String> {
         match cmd {
             BusCommand::Subscribe { channel, generation } => {
-                with_timeout(sink.subscribe(self.history.pubsub_key(&channel))).await?;
+                with_timeout(sink.subscribe(self.history.keys().pubsub(&channel))).await?;
                 debug!(%channel, "subscribed on the bus");
                 self.hub.confirm(&channel, generation);
             }
             BusCommand::Unsubscribe { channel } => {
-                with_timeout(sink.unsubscribe(self.history.pubsub_key(&channel))).await?;
+                with_timeout(sink.unsubscribe(self.history.keys().pubsub(&channel))).await?;
                 debug!(%channel, "unsubscribed on the bus");
             }
         }
         Ok(())
     }
 
-    async fn refill(&self, channel: &str) -> Result<(), HistoryError> {
+    async fn refill(&self, channel: &str) -> Result<(), CommandError> {
         let Some((epoch, offset)) = self.hub.cursor(channel) else { return Ok(()) };
         let replay = self.history.read(channel, Some(&Since { epoch: epoch.to_string(), offset })).await?;
         match replay.recovery {
@@ -321,7 +196,7 @@ impl Subscriber {
 
     fn on_message(&self, msg: &redis::Msg) {
         self.metrics.bus_messages.inc();
-        let Some(channel) = self.history.channel_of(msg.get_channel_name()) else { return };
+        let Some(channel) = self.history.keys().channel_of(msg.get_channel_name()) else { return };
         match Sequenced::decode(Bytes::copy_from_slice(msg.get_payload_bytes())) {
             Ok(msg) => self.hub.deliver(channel, &msg),
             Err(e) => {
@@ -332,8 +207,7 @@ impl Subscriber {
     }
 
     fn set_up(&self, up: bool) {
-        self.health.up.store(up, Ordering::Release);
-        self.metrics.bus_up.set(up as i64);
+        self.health.set(up, &self.metrics);
     }
 }
 
@@ -342,19 +216,5 @@ async fn with_timeout<T>(f: impl Future<Output = redis::RedisResult<T>>) -> Resu
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("timed out".into()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_invalid_url_is_refused_up_front() {
-        let tracker = TaskTracker::new();
-        let history = HistoryConfig { size: 10, ttl: Duration::from_secs(10), max_replay: 10 };
-        let metrics = Arc::new(Metrics::new());
-        let r = Bus::start(Some("http://nope"), "p", history, 10, metrics, &tracker, CancellationToken::new());
-        assert!(matches!(r, Err(BusError::InvalidUrl(_))));
     }
 }

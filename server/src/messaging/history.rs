@@ -1,0 +1,85 @@
+//! Pure: per-channel order and recovery, as every bus backend must provide it.
+//!
+//! Every channel has an *epoch* and a *head*. Each publish atomically takes the next offset
+//! (`head + 1`), appends the message to the channel's history (the last `--history-size`
+//! entries, kept `--history-ttl` seconds after the channel's last publish) and publishes it
+//! with its offset and epoch. The epoch is replaced whenever the channel's state is lost (Redis
+//! restarted empty, or the channel idle past its TTL), and offsets start again from 1 under the
+//! new epoch, so "same epoch" always means "same sequence".
+//!
+//! A read answers a resume: given the client's last `(epoch, offset)` ([`Since`]), it returns
+//! the channel's position and the missed entries when history still covers them, or says why
+//! it cannot ([`Replay`], [`Lost`]).
+//!
+//! This module holds only the types of that contract; the implementations are the backends'
+//! ([`crate::messaging::local`] in process, [`crate::messaging::redis`] in Lua scripts). No
+//! I/O and no backend imports here, so the protocol can speak these types.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::messaging::envelope::Sequenced;
+
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryConfig {
+    /// Entries kept per channel; 0 keeps none (offsets and epochs still work).
+    pub size: u64,
+    /// Seconds a channel's state outlives its last publish.
+    pub ttl: Duration,
+    /// Most messages one resume (or one gap refill) replays; a longer gap is reported as
+    /// `history_gap`. Below the per-client queue, so a replay never overflows it.
+    pub max_replay: u64,
+}
+
+/// Where a client left off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Since {
+    pub epoch: String,
+    pub offset: u64,
+}
+
+/// Why missed messages cannot be replayed. Part of the public interface (`reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lost {
+    /// The channel's epoch is not the client's: its history was lost or it never existed.
+    EpochChanged,
+    /// The client claims an offset the channel has not reached.
+    OffsetAhead,
+    /// History no longer reaches back to the client's offset (trimmed, expired or disabled).
+    HistoryGap,
+}
+
+impl Lost {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lost::EpochChanged => "epoch_changed",
+            Lost::OffsetAhead => "offset_ahead",
+            Lost::HistoryGap => "history_gap",
+        }
+    }
+    /// The reason a backend reports, back to its variant.
+    pub fn parse(s: &str) -> Option<Lost> {
+        [Lost::EpochChanged, Lost::OffsetAhead, Lost::HistoryGap].into_iter().find(|l| l.as_str() == s)
+    }
+}
+
+/// The answer to a subscribe: the channel's position now, and what was missed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replay {
+    pub epoch: Arc<str>,
+    pub head: u64,
+    /// `None` when no `since` was given.
+    pub recovery: Option<Result<(), Lost>>,
+    /// Entries after `since`, up to `head`, in order (empty unless recovered).
+    pub entries: Vec<Sequenced>,
+}
+
+impl Replay {
+    pub fn recovered(&self) -> bool {
+        matches!(self.recovery, Some(Ok(())))
+    }
+}
+
+/// Most messages one publish carries (one script call); a client's longer run of publishes is
+/// split into several.
+pub const MAX_PUBLISH_BATCH: usize = 64;

@@ -1,0 +1,70 @@
+//! The messaging half of the server: what a published message is, how it is ordered and
+//! recorded, how it reaches every server of the fleet and, on each, every local subscriber.
+//!
+//! | module | job |
+//! |---|---|
+//! | [`envelope`] | pure: a published message's bytes on the bus, with its place in the order |
+//! | [`history`] | pure: offsets, epochs, resume and why one fails — every backend's contract |
+//! | [`hub`] | channel -> local subscribers; encodes each message once and fans it out |
+//! | [`bus`] | the bus the server uses, and the [`bus::Backend`] seam behind it |
+//! | [`local`] | the in-process backend: one server alone |
+//! | [`redis`] | the Redis backend: keys, scripts, subscriber, presence |
+//! | [`presence`] | each server's connection count, heartbeated into the backend |
+//!
+//! Dependencies point one way: backends depend on the bus seam, the hub and the pure modules,
+//! never the reverse; only this module, above them all, picks a backend ([`bus::Bus::start`]).
+//! Nothing here knows a connection, only the [`crate::transport::outbox`] it pushes to.
+
+pub mod bus;
+pub mod envelope;
+pub mod history;
+pub mod hub;
+pub mod local;
+pub mod presence;
+pub mod redis;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use self::bus::{Bus, BusError, Start};
+use self::history::HistoryConfig;
+use crate::metrics::Metrics;
+
+impl Bus {
+    /// Builds the hub and the bus: Redis with a URL, in-process without. A backend's tasks are
+    /// spawned on `tracker` and stop on `shutdown`. Fails only on invalid settings: an
+    /// unreachable Redis is retried. `hold_limit` bounds what the hub holds for one resuming
+    /// subscriber.
+    pub fn start(
+        redis_url: Option<&str>,
+        prefix: &str,
+        history: HistoryConfig,
+        hold_limit: usize,
+        metrics: Arc<Metrics>,
+        tracker: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Result<Bus, BusError> {
+        let start = Start { history, hold_limit, metrics, tracker, shutdown };
+        match redis_url {
+            None => Ok(local::start(start)),
+            Some(url) => redis::start(url, prefix, start),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn an_invalid_url_is_refused_up_front() {
+        let tracker = TaskTracker::new();
+        let history = HistoryConfig { size: 10, ttl: Duration::from_secs(10), max_replay: 10 };
+        let metrics = Arc::new(Metrics::new());
+        let r = Bus::start(Some("http://nope"), "p", history, 10, metrics, &tracker, CancellationToken::new());
+        assert!(matches!(r, Err(BusError::InvalidUrl(_))));
+    }
+}

@@ -1,0 +1,103 @@
+//! The Redis bus: a single Redis (`--redis-url`) joins the servers of a fleet.
+//!
+//! | module | job |
+//! |---|---|
+//! | [`keys`] | pure: the fleet's key and pub/sub names under its prefix |
+//! | [`scripts`] | order and history: the publish and read Lua scripts, commands with timeouts |
+//! | [`subscriber`] | the pub/sub connection: subscribe on demand, reconnect, refill, health |
+//! | [`presence`] | this server's presence entry, and reading the fleet's |
+//!
+//! One multiplexed connection publishes for every client of this server (and carries the
+//! presence heartbeat); one pub/sub connection subscribes. Local publishes also go through
+//! Redis, so every server sees a channel's messages in the one order Redis gave them.
+//!
+//! In the server, only this module (and the `fleet-stats` subcommand through [`presence`])
+//! speaks Redis; the presence format it shares with the operator is `wsfleet_contract::presence`.
+//! A second topology lives beside it as its own module.
+
+pub mod keys;
+pub mod presence;
+pub mod scripts;
+pub mod subscriber;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::mpsc;
+
+use self::keys::Keys;
+use self::presence::RedisPresence;
+pub use self::presence::fleet_stats;
+use self::scripts::{CommandError, RedisHistory};
+use self::subscriber::Subscriber;
+use crate::messaging::bus::{Backend, Bus, BusError, BusHealth, PresenceStore, Start};
+use crate::messaging::envelope::Envelope;
+use crate::messaging::history::{Replay, Since};
+use crate::messaging::hub::Hub;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(3);
+/// Subscribe and unsubscribe requests of the hub waiting for the subscriber task, at most.
+const COMMAND_QUEUE: usize = 4096;
+
+/// Starts the Redis bus: the publishing connection (lazy: an unreachable Redis is retried, not
+/// an error) and the subscriber task on `start.tracker`, until `start.shutdown`. Fails only on an
+/// invalid URL.
+pub fn start(url: &str, prefix: &str, start: Start<'_>) -> Result<Bus, BusError> {
+    let invalid = |e: redis::RedisError| BusError::InvalidUrl(Box::new(e));
+    let client = redis::Client::open(url).map_err(invalid)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(COMMAND_TIMEOUT))
+        .set_number_of_retries(1)
+        .set_max_delay(BACKOFF_MAX);
+    let conn = ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(invalid)?;
+    let history = RedisHistory::new(conn, Keys::new(prefix), start.history);
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let hub = Arc::new(Hub::new(Some(tx), start.hold_limit, start.metrics.clone()));
+    let health = Arc::new(BusHealth::new(false));
+    let subscriber = Subscriber {
+        client,
+        history: history.clone(),
+        hub: hub.clone(),
+        commands: rx,
+        health: health.clone(),
+        metrics: start.metrics,
+    };
+    start.tracker.spawn(subscriber.run(start.shutdown));
+    Ok(Bus::new(Box::new(history), hub, health))
+}
+
+impl From<CommandError> for BusError {
+    fn from(e: CommandError) -> Self {
+        BusError::Unavailable(Box::new(e))
+    }
+}
+
+impl Backend for RedisHistory {
+    fn publish<'a>(
+        &'a self,
+        _hub: &'a Hub,
+        channel: &'a str,
+        envelopes: Vec<Envelope>,
+    ) -> BoxFuture<'a, Result<(), BusError>> {
+        // Delivered to the local hub by the subscriber, in Redis's order like everyone else's.
+        async move { RedisHistory::publish(self, channel, &envelopes).await.map(drop).map_err(BusError::from) }.boxed()
+    }
+
+    fn read<'a>(&'a self, channel: &'a str, since: Option<&'a Since>) -> BoxFuture<'a, Result<Replay, BusError>> {
+        async move { RedisHistory::read(self, channel, since).await.map_err(BusError::from) }.boxed()
+    }
+
+    fn presence(&self) -> Option<Arc<dyn PresenceStore>> {
+        Some(Arc::new(RedisPresence::new(self.connection(), self.keys().clone())))
+    }
+
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+}

@@ -1,0 +1,304 @@
+//! The read side of a connection and the client's operations: frames in, then publishes (a run
+//! of them to one channel goes to the bus in one call), subscribes (with resume), unsubscribes,
+//! pongs and error replies out through the connection's outbox.
+//!
+//! The socket is read with the worker thread's buffer and bytes are kept only while a frame is
+//! incomplete: an idle connection holds no buffer. Time spent handling the peer's requests is
+//! not counted as its silence. Nothing here writes to the socket.
+
+use std::cell::RefCell;
+use std::io;
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::{Connection, Heard, ReadEnd};
+use crate::messaging::bus::BusError;
+use crate::messaging::envelope::{Envelope, Payload};
+use crate::messaging::history::{MAX_PUBLISH_BATCH, Since};
+use crate::messaging::hub::Mode;
+use crate::protocol::{self, ClientOp, ErrorCode, ProtocolError};
+use crate::transport::frame::{self, Frame, FrameError, Incoming};
+use crate::transport::outbox::CloseReason;
+
+/// Reads from one socket before its queued messages are handled.
+const MAX_READS: usize = 8;
+
+/// Consecutive publishes to one channel, gathered from one read to go to the bus together.
+#[derive(Default)]
+struct PublishRun {
+    /// The run's channel (the last run's while empty: its buffer is reused).
+    channel: String,
+    envelopes: Vec<Envelope>,
+}
+
+impl PublishRun {
+    fn add(&mut self, channel: &str, payload: Payload) {
+        if self.envelopes.is_empty() {
+            channel.clone_into(&mut self.channel);
+        }
+        self.envelopes.push(Envelope::new(payload));
+    }
+
+    fn is_full(&self) -> bool {
+        self.envelopes.len() >= MAX_PUBLISH_BATCH
+    }
+}
+
+impl Connection {
+    /// Reads and handles the client's messages until the connection ends; says how it ended.
+    pub(super) async fn read_loop(
+        &mut self,
+        stream: &TcpStream,
+        leftover: Vec<u8>,
+        raw_channel: Option<&str>,
+        heard: &Heard,
+    ) -> ReadEnd {
+        let mut reader = frame::Reader::new(self.shared.max_message);
+        let mut incoming = Vec::new();
+        // Set once the socket has nothing more to give; what was read before still counts.
+        let mut end: Option<ReadEnd> = reader.feed(&leftover, &mut incoming).err().map(|e| self.frame_error(e));
+        drop(leftover);
+        loop {
+            if !incoming.is_empty() {
+                // Boxed: handling messages (publishes, subscribes) needs far more state than
+                // waiting does, and an idle connection should only pay for waiting.
+                let batch = std::mem::take(&mut incoming);
+                // Time spent on the peer's own requests (a slow bus, a queue for joins) is not
+                // silence: the read loop cannot listen meanwhile.
+                heard.busy(true);
+                let stop = Box::pin(self.on_messages(batch, raw_channel)).await;
+                heard.busy(false);
+                if let Some(stop) = stop {
+                    return stop;
+                }
+            }
+            if let Some(end) = end {
+                return end;
+            }
+            // Silence is the write loop's job (it owns the connection's one timer). `poll_fn`
+            // rather than `readable()`: one task reads this socket, so its waker slot is enough
+            // and the wait stores nothing.
+            if std::future::poll_fn(|cx| stream.poll_read_ready(cx)).await.is_err() {
+                return ReadEnd::Gone;
+            }
+            end = match read_available(stream, self.shared.read_buffer, &mut reader, &mut incoming) {
+                Ok(true) => {
+                    heard.now();
+                    None
+                }
+                Ok(false) => Some(ReadEnd::Gone),
+                Err(e) => Some(self.frame_error(e)),
+            };
+        }
+    }
+
+    /// Handles a batch of client messages (what one read brought) in order; `Some` ends the
+    /// read loop. A run of publishes to one channel goes to the bus in one call (one Redis round
+    /// trip), so back-to-back messages do not each wait for the previous one's answer: under
+    /// load that answer can wait behind a whole fan-out round.
+    async fn on_messages(&mut self, batch: Vec<Incoming>, raw_channel: Option<&str>) -> Option<ReadEnd> {
+        let mut run = PublishRun::default();
+        for msg in batch {
+            match msg {
+                Incoming::Ping(data) => self.push(frame::pong(&data)),
+                Incoming::Pong => {}
+                Incoming::Close(code) => {
+                    let end = self.publish_run(&mut run, raw_channel).await;
+                    return Some(ReadEnd::Close(end.unwrap_or(CloseReason::PeerClosed(code))));
+                }
+                Incoming::Text(text) => {
+                    self.count_in(text.len());
+                    match raw_channel {
+                        Some(channel) => run.add(channel, Payload::Text(text.into())),
+                        None => self.on_protocol_text(text.as_str(), &mut run).await,
+                    }
+                }
+                Incoming::Binary(bytes) => {
+                    self.count_in(bytes.len());
+                    match raw_channel {
+                        Some(channel) => run.add(channel, Payload::Binary(bytes)),
+                        None => {
+                            self.publish_run(&mut run, None).await;
+                            self.reply_error(&ProtocolError::new(
+                                ErrorCode::BinaryNotSupported,
+                                "protocol mode takes JSON text frames; use /ws/<channel> for binary payloads",
+                            ));
+                        }
+                    }
+                }
+            }
+            if run.is_full()
+                && let Some(end) = self.publish_run(&mut run, raw_channel).await
+            {
+                return Some(ReadEnd::Close(end));
+            }
+        }
+        self.publish_run(&mut run, raw_channel).await.map(ReadEnd::Close)
+    }
+
+    fn count_in(&self, len: usize) {
+        self.shared.metrics.messages_in.inc();
+        self.shared.metrics.bytes_in.inc_by(len as u64);
+    }
+
+    /// A protocol-mode text frame. A publish to the run's channel joins the run; anything else
+    /// (a publish elsewhere included) first waits for the run to go out, so replies and effects
+    /// keep the client's order.
+    async fn on_protocol_text(&mut self, text: &str, run: &mut PublishRun) {
+        let op = protocol::parse_client_frame(text);
+        if !matches!(&op, Ok(ClientOp::Publish { channel, .. }) if run.channel == *channel) {
+            self.publish_run(run, None).await;
+        }
+        match op {
+            Ok(ClientOp::Publish { channel, data }) => {
+                run.add(channel, Payload::Json(Bytes::copy_from_slice(data.as_bytes())));
+            }
+            Ok(ClientOp::Subscribe { channel, since }) => self.subscribe(channel, since).await,
+            Ok(ClientOp::Unsubscribe { channel }) => self.unsubscribe(channel),
+            Err(e) => self.reply_error(&e),
+        }
+    }
+
+    /// Publishes the run gathered so far and empties it. A refused run: in raw mode, which has
+    /// no error frame, the connection ends with 1013 (the returned close) rather than losing
+    /// messages silently; in protocol mode each of its messages gets an error frame.
+    async fn publish_run(&self, run: &mut PublishRun, raw_channel: Option<&str>) -> Option<CloseReason> {
+        if run.envelopes.is_empty() {
+            return None;
+        }
+        let envelopes = std::mem::take(&mut run.envelopes);
+        let count = envelopes.len();
+        // Boxed by the bus: a publish's state (a Redis script call) is no part of every idle
+        // connection's task.
+        let Err(e) = self.shared.bus.publish(&run.channel, envelopes).await else { return None };
+        self.shared.metrics.publish_failures.inc_by(count as u64);
+        debug!(conn = self.id, channel = %run.channel, messages = count, error = %e, "publish failed");
+        if raw_channel.is_some() {
+            return Some(CloseReason::BusUnavailable);
+        }
+        let error = ProtocolError::new(ErrorCode::BusUnavailable, format!("not published: {e}"));
+        for _ in 0..count {
+            self.reply_error(&error);
+        }
+        None
+    }
+
+    fn frame_error(&self, e: FrameError) -> ReadEnd {
+        let (reason, code) = match &e {
+            FrameError::TooLarge { .. } => (CloseReason::TooLarge, "message_too_large"),
+            FrameError::InvalidUtf8 => (CloseReason::InvalidUtf8, "invalid_utf8"),
+            FrameError::Protocol(_) => (CloseReason::ProtocolViolation, "protocol_violation"),
+        };
+        debug!(conn = self.id, error = %e, "closing on a bad frame");
+        self.shared.metrics.protocol_error(code);
+        ReadEnd::Close(reason)
+    }
+
+    async fn subscribe(&mut self, channel: &str, since: Option<Since>) {
+        if self.subscriptions.contains(channel) {
+            return self.reply_error(&ProtocolError::new(
+                ErrorCode::AlreadySubscribed,
+                format!("already subscribed to {channel:?}; unsubscribe first to resume from another offset"),
+            ));
+        }
+        if self.subscriptions.len() >= self.shared.max_subscriptions {
+            return self.reply_error(&ProtocolError::new(
+                ErrorCode::SubscriptionLimit,
+                format!("this connection already has {} subscriptions (the limit)", self.subscriptions.len()),
+            ));
+        }
+        // Recorded before the join, so the connection's cleanup covers a join cut short (the
+        // connection closing while the bus is slow to confirm).
+        self.subscriptions.insert(channel.to_owned());
+        if let Err(e) = Box::pin(self.join(channel, Mode::Protocol, since.as_ref())).await {
+            self.subscriptions.remove(channel);
+            self.reply_error(&ProtocolError::new(
+                ErrorCode::BusUnavailable,
+                format!("could not subscribe to {channel:?}: {e}; retry"),
+            ));
+        }
+    }
+
+    fn unsubscribe(&mut self, channel: &str) {
+        if self.subscriptions.remove(channel) {
+            self.shared.bus.hub().unsubscribe(channel, self.id);
+            self.reply(protocol::unsubscribed_frame(channel));
+        } else {
+            self.reply_error(&ProtocolError::new(ErrorCode::NotSubscribed, format!("not subscribed to {channel:?}")));
+        }
+    }
+
+    /// Subscribes to `channel` with no gap and no duplicate at the seam: the hub holds live
+    /// messages while the channel's position (and, with `since`, what was missed) is read, then
+    /// queues the `subscribed` reply (protocol mode), the replay and the held messages in order.
+    pub(super) async fn join(&self, channel: &str, mode: Mode, since: Option<&Since>) -> Result<(), BusError> {
+        // A bounded number of joins run at once: under a connection storm the rest wait their
+        // turn here, before their Redis deadline starts, rather than all time out together.
+        let _turn = self.shared.joins.acquire().await.map_err(|_| BusError::ShuttingDown)?;
+        let r = self.join_now(channel, mode, since).await;
+        if let Err(e) = &r {
+            self.shared.metrics.subscribe_failures.inc();
+            debug!(conn = self.id, %channel, error = %e, "subscribe failed");
+        }
+        r
+    }
+
+    async fn join_now(&self, channel: &str, mode: Mode, since: Option<&Since>) -> Result<(), BusError> {
+        let hub = self.shared.bus.hub();
+        hub.subscribe(channel, self.id, self.outbox.clone(), mode, true).await?;
+        let replay = match self.shared.bus.read(channel, since).await {
+            Ok(replay) => replay,
+            Err(e) => {
+                hub.unsubscribe(channel, self.id);
+                return Err(e);
+            }
+        };
+        let first =
+            (mode == Mode::Protocol).then(|| frame::text(protocol::subscribed_frame(channel, &replay).as_bytes()));
+        hub.open_gate(channel, self.id, first, &replay.entries, (replay.epoch.clone(), replay.head));
+        Ok(())
+    }
+
+    fn reply(&self, text: String) {
+        self.push(frame::text(text.as_bytes()));
+    }
+
+    /// Queues a reply; a full outbox closes the client (and counts it).
+    fn push(&self, frame: Frame) {
+        self.outbox.push(frame);
+    }
+
+    fn reply_error(&self, e: &ProtocolError) {
+        self.shared.metrics.protocol_error(e.code.as_str());
+        self.reply(e.to_frame());
+    }
+}
+
+/// Reads what the socket has (a bounded number of reads, with the worker thread's buffer) and
+/// feeds it to `reader`. `Ok(false)`: the peer closed or reset the connection.
+fn read_available(
+    stream: &TcpStream,
+    size: usize,
+    reader: &mut frame::Reader,
+    out: &mut Vec<Incoming>,
+) -> Result<bool, FrameError> {
+    thread_local! {
+        static BUFFER: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    }
+    BUFFER.with(|buffer| {
+        let mut buffer = buffer.borrow_mut();
+        buffer.resize(size, 0);
+        for _ in 0..MAX_READS {
+            match stream.try_read(&mut buffer) {
+                Ok(0) => return Ok(false),
+                Ok(n) => reader.feed(&buffer[..n], out)?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Ok(false),
+            }
+        }
+        Ok(true)
+    })
+}
