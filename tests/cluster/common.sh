@@ -9,6 +9,8 @@ cluster_here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo_root=$(cd "$cluster_here/../.." && pwd)
 # shellcheck source=versions.sh
 . "$cluster_here/versions.sh"
+# shellcheck source=lib.sh
+. "$cluster_here/lib.sh"
 
 CLUSTER_DIR=${WSFLEET_CLUSTER_DIR:-$repo_root/.run/cluster}
 CLUSTER_NAME=${WSFLEET_CLUSTER_NAME:-wsfleet}
@@ -66,11 +68,6 @@ cluster_running() {
     cluster_ready
 }
 
-# True while process $1 exists and has not yet exited (a zombie has exited).
-alive() {
-  kill -0 "$1" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]
-}
-
 # Stops every component process of this cluster by its pid, clients before servers (kwok,
 # scheduler, controller-manager, then the API server, then etcd): SIGTERM, and SIGKILL after 20s.
 # Then removes the cluster's state and fails if any process of it remains.
@@ -86,18 +83,8 @@ cluster_stop() {
     pid=$(awk -v n="$name" '$1 == n {print $2}' <<< "$running")
     [ -n "$pid" ] || continue
     log "stopping $name (pid $pid)"
-    kill -TERM "$pid" 2>/dev/null || true
     stopped+=("$pid")
-    t0=$(date +%s)
-    while alive "$pid"; do
-      if (( $(date +%s) - t0 >= 20 )); then
-        log "$name (pid $pid) ignored SIGTERM for 20s; sending SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-        sleep 1
-        break
-      fi
-      sleep 0.2
-    done
+    stop_pid "$name" "$pid"
   done
   rm -f "$CLUSTER_STATE"/pids/*.pid
   # With no pid files left, kwokctl only removes the state directory and our kubeconfig entry.

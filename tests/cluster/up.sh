@@ -24,20 +24,6 @@ flock -w 300 9 || { log "another up.sh/down.sh holds $CLUSTER_DIR/.lock"; exit 1
 
 kwokctl_log=$CLUSTER_DIR/kwokctl.log
 
-# Waits, up to $1 seconds, for the command in the remaining arguments to succeed.
-wait_for() {
-  local limit=$1 what=$2 t0
-  shift 2
-  t0=$(date +%s)
-  until "$@" >/dev/null 2>&1; do
-    if (( $(date +%s) - t0 >= limit )); then
-      log "timed out after ${limit}s waiting for $what"
-      return 1
-    fi
-    sleep 0.5
-  done
-}
-
 k() { kubectl --kubeconfig "$CLUSTER_KUBECONFIG" --request-timeout=10s "$@"; }
 
 if cluster_running; then

@@ -186,17 +186,21 @@ fn the_charts_operator_runs_a_fleet_whose_pods_serve_and_count_real_clients() {
         assert!(container_pid(pod.container_id.as_deref().unwrap()).is_some(), "a running process for {}", pod.name);
     }
 
-    // Two subscribers on each pod, one publisher on each pod: the three publishers' messages
-    // reach every subscriber on every pod, in one order.
+    // Two subscribers on each pod and three through the Service, one publisher on each pod:
+    // the three publishers' messages reach every subscriber, on every pod, in one order.
     let clients = Clients::new();
+    let service = service_url(&ns.name, "chat");
     let (subs, pubs) = clients.run(async {
         let mut subs = Vec::new();
-        for pod in &pods {
-            for _ in 0..2 {
-                let mut ws = clients::connect(&pod.ws_url()).await.unwrap();
-                clients::subscribe(&mut ws, "room", None).await.unwrap();
-                subs.push(ws);
-            }
+        let urls = pods.iter().flat_map(|p| [p.ws_url(), p.ws_url()]).chain([
+            service.clone(),
+            service.clone(),
+            service.clone(),
+        ]);
+        for url in urls {
+            let mut ws = clients::connect(&url).await.unwrap();
+            clients::subscribe(&mut ws, "room", None).await.unwrap();
+            subs.push(ws);
         }
         let mut pubs = Vec::new();
         for (p, pod) in pods.iter().enumerate() {

@@ -21,6 +21,8 @@ node_here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo_root=$(cd "$node_here/../../.." && pwd)
 # shellcheck source=../versions.sh
 . "$node_here/../versions.sh"
+# shellcheck source=../lib.sh
+. "$node_here/../lib.sh"
 
 NODE_DIR=${WSFLEET_NODE_DIR:-$repo_root/.run/node}
 # Sockets, containerd's state and the pid files: short paths (unix sockets allow 107 bytes), and
@@ -38,6 +40,8 @@ NODE_KUBECONFIG=$NODE_DIR/kubeconfig
 PKI=$NODE_DIR/pki
 CONTAINERD_SOCK=$NODE_RUN/containerd.sock
 NODE_LOGS=$NODE_DIR/logs
+# wait_for (lib.sh) shows the tail of a component's log when waiting for it times out.
+LOG_DIR=$NODE_LOGS
 # cgroup v1 parent of every pod (kubelet's cgroupRoot), made in each mounted hierarchy.
 NODE_CGROUP=wsfleet-node
 # The component processes, in start order; down.sh stops them in reverse.
@@ -61,11 +65,6 @@ export PATH=$CLUSTER_BIN:$NODE_BIN:$PATH
 log() { echo "[node] $*" >&2; }
 
 k() { kubectl --kubeconfig "$NODE_KUBECONFIG" --request-timeout=20s "$@"; }
-
-# True while process $1 exists and has not yet exited (a zombie has exited).
-alive() {
-  kill -0 "$1" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]
-}
 
 # True when process $1's command line names this node (its config or state paths): a pid file
 # left from before a reboot never makes us signal an unrelated process.
@@ -104,22 +103,6 @@ start_component() {
   setsid "$@" >> "$NODE_LOGS/$name.log" 2>&1 < /dev/null 9>&- &
   echo $! > "$NODE_RUN/pids/$name.pid"
   log "started $name (pid $!)"
-}
-
-# Waits up to $1 seconds for the command in the remaining arguments to succeed; on time-out
-# prints the tail of component $what's log when there is one.
-wait_for() {
-  local limit=$1 what=$2 t0
-  shift 2
-  t0=$(date +%s)
-  until "$@" >/dev/null 2>&1; do
-    if (( $(date +%s) - t0 >= limit )); then
-      log "timed out after ${limit}s waiting for $what"
-      [ -f "$NODE_LOGS/$what.log" ] && tail -15 "$NODE_LOGS/$what.log" >&2
-      return 1
-    fi
-    sleep 0.5
-  done
 }
 
 api_ready() {

@@ -29,21 +29,6 @@ exec 9> "$NODE_RUN/.lock"
 flock -w 600 9 || { log "another up.sh/down.sh holds $NODE_RUN/.lock"; exit 1; }
 t0=$(date +%s)
 
-stop_pid() {
-  local name=$1 pid=$2 t
-  kill -TERM "$pid" 2>/dev/null || true
-  t=$(date +%s)
-  while alive "$pid"; do
-    if (( $(date +%s) - t >= 20 )); then
-      log "$name (pid $pid) ignored SIGTERM for 20s; sending SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-      sleep 0.5
-      break
-    fi
-    sleep 0.2
-  done
-}
-
 running=$(node_pids)
 # 1. Pods first, through the API, while kubelet and containerd can still tear them down cleanly.
 if grep -q '^kubelet ' <<< "$running" && api_ready; then

@@ -9,17 +9,4 @@ set -euo pipefail
 # shellcheck source=common.sh
 . "$(cd "$(dirname "$0")" && pwd)/common.sh"
 
-[ $# -gt 0 ] || { echo "usage: $0 COMMAND [ARGS...]" >&2; exit 2; }
-
-started=0
-if ! node_running; then
-  started=1
-  cleanup() { local rc=$?; "$node_here/down.sh" || rc=1; exit "$rc"; }
-  trap cleanup EXIT
-fi
-"$node_here/up.sh" > /dev/null
-export KUBECONFIG=$NODE_KUBECONFIG CONTAINERD_ADDRESS=$CONTAINERD_SOCK
-[ "$started" = 1 ] || log "using the node that was already running; leaving it up"
-status=0
-"$@" || status=$?
-exit "$status"
+with_profile node_running "$node_here/up.sh" "$node_here/env.sh" "$node_here/down.sh" "$@"
