@@ -63,7 +63,8 @@ cpu_seconds() { awk -v hz="$HZ" '{sub(/^.*\) /, ""); printf "%.2f", ($12 + $13) 
 mib() { awk -v k="$2" '$1 == k":" {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 scrape() { k get --raw /metrics | grep '^apiserver_request_total' > "$BENCH_DIR/$1.prom"; }
 requests() { python3 bench/apiserver_requests.py "$BENCH_DIR/$1.prom" "$BENCH_DIR/$2.prom" "$3"; }
-op_metric() { curl -s --max-time 5 "http://$OP_HTTP/metrics" | awk -v m="$1" '$1 == m {print $2; exit}'; }
+# A counter of the operator's /metrics as an integer (empty when it cannot be read).
+op_metric() { curl -s --max-time 5 "http://$OP_HTTP/metrics" | awk -v m="$1" '$1 == m {printf "%d\n", $2; exit}' || true; }
 
 # Counts the bench's objects of the given kinds: one LIST per kind, namespaces filtered here.
 # -1 when the LIST fails, so a failed LIST never reads as "all gone".
@@ -238,7 +239,7 @@ jq -n \
   --argjson timeline "[$(IFS=,; echo "${timeline[*]}")]" \
   --argjson rss_ramp "$rss_ramp" --argjson rss_quiet "$rss_quiet" --argjson rss_peak "$rss_peak" \
   --argjson cpu_ramp "$cpu_ramp" --argjson cpu_quiet "$cpu_quiet" --argjson cpu_delete "$cpu_delete" \
-  --argjson cpu_total "$cpu_total" --argjson reconciles_quiet "$(( ${reconciles1%.*} - ${reconciles0%.*} ))" \
+  --argjson cpu_total "$cpu_total" --argjson reconciles_quiet "$(( ${reconciles1:-0} - ${reconciles0:-0} ))" \
   --argjson background "$background" --argjson ramp "$ramp" --argjson settle "$settle" \
   --argjson quiet "$quiet" --argjson deleting "$deleting" --argjson warnings "$errors" \
   --argjson wsc_gone "$wsc_gone_s" --argjson children_gone "$children_gone_s" --argjson pods_gone "$pods_gone_s" \
