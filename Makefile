@@ -43,6 +43,11 @@ bench: ## Benchmarks (not part of `make test`); figures in bench/results/ and be
 	bench/history.sh
 	bench/connections.sh
 
+.PHONY: bench-operator
+bench-operator: ## The operator with 1,000 WebSocketClusters on the local control plane (CLUSTERS=N for fewer)
+	scripts/install-deps.sh
+	bench/operator.sh
+
 .PHONY: cluster-up
 cluster-up: ## Start (or reuse) the local Kubernetes control plane on 127.0.0.1; first run builds it
 	tests/cluster/up.sh
