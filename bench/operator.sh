@@ -43,6 +43,10 @@ die() { log "$*"; exit 1; }
 # KUBECONFIG and puts our kubectl first on PATH, and stops the cluster afterwards if it started it.
 if [ -z "${WSFLEET_BENCH_IN_CLUSTER:-}" ]; then
   cargo build --release -q -p wsfleet-operator
+  # Room for every server pod: a fake node takes 110 pods (kubelet's default), and a pod left
+  # Pending would keep its cluster from Ready for a reason that is not the operator's.
+  export WSFLEET_CLUSTER_NODES=$(( (CLUSTERS * REPLICAS + 99) / 100 + 1 ))
+  log "control plane with $WSFLEET_CLUSTER_NODES fake nodes"
   WSFLEET_BENCH_IN_CLUSTER=1 exec tests/cluster/with-cluster.sh "$PWD/bench/operator.sh" "$@"
 fi
 
@@ -156,7 +160,7 @@ for i in "${!namespaces[@]}"; do
 done
 for pid in "${creators[@]}"; do wait "$pid" || die "kubectl create failed"; done
 created_s=$(secs "$t0" "$(ms)")
-status_s=null deployments_s=null ready_s=null timeline=()
+status_s=null deployments_s=null ready_s=null timeline=() reported=$t0
 while :; do
   lines=$(k get wsc -A -l "$LABEL" -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}') ||
     lines=""
@@ -168,6 +172,10 @@ while :; do
     awk -v p="$NS_PREFIX" -v r="$REPLICAS" 'index($1, p) == 1 && $2 + 0 >= r {n++} END {print n + 0}') || deployments=0
   now=$(ms)
   timeline+=("[$(secs "$t0" "$now"),$with_status,$deployments,$ready]")
+  if (( now - reported >= 10000 )); then
+    log "$(secs "$t0" "$now")s: $with_status with a status, $deployments server Deployments ready, $ready of $CLUSTERS Ready"
+    reported=$now
+  fi
   [ "$status_s" = null ] && [ "$with_status" -ge "$CLUSTERS" ] && status_s=$(secs "$t0" "$now")
   [ "$deployments_s" = null ] && [ "$deployments" -ge "$CLUSTERS" ] && deployments_s=$(secs "$t0" "$now")
   if [ "$ready" -ge "$CLUSTERS" ]; then ready_s=$(secs "$t0" "$now"); break; fi
@@ -175,7 +183,8 @@ while :; do
     log "timed out after ${READY_TIMEOUT}s: $ready of $CLUSTERS Ready, $with_status with a status"
     break
   fi
-  sleep 1
+  # kubectl decoding a thousand objects takes most of a core: look every 2 s, not every second.
+  sleep 2
 done
 ramp_ms=$(( $(ms) - t0 ))
 scrape ramp1

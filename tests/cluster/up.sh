@@ -58,10 +58,20 @@ componentsPatches:
   # Endpoints refuse loopback addresses; nothing here needs that endpoint.
   - key: endpoint-reconciler-type
     value: none
+  # The default Service range (10.0.0.0/24) holds 254 ClusterIPs: too few for the operator
+  # benchmark's thousand fleets. Fake nodes route nothing, so the range is only bookkeeping.
+  - key: service-cluster-ip-range
+    value: 10.96.0.0/16
+# The controllers' client rate limit (20 requests/s by default) would make a thousand
+# Deployments take minutes to get their pods; the operator benchmark measures wsfleet, not that.
 - name: kube-controller-manager
   extraArgs:
   - key: leader-elect
     value: "false"
+  - key: kube-api-qps
+    value: "500"
+  - key: kube-api-burst
+    value: "1000"
 - name: kube-scheduler
   extraArgs:
   - key: leader-elect
