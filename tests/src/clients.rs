@@ -52,6 +52,28 @@ pub async fn connect(url: &str) -> Result<Ws, String> {
     }
 }
 
+/// Connects and subscribes to `channel` as a fresh client (no `since`), retrying for up to 30 s
+/// as a real client would (a pod that turned unready a moment ago may still get the connection
+/// and answer 503, or close it). Returns the connection and the `subscribed` reply.
+pub async fn subscribe_fresh(url: &str, channel: &str, since: Option<&(String, u64)>) -> (Ws, Value) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let attempt = async {
+            let mut ws = connect(url).await?;
+            let reply = subscribe(&mut ws, channel, since).await?;
+            Ok::<_, String>((ws, reply))
+        };
+        match attempt.await {
+            Ok(done) => return done,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("retrying a subscribe to {url}: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("no subscribe to {channel} on {url} within 30 s: {e}"),
+        }
+    }
+}
+
 /// Sends one protocol-mode operation.
 pub async fn send(ws: &mut Ws, op: Value) -> Result<(), String> {
     ws.send(Message::text(op.to_string())).await.map_err(|e| e.to_string())
@@ -279,8 +301,7 @@ pub async fn publisher(
 /// `epoch` and reads every message up to the channel's current position. History must hold
 /// them all.
 pub async fn channel_history(url: &str, channel: &str, epoch: &str) -> Vec<Received> {
-    let mut ws = connect(url).await.expect("connect for the channel's history");
-    let reply = subscribe(&mut ws, channel, Some(&(epoch.to_owned(), 0))).await.expect("subscribe");
+    let (mut ws, reply) = subscribe_fresh(url, channel, Some(&(epoch.to_owned(), 0))).await;
     assert_eq!(reply["recovered"], true, "the whole history must still be there: {reply}");
     let end = reply["offset"].as_u64().expect("offset");
     let mut all = Vec::new();

@@ -86,8 +86,7 @@ impl Traffic {
         let (epoch, end) = self.clients.run(async {
             let mut last = None;
             loop {
-                let mut ws = clients::connect(&self.service).await.expect("connect");
-                let reply = clients::subscribe(&mut ws, &self.channel, None).await.expect("subscribe");
+                let (_ws, reply) = clients::subscribe_fresh(&self.service, &self.channel, None).await;
                 let now = (reply["epoch"].as_str().unwrap().to_owned(), reply["offset"].as_u64().unwrap());
                 if last.as_ref() == Some(&now) {
                     return now;

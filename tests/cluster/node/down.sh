@@ -3,8 +3,8 @@
 # up.sh found it (tests/cluster/node/state.sh before and after) and fails, printing the
 # difference, when it is not. Safe to run when nothing is running.
 #
-#  1. pods: deleted through the API while kubelet runs, so containerd stops them and CNI
-#     releases their network (bounded: 60 s);
+#  1. pods: the controllers stopped, then every pod deleted through the API while kubelet runs,
+#     so containerd stops them and CNI releases their network (bounded: 60 s);
 #  2. the components, by pid, in reverse start order (SIGTERM, SIGKILL after 20 s), then any
 #     container or shim that is left;
 #  3. mounts under the node's directories, the pods' network namespaces, the bridge and every
@@ -32,8 +32,13 @@ t0=$(date +%s)
 running=$(node_pids)
 # 1. Pods first, through the API, while kubelet and containerd can still tear them down cleanly.
 if grep -q '^kubelet ' <<< "$running" && api_ready; then
+  # The controllers go first, so nothing makes a pod again (a ReplicaSet, a DaemonSet, or the
+  # operator putting back the Deployment it owns) while the pods are deleted.
+  for name in kube-controller-manager kube-scheduler; do
+    pid=$(awk -v n="$name" '$1 == n {print $2}' <<< "$running")
+    [ -z "$pid" ] || { log "stopping $name (pid $pid)"; stop_pid "$name" "$pid"; }
+  done
   log "deleting every pod"
-  k delete deployments,daemonsets,statefulsets,replicasets,jobs --all -A --wait=false > /dev/null 2>&1 || true
   k delete pods --all -A --grace-period=0 --force --wait=false > /dev/null 2>&1 || true
   # Done when no container process runs any more (kubelet has stopped every sandbox, which
   # releases its network); the stopped containers themselves are deleted below.
@@ -47,7 +52,7 @@ fi
 for (( i = ${#NODE_COMPONENTS[@]} - 1; i >= 0; i-- )); do
   name=${NODE_COMPONENTS[i]}
   pid=$(awk -v n="$name" '$1 == n {print $2}' <<< "$running")
-  [ -n "$pid" ] || continue
+  [ -n "$pid" ] && alive "$pid" || continue
   if [ "$name" = containerd ]; then
     # Whatever kubelet did not remove: kill the tasks, delete the containers.
     for id in $(ctr_k8s tasks ls -q 2>/dev/null); do ctr_k8s tasks kill -s KILL "$id" > /dev/null 2>&1 || true; done
