@@ -23,7 +23,7 @@ fleet: ## Only the data plane: redis-server + 3 servers on loopback (Ctrl-C stop
 .PHONY: lint
 lint: ## Formatting and clippy, warnings are errors
 	$(CARGO) fmt --all --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
 .PHONY: test
 test: ## Every test: lint, unit, real-process server tests, the control-plane tests, the node tests

@@ -3,7 +3,7 @@
 #
 #  1. the node profile (tests/cluster/node): etcd, kube-apiserver, controller-manager, scheduler,
 #     kubelet + containerd, kube-proxy and CoreDNS as processes of this machine; the first run
-#     builds them from Go modules (about 12 minutes), later starts take under a minute;
+#     builds them from Go modules (15-20 minutes), later starts take under a minute;
 #  2. the images (server, operator, Redis, pause) built here and imported into containerd, and
 #     the Helm chart installed: the operator runs as a pod;
 #  3. the sample WebSocketCluster (operator/examples/chat.yaml) in namespace wsfleet-demo: three
@@ -70,4 +70,5 @@ routes it to the server pods on the node's bridge). In other terminals:
 
 Ctrl-C stops everything.
 TXT
-while true; do sleep 3600; done
+# In the background and waited for, so a signal runs the trap at once.
+while true; do sleep 3600 & wait $!; done

@@ -244,8 +244,11 @@ pub async fn resilient_subscriber(
 pub struct PublisherLog {
     /// Every `n` sent, in order.
     pub sent: Vec<u64>,
-    /// Connections that ended under it (each may leave the last publish's outcome unknown).
+    /// Connections that ended under it.
     pub reconnects: u32,
+    /// Publishes whose outcome is unknown: the one whose send failed, or the last one sent on a
+    /// connection that then ended. Only these may be missing from the channel.
+    pub unknown: Vec<u64>,
     /// Publishes the server refused with an error frame (`bus_unavailable` while Redis is down).
     pub refused: u32,
 }
@@ -269,12 +272,13 @@ pub async fn publisher(
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    if send(&mut ws, json!({"op": "publish", "channel": channel, "data": {"n": n + 1}})).await.is_err() {
+                    n += 1;
+                    log.sent.push(n);
+                    if send(&mut ws, json!({"op": "publish", "channel": channel, "data": {"n": n}})).await.is_err() {
+                        log.unknown.push(n);
                         log.reconnects += 1;
                         continue 'connections;
                     }
-                    n += 1;
-                    log.sent.push(n);
                 }
                 frame = ws.next() => match frame {
                     Some(Ok(Message::Text(t))) => {
@@ -283,6 +287,7 @@ pub async fn publisher(
                         log.refused += 1;
                     }
                     Some(Ok(Message::Close(_)) | Err(_)) | None => {
+                        log.unknown.extend(log.sent.last());
                         log.reconnects += 1;
                         continue 'connections;
                     }

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::watch;
 use wsfleet_e2e::clients::{self, Clients, PublisherLog, Received, SubscriberLog};
 use wsfleet_e2e::node::*;
@@ -132,11 +132,11 @@ impl Seen {
         let ns: Vec<u64> = self.history.iter().map(|m| m.data["n"].as_u64().expect("n")).collect();
         assert!(ns.windows(2).all(|w| w[0] < w[1]), "the publisher's order is kept");
         assert_eq!(self.publisher.refused, 0, "no publish was refused");
-        let missing = self.publisher.sent.len() - ns.len();
+        let missing: Vec<u64> = self.publisher.sent.iter().copied().filter(|n| ns.binary_search(n).is_err()).collect();
         assert!(
-            missing as u32 <= self.publisher.reconnects,
-            "{missing} publishes lost, with {} publisher reconnects",
-            self.publisher.reconnects
+            missing.iter().all(|n| self.publisher.unknown.contains(n)),
+            "publishes lost on a healthy connection: {missing:?} (outcome unknown only for {:?})",
+            self.publisher.unknown
         );
     }
 
@@ -144,16 +144,27 @@ impl Seen {
         self.subs.iter().map(|s| s.closes(code)).sum()
     }
 
-    /// Every resume the subscribers made (not their first subscribe) was a full recovery.
+    /// Every resume the subscribers made that the server answered was a full recovery (a
+    /// subscribe cut off before its answer has none, and the client simply tries again).
     fn assert_every_resume_recovered(&self) {
-        for s in &self.subs {
-            for session in s.sessions.iter().skip(1) {
-                if session.ended.as_deref().is_some_and(|e| e.starts_with("subscribe answered")) {
-                    continue;
-                }
-                assert_eq!(session.recovered, Some(true), "a resume that did not recover: {session:?}");
-            }
+        let answered: Vec<&clients::Session> =
+            self.subs.iter().flat_map(|s| &s.sessions).filter(|s| s.recovered.is_some()).collect();
+        for session in &answered {
+            assert_eq!(session.recovered, Some(true), "a resume that did not recover: {session:?}");
         }
+        let reconnected = self.subs.iter().filter(|s| s.sessions.len() > 1).count();
+        assert!(answered.len() >= reconnected, "every client that reconnected resumed");
+    }
+
+    /// Subscribers that started on one of `pods` and whose first connection that pod closed with
+    /// `code`.
+    fn first_closed_by(&self, pods: &[&Pod], code: u16) -> usize {
+        let want = format!("close {code}");
+        self.subs
+            .iter()
+            .filter_map(|s| s.sessions.first())
+            .filter(|first| pods.iter().any(|p| first.url == p.ws_url()) && first.ended.as_deref() == Some(&want))
+            .count()
     }
 }
 
@@ -197,9 +208,7 @@ fn the_charts_operator_runs_a_fleet_whose_pods_serve_and_count_real_clients() {
             service.clone(),
         ]);
         for url in urls {
-            let mut ws = clients::connect(&url).await.unwrap();
-            clients::subscribe(&mut ws, "room", None).await.unwrap();
-            subs.push(ws);
+            subs.push(clients::subscribe_fresh(&url, "room", None).await.0);
         }
         let mut pubs = Vec::new();
         for (p, pod) in pods.iter().enumerate() {
@@ -286,9 +295,9 @@ fn scaling_out_then_in_drains_the_removed_pods_and_resumed_clients_lose_nothing(
     seen.assert_every_resume_recovered();
     // The three removed pods closed their nine subscribers with 1012 (going away, come back).
     let survivors: Vec<String> = server_pods(&ns.name, &obj).into_iter().map(|p| p.name).collect();
-    let removed = pods.iter().filter(|p| !survivors.contains(&p.name)).count();
-    assert_eq!(removed, 3);
-    assert!(seen.closes(1012) >= 3 * removed, "1012 closes: {}", seen.closes(1012));
+    let removed: Vec<&Pod> = pods.iter().filter(|p| !survivors.contains(&p.name)).collect();
+    assert_eq!(removed.len(), 3);
+    assert_eq!(seen.first_closed_by(&removed, 1012), 9, "each removed pod closed its three clients with 1012");
     print_figure("messages each subscriber got (scale-in)", seen.history.len());
 }
 
@@ -320,17 +329,21 @@ fn a_rolling_update_with_1000_clients_drains_every_old_pod_and_loses_nothing() {
     let new = server_pods(&ns.name, &obj);
     assert!(new.iter().all(|p| !old.iter().any(|o| o.name == p.name)), "every pod replaced");
     // Where the clients went: the new pods' own connection gauges, while the clients are on.
-    let by_pod: BTreeMap<String, f64> =
-        new.iter().map(|p| (p.name.clone(), pod_metric(p, "wsfleet_connections"))).collect();
-    assert_eq!(by_pod.values().sum::<f64>() as usize, 3 * CLIENTS_PER_POD + 1, "{by_pod:?}");
+    let by_pod = wait_until("every client on the new pods", Duration::from_secs(30), || {
+        let by_pod: BTreeMap<String, f64> =
+            new.iter().map(|p| (p.name.clone(), pod_metric(p, "wsfleet_connections"))).collect();
+        let total = by_pod.values().sum::<f64>() as usize;
+        if total == 3 * CLIENTS_PER_POD + 1 { Ok(by_pod) } else { Err(format!("{by_pod:?}")) }
+    });
     let seen = traffic.finish();
 
     seen.assert_no_loss();
     seen.assert_every_resume_recovered();
-    assert!(
-        seen.closes(1012) >= 3 * CLIENTS_PER_POD,
-        "every client of an old pod was closed with 1012: {}",
-        seen.closes(1012)
+    let old_pods: Vec<&Pod> = old.iter().collect();
+    assert_eq!(
+        seen.first_closed_by(&old_pods, 1012),
+        3 * CLIENTS_PER_POD,
+        "every client of an old pod was closed with 1012"
     );
     print_figure(
         "3-pod rolling update with 1,002 subscribers + 1 publisher",
@@ -438,6 +451,4 @@ fn a_deleted_redis_pod_is_reported_and_recovered_as_a_new_epoch_never_a_silent_g
         assert_eq!(old_offsets, (1..=old.len() as u64).collect::<Vec<_>>(), "no gap in the old epoch");
         assert_eq!(new, &seen.history[..], "the new epoch from its first message, exactly once");
     }
-    let data: Vec<&Value> = seen.history.iter().map(|m| &m.data).collect();
-    assert!(!data.is_empty(), "publishing resumed after the outage");
 }

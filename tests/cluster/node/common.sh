@@ -28,6 +28,8 @@ NODE_DIR=${WSFLEET_NODE_DIR:-$repo_root/.run/node}
 # Sockets, containerd's state and the pid files: short paths (unix sockets allow 107 bytes), and
 # machine-wide, so that any clone finds and stops a node another clone left running.
 NODE_RUN=/run/wsfleet-node
+# The kubelet's root (pod volumes, its own sockets): a short path too, whatever the clone's.
+KUBELET_ROOT=/var/lib/wsfleet-node/kubelet
 NODE_NAME=wsfleet-node
 NODE_BRIDGE=wsfleet0
 NODE_IP=10.242.0.1
@@ -66,10 +68,16 @@ log() { echo "[node] $*" >&2; }
 
 k() { kubectl --kubeconfig "$NODE_KUBECONFIG" --request-timeout=20s "$@"; }
 
-# True when process $1's command line names this node (its config or state paths): a pid file
-# left from before a reboot never makes us signal an unrelated process.
+# True when process $1 is one of the node's programs and its command line names this node (its
+# configuration or state paths): a pid file left from before a reboot, or a user's
+# `kubectl --kubeconfig .run/node/kubeconfig`, never makes us signal it.
 ours() {
-  [ -r "/proc/$1/cmdline" ] && tr '\0' ' ' < "/proc/$1/cmdline" | grep -qE "$NODE_DIR/|$NODE_RUN/"
+  [ -r "/proc/$1/cmdline" ] || return 1
+  case $(basename "$(readlink "/proc/$1/exe" 2>/dev/null)") in
+    etcd|kube-apiserver|kube-controller-manager|kube-scheduler|kubelet|kube-proxy|coredns|containerd|containerd-shim*) ;;
+    *) return 1 ;;
+  esac
+  tr '\0' ' ' < "/proc/$1/cmdline" | grep -qF -e "$NODE_DIR/" -e "$NODE_RUN/"
 }
 
 # Prints "name pid" for every component of the node whose process is alive.

@@ -52,7 +52,8 @@ fi
 for (( i = ${#NODE_COMPONENTS[@]} - 1; i >= 0; i-- )); do
   name=${NODE_COMPONENTS[i]}
   pid=$(awk -v n="$name" '$1 == n {print $2}' <<< "$running")
-  [ -n "$pid" ] && alive "$pid" || continue
+  # Checked again: the pid was read up to a minute ago.
+  [ -n "$pid" ] && alive "$pid" && ours "$pid" || continue
   if [ "$name" = containerd ]; then
     # Whatever kubelet did not remove: kill the tasks, delete the containers.
     for id in $(ctr_k8s tasks ls -q 2>/dev/null); do ctr_k8s tasks kill -s KILL "$id" > /dev/null 2>&1 || true; done
@@ -83,9 +84,15 @@ done
 
 # 3. Mounts (deepest first), network namespaces, interfaces, netfilter.
 before=$NODE_DIR/machine-before.txt
-is_new() { [ ! -f "$before" ] || ! grep -qxF "$1" "$before"; }
-for m in $(awk '{print $2}' /proc/self/mounts | grep -E "^($NODE_DIR|$NODE_RUN|/run/netns/cni-|/var/run/netns/cni-)" | sort -r); do
+# Only what the record says was not there before is removed by pattern; without a record (a
+# second node-down), nothing of that kind is touched.
+is_new() { [ -f "$before" ] && ! grep -qxF "$1" "$before"; }
+for m in $(awk -v a="$NODE_DIR/" -v b="$NODE_RUN/" -v c="${KUBELET_ROOT%/*}/" \
+             'index($2, a) == 1 || index($2, b) == 1 || index($2, c) == 1 {print $2}' /proc/self/mounts | sort -r); do
   umount -l "$m" 2>/dev/null || true
+done
+for m in $(awk '$2 ~ "^(/var)?/run/netns/cni-" {print $2}' /proc/self/mounts); do
+  is_new "netns ${m##*/}" && umount -l "$m" 2>/dev/null || true
 done
 for ns in $(ip netns list 2>/dev/null | awk '{print $1}'); do
   if is_new "netns $ns" && [[ $ns == cni-* ]]; then ip netns delete "$ns" 2>/dev/null || true; fi
@@ -115,6 +122,7 @@ clean_netfilter() {
 }
 clean_netfilter iptables
 clean_netfilter ip6tables
+nft delete table inet wsfleet-node 2>/dev/null || true
 # Tables that did not exist before and are now empty (iptables creates a table on first use),
 # and kube-proxy's own nftables tables.
 for t in $(nft list tables 2>/dev/null | awk '{print $2 "/" $3}'); do
@@ -139,6 +147,7 @@ fi
 if [ -d /var/log/containers ]; then
   find /var/log/containers -maxdepth 1 -type l -lname "$NODE_DIR/*" -delete 2>/dev/null || true
 fi
+rm -rf "${KUBELET_ROOT%/*}"
 for p in /var/lib/cni /var/log/containers /var/log/pods /run/netns /etc/cni /opt/cni /var/lib/kubelet /var/lib/containerd /run/containerd /etc/kubernetes; do
   if [ -e "$p" ] && [ -f "$before" ] && ! grep -q "^path $p " "$before"; then
     rm -rf "$p"

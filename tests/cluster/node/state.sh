@@ -27,7 +27,8 @@ set -u  # a reporter: a command that finds nothing is no failure
     [ -d "$d$NODE_CGROUP" ] && echo "cgroup $d$NODE_CGROUP"
   done
   for p in /var/lib/cni /var/log/containers /var/log/pods /run/netns /etc/cni /opt/cni \
-           /var/lib/kubelet /var/lib/containerd /run/containerd /etc/kubernetes "$NODE_RUN"; do
+           /var/lib/kubelet /var/lib/containerd /run/containerd /etc/kubernetes "$NODE_RUN" \
+           "${KUBELET_ROOT%/*}"; do
     [ -e "$p" ] && echo "path $p ($(find "$p" -mindepth 1 2>/dev/null | wc -l) entries)"
   done
   for pid in $(node_leftovers); do echo "process $pid $(tr '\0' ' ' < "/proc/$pid/cmdline" | cut -c1-120)"; done

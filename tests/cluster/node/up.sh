@@ -23,8 +23,10 @@ for tool in containerd containerd-shim-runc-v2 runc ctr iptables nft openssl pyt
   command -v "$tool" >/dev/null || { log "missing $tool: run scripts/install-deps.sh"; exit 1; }
 done
 [ -x /usr/lib/cni/bridge ] || { log "missing CNI plugins in /usr/lib/cni: run scripts/install-deps.sh"; exit 1; }
+[ "$(stat -fc %T /sys/fs/cgroup)" != cgroup2fs ] ||
+  { log "this host has cgroup v2 only; the node profile is set up for cgroup v1 (cgroupfs driver)"; exit 1; }
 
-log "building (first run: about 12 minutes for Kubernetes from Go modules, then cached)"
+log "building (first run: 15-20 minutes for Kubernetes and CoreDNS from Go modules, then cached)"
 "$node_here/../build.sh" > /dev/null
 "$node_here/build.sh" > /dev/null
 step "binaries ready in $CLUSTER_BIN and $NODE_BIN"
@@ -49,6 +51,10 @@ start_node() {
     "$node_here/down.sh"
     flock -w 600 9
   fi
+  # Service traffic between pods on the bridge passes kube-proxy's rules only with br_netfilter.
+  # Loaded before the record, so its settings are recorded (and restored) like the others.
+  modprobe br_netfilter 2>/dev/null || true
+  [ -d /proc/sys/net/bridge ] || { log "br_netfilter is not available: Service traffic between pods needs it"; exit 1; }
   # What the machine looks like before the node touches it; down.sh compares against it.
   "$node_here/state.sh" > "$NODE_DIR/machine-before.txt"
   echo "$NODE_DIR" > "$NODE_RUN/dir"
@@ -71,19 +77,30 @@ start_node() {
 
 # The bridge the pods attach to, carrying the node IP; the Service range routed to it (so a
 # Service address never leaves the machine, even before kube-proxy has a rule for it); packet
-# forwarding on, but never between the bridge and another interface.
+# forwarding on, but only from the bridge back to the bridge.
 host_network() {
-  modprobe br_netfilter 2>/dev/null || true
-  [ -d /proc/sys/net/bridge ] || { log "br_netfilter is not available: Service traffic between pods needs it"; exit 1; }
   sysctl -qw net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=1 net.bridge.bridge-nf-call-ip6tables=1
   ip link add "$NODE_BRIDGE" type bridge
   ip addr add "$NODE_IP/24" dev "$NODE_BRIDGE"
   ip link set "$NODE_BRIDGE" up
   ip route add "$SERVICE_CIDR" dev "$NODE_BRIDGE"
-  iptables -N WSFLEET-NODE
-  iptables -A WSFLEET-NODE -i "$NODE_BRIDGE" ! -o "$NODE_BRIDGE" -j DROP
-  iptables -A WSFLEET-NODE -o "$NODE_BRIDGE" ! -i "$NODE_BRIDGE" -j DROP
-  iptables -I FORWARD 1 -j WSFLEET-NODE
+  # A table of the node's own, which kube-proxy never touches; a drop here holds whatever
+  # another table's chains accept. Forwarding only within the bridge (pod to pod, also after
+  # kube-proxy's DNAT), for IPv4 and IPv6; the node's address answers only this machine and
+  # the pods.
+  nft -f - <<NFT
+table inet wsfleet-node {
+  chain forward {
+    type filter hook forward priority -10; policy accept;
+    iifname != "$NODE_BRIDGE" drop
+    oifname != "$NODE_BRIDGE" drop
+  }
+  chain input {
+    type filter hook input priority -10; policy accept;
+    ip daddr $NODE_IP iifname != { "lo", "$NODE_BRIDGE" } drop
+  }
+}
+NFT
   # kubelet needs a cgroup root that exists in every hierarchy; cpuset's must hold CPUs and
   # memory nodes before anything can join it.
   local d
@@ -168,7 +185,7 @@ free_port() {
 }
 
 write_configs() {
-  mkdir -p "$NODE_DIR/cni" "$NODE_DIR/containerd" "$NODE_DIR/kubelet"
+  mkdir -p "$NODE_DIR/cni" "$NODE_DIR/containerd" "$KUBELET_ROOT"
   # containerd: own root, state and socket; CRI with our sandbox image, runc with cgroupfs, and
   # oom_score_adj left alone (this machine lacks CAP_SYS_RESOURCE: runc cannot lower it).
   cat > "$NODE_DIR/containerd.toml" <<TOML
@@ -333,11 +350,14 @@ YAML
 }
 
 start_node_components() {
-  start_component containerd containerd --config "$NODE_DIR/containerd.toml"
+  # Nothing is pulled: every registry request goes to a proxy address that refuses it at once,
+  # so an image that was not imported fails with ErrImagePull and no packet leaves the machine.
+  HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 NO_PROXY= \
+    start_component containerd containerd --config "$NODE_DIR/containerd.toml"
   wait_for 60 containerd ctr_k8s version
   import_images
   start_component kubelet kubelet --config "$NODE_DIR/kubelet.yaml" --kubeconfig "$NODE_DIR/kubelet.kubeconfig" \
-    --root-dir "$NODE_DIR/kubelet" --hostname-override "$NODE_NAME" --node-ip "$NODE_IP" --v 1
+    --root-dir "$KUBELET_ROOT" --hostname-override "$NODE_NAME" --node-ip "$NODE_IP" --v 1
   start_component kube-proxy kube-proxy --config "$NODE_DIR/kube-proxy.yaml"
   start_component coredns coredns -conf "$NODE_DIR/Corefile"
   wait_for 120 kubelet k wait --for=condition=Ready "node/$NODE_NAME" --timeout=5s
