@@ -87,4 +87,5 @@ node-env: ## Print KUBECONFIG and PATH exports for the node: eval "$$(make -s no
 
 .PHONY: test-node
 test-node: ## End-to-end tests on the real node (wsfleet-e2e --test node); starts and stops it unless already up
-	tests/cluster/node/with-node.sh $(CARGO) test -p wsfleet-e2e --features node-profile --test node
+	@# A hung test fails the run (and the node still comes down) instead of holding CI.
+	tests/cluster/node/with-node.sh timeout --signal=TERM 1200 $(CARGO) test -p wsfleet-e2e --features node-profile --test node

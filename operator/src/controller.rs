@@ -255,10 +255,12 @@ impl Context {
         }
     }
 
-    /// The fleet total of `wsc`, read from Redis at most once per resync.
+    /// The fleet total of `wsc`, read from Redis at most once per half resync period: a burst of
+    /// reconciles (child events) shares one read, and every periodic resync reads afresh (a
+    /// whole period would let a read made just after the last resync stand for a second one).
     async fn connections(&self, wsc: &WebSocketCluster) -> Connections {
         let key = cluster_key(wsc);
-        if let Some(value) = self.connections.get(&key, self.resync) {
+        if let Some(value) = self.connections.get(&key, self.resync / 2) {
             return value;
         }
         let value = self.read_connections(wsc).await;
@@ -280,11 +282,15 @@ impl Context {
         let mut conn = self.redis_connection(&url)?;
         let prefix = children::redis_prefix(wsc);
         let read = presence::fleet_stats(&mut conn, &prefix);
-        match tokio::time::timeout(REDIS_TIMEOUT, read).await {
-            Ok(Ok(pods)) => Ok(pods.values().sum::<u64>() as i64),
-            Ok(Err(e)) => Err(format!("Redis not reachable from the operator: {e}")),
-            Err(_) => Err("Redis not reachable from the operator: timed out".into()),
-        }
+        let failed = match tokio::time::timeout(REDIS_TIMEOUT, read).await {
+            Ok(Ok(pods)) => return Ok(pods.values().sum::<u64>() as i64),
+            Ok(Err(e)) => format!("Redis not reachable from the operator: {e}"),
+            Err(_) => "Redis not reachable from the operator: timed out".to_owned(),
+        };
+        // A connection that failed is not kept: the next read dials afresh (a managed Redis is
+        // often not up yet at a cluster's first reconcile, and its name not yet resolvable).
+        self.redis.remove(&url);
+        Err(failed)
     }
 
     /// The pooled connection to `url` (made on first use; it reconnects by itself).

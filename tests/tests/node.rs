@@ -40,6 +40,7 @@ struct Seen {
 impl Traffic {
     /// `per_pod` subscribers on each of `pods`, all subscribed before this returns.
     fn start(service: String, pods: &[Pod], per_pod: usize) -> Self {
+        eprintln!("[traffic] {} subscribers on {} pods, then through {service}", per_pod * pods.len(), pods.len());
         let clients = Clients::new();
         let (until, until_rx) = watch::channel(None);
         let (stop, _) = watch::channel(false);
@@ -418,6 +419,7 @@ fn a_deleted_redis_pod_is_reported_and_recovered_as_a_new_epoch_never_a_silent_g
     std::thread::sleep(Duration::from_secs(1));
 
     let redis = component_pods(&ns.name, "redis");
+    eprintln!("[node-redis] deleting {}", redis[0].name);
     kubectl(&["-n", &ns.name, "delete", "pod", &redis[0].name, "--wait=false"]);
     // The servers lose their bus: readiness drops (probed here and by kubelet), and the fleet
     // says why.
@@ -432,8 +434,10 @@ fn a_deleted_redis_pod_is_reported_and_recovered_as_a_new_epoch_never_a_silent_g
     }
     assert!(saw_unready_pod, "a server's /readyz answered 503 while its bus was down");
     assert!(saw_reason, "kubectl describe wsc said the bus was down");
+    eprintln!("[node-redis] the outage was seen; waiting for the fleet to be Ready again");
     wait_fleet_ready(&ns.name, "chat", 2, WAIT);
     std::thread::sleep(Duration::from_secs(2));
+    eprintln!("[node-redis] collecting what the clients saw");
     let seen = traffic.finish();
 
     // Redis came back empty: a new epoch. No subscriber saw a silent gap: within each epoch
