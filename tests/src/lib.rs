@@ -252,6 +252,19 @@ pub mod processes;
 mod tests {
     use super::{is_local_server, is_loopback_server};
 
+    /// The node profile records and restores every setting the tuning DaemonSet may write: its
+    /// list of host settings holds the whole allow-list.
+    #[test]
+    fn the_node_restores_every_setting_the_tuner_may_write() {
+        let common = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/cluster/node/common.sh")).unwrap();
+        let start = common.find("NODE_SYSCTLS=(").expect("NODE_SYSCTLS in common.sh");
+        let list = &common[start..start + common[start..].find(')').expect("closing parenthesis")];
+        let recorded: Vec<&str> = list.split_whitespace().collect();
+        for key in wsfleet_contract::tune::ALLOWED_SYSCTLS {
+            assert!(recorded.contains(key), "{key} is on the allow-list but not in NODE_SYSCTLS");
+        }
+    }
+
     #[test]
     fn loopback_servers() {
         assert!(is_loopback_server("https://127.0.0.1:32764"));
