@@ -116,6 +116,17 @@ pub struct Received {
     pub data: Value,
 }
 
+impl Received {
+    /// The fields of a `{"type":"message",...}` frame.
+    fn of(m: &Value) -> Self {
+        Self {
+            epoch: m["epoch"].as_str().unwrap_or_default().to_owned(),
+            offset: m["offset"].as_u64().unwrap_or_default(),
+            data: m["data"].clone(),
+        }
+    }
+}
+
 /// One connection of a [`resilient_subscriber`]: where it went, how it was answered and how it
 /// ended.
 #[derive(Debug, Clone, Default)]
@@ -211,11 +222,7 @@ pub async fn resilient_subscriber(
             };
             match frame {
                 Ok(m) if m["type"] == "message" => {
-                    let r = Received {
-                        epoch: m["epoch"].as_str().unwrap_or_default().to_owned(),
-                        offset: m["offset"].as_u64().unwrap_or_default(),
-                        data: m["data"].clone(),
-                    };
+                    let r = Received::of(&m);
                     position = Some((r.epoch.clone(), r.offset));
                     log.messages.push(r);
                     if reached(&log, &until) {
@@ -312,11 +319,7 @@ pub async fn channel_history(url: &str, channel: &str, epoch: &str) -> Vec<Recei
     let mut all = Vec::new();
     while all.len() < end as usize {
         let m = next_json(&mut ws).await.expect("history message");
-        all.push(Received {
-            epoch: m["epoch"].as_str().unwrap_or_default().to_owned(),
-            offset: m["offset"].as_u64().unwrap_or_default(),
-            data: m["data"].clone(),
-        });
+        all.push(Received::of(&m));
     }
     all
 }

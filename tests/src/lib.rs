@@ -182,6 +182,16 @@ pub fn wait_until<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Res
     }
 }
 
+/// One `kubectl get websocketcluster` read.
+pub fn wsc(ns: &str, name: &str) -> serde_json::Value {
+    get_json(&["-n", ns, "websocketcluster", name])
+}
+
+/// The condition of `type_` in an object's status, if it has one.
+pub fn condition(obj: &serde_json::Value, type_: &str) -> Option<serde_json::Value> {
+    obj["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_).cloned()
+}
+
 /// A name unique to this test process and call, usable as a namespace or object name.
 pub fn unique_name(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);

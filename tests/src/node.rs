@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::{get_json, kubectl, wait_until};
+use crate::{condition, get_json, kubectl, wait_until, wsc};
 
 /// A `WebSocketCluster` manifest for the node tests: a managed Redis (a real pod), clients spread
 /// over the pods (no session affinity), a short drain so rollouts take seconds, and history deep
@@ -38,15 +38,6 @@ spec:
     timeoutSeconds: 6
 {extra}"
     )
-}
-
-/// One `kubectl get wsc` read.
-pub fn wsc(ns: &str, name: &str) -> Value {
-    get_json(&["-n", ns, "websocketcluster", name])
-}
-
-pub fn condition(obj: &Value, type_: &str) -> Option<Value> {
-    obj["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_).cloned()
 }
 
 /// Waits until the fleet is Ready with `replicas` ready and up-to-date pods, every pod of the
@@ -180,9 +171,14 @@ pub fn containers_of_namespace(ns: &str) -> Vec<String> {
         .collect()
 }
 
+/// Where a host setting lives: `net.core.somaxconn` is `/proc/sys/net/core/somaxconn`.
+fn sysctl_path(key: &str) -> String {
+    format!("/proc/sys/{}", key.replace('.', "/"))
+}
+
 /// A host setting under /proc/sys, e.g. `net.core.somaxconn`.
 pub fn host_sysctl(key: &str) -> String {
-    let path = format!("/proc/sys/{}", key.replace('.', "/"));
+    let path = sysctl_path(key);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}")).trim().to_owned()
 }
 
@@ -200,8 +196,7 @@ impl RestoreSysctl {
 
 impl Drop for RestoreSysctl {
     fn drop(&mut self) {
-        let path = format!("/proc/sys/{}", self.key.replace('.', "/"));
-        let _ = std::fs::write(path, &self.value);
+        let _ = std::fs::write(sysctl_path(&self.key), &self.value);
     }
 }
 

@@ -14,7 +14,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use wsfleet_e2e::clients::{self, Clients, PublisherLog, Received, SubscriberLog};
 use wsfleet_e2e::node::*;
-use wsfleet_e2e::{TestNamespace, get_json, kubectl, wait_until};
+use wsfleet_e2e::{TestNamespace, condition, get_json, kubectl, wait_until, wsc};
 
 const WAIT: Duration = Duration::from_secs(180);
 

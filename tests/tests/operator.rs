@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use wsfleet_e2e::processes::{Proc, metric, operator, workspace_binary};
-use wsfleet_e2e::{TestNamespace, apply, get_json, kubectl, kubectl_run, wait_until};
+use wsfleet_e2e::{TestNamespace, apply, condition, get_json, kubectl, kubectl_run, wait_until, wsc};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -19,14 +19,6 @@ fn install_crd() {
 
 fn sample() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../operator/examples/chat.yaml")).unwrap()
-}
-
-fn wsc(ns: &str, name: &str) -> Value {
-    get_json(&["-n", ns, "websocketcluster", name])
-}
-
-fn condition(obj: &Value, type_: &str) -> Option<Value> {
-    obj["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_).cloned()
 }
 
 /// A fresh namespace with its own operator (no leader election) and the sample fleet in it,
