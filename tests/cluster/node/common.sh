@@ -44,6 +44,10 @@ CONTAINERD_SOCK=$NODE_RUN/containerd.sock
 NODE_LOGS=$NODE_DIR/logs
 # wait_for (lib.sh) shows the tail of a component's log when waiting for it times out.
 LOG_DIR=$NODE_LOGS
+# Host paths the node's components may create outside their own directories: state.sh reports
+# them, down.sh removes those the record says were not there before.
+NODE_HOST_PATHS=(/var/lib/cni /var/log/containers /var/log/pods /run/netns /etc/cni /opt/cni
+  /var/lib/kubelet /var/lib/containerd /run/containerd /etc/kubernetes)
 # cgroup v1 parent of every pod (kubelet's cgroupRoot), made in each mounted hierarchy.
 NODE_CGROUP=wsfleet-node
 # The component processes, in start order; down.sh stops them in reverse.

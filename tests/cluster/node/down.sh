@@ -148,7 +148,7 @@ if [ -d /var/log/containers ]; then
   find /var/log/containers -maxdepth 1 -type l -lname "$NODE_DIR/*" -delete 2>/dev/null || true
 fi
 rm -rf "${KUBELET_ROOT%/*}"
-for p in /var/lib/cni /var/log/containers /var/log/pods /run/netns /etc/cni /opt/cni /var/lib/kubelet /var/lib/containerd /run/containerd /etc/kubernetes; do
+for p in "${NODE_HOST_PATHS[@]}"; do
   if [ -e "$p" ] && [ -f "$before" ] && ! grep -q "^path $p " "$before"; then
     rm -rf "$p"
   fi

@@ -26,9 +26,7 @@ set -u  # a reporter: a command that finds nothing is no failure
   for d in /sys/fs/cgroup/*/; do
     [ -d "$d$NODE_CGROUP" ] && echo "cgroup $d$NODE_CGROUP"
   done
-  for p in /var/lib/cni /var/log/containers /var/log/pods /run/netns /etc/cni /opt/cni \
-           /var/lib/kubelet /var/lib/containerd /run/containerd /etc/kubernetes "$NODE_RUN" \
-           "${KUBELET_ROOT%/*}"; do
+  for p in "${NODE_HOST_PATHS[@]}" "$NODE_RUN" "${KUBELET_ROOT%/*}"; do
     [ -e "$p" ] && echo "path $p ($(find "$p" -mindepth 1 2>/dev/null | wc -l) entries)"
   done
   for pid in $(node_leftovers); do echo "process $pid $(tr '\0' ' ' < "/proc/$pid/cmdline" | cut -c1-120)"; done
