@@ -311,7 +311,8 @@ pub async fn publisher(
 
 /// The channel's whole order as the bus holds it: a fresh client resumes from offset 0 of
 /// `epoch` and reads every message up to the channel's current position. History must hold
-/// them all.
+/// them all, and they must be few enough for one resume (at most three quarters of the
+/// server's client queue: 768 with the default 1,024).
 pub async fn channel_history(url: &str, channel: &str, epoch: &str) -> Vec<Received> {
     let (mut ws, reply) = subscribe_fresh(url, channel, Some(&(epoch.to_owned(), 0))).await;
     assert_eq!(reply["recovered"], true, "the whole history must still be there: {reply}");

@@ -310,7 +310,9 @@ fn a_rolling_update_with_1000_clients_drains_every_old_pod_and_loses_nothing() {
     let (obj, _) = apply_fleet(&ns.name, &fleet_manifest("chat", 3, ""), 3);
     let old = server_pods(&ns.name, &obj);
     let mut traffic = Traffic::start(service_url(&ns.name, "chat"), &old, CLIENTS_PER_POD);
-    traffic.publish_every(Duration::from_millis(50));
+    // 10 a second: the whole channel (read back for the check) must stay within what one resume
+    // may replay (three quarters of the server's 1,024-frame client queue) for a slow rollout too.
+    traffic.publish_every(Duration::from_millis(100));
     std::thread::sleep(Duration::from_secs(1));
 
     // A change of the pod template (an annotation) rolls every pod.
