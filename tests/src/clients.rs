@@ -76,13 +76,18 @@ pub async fn subscribe_fresh(url: &str, channel: &str, since: Option<&(String, u
 
 /// Sends one protocol-mode operation.
 pub async fn send(ws: &mut Ws, op: Value) -> Result<(), String> {
-    ws.send(Message::text(op.to_string())).await.map_err(|e| e.to_string())
+    match tokio::time::timeout(FRAME_TIMEOUT, ws.send(Message::text(op.to_string()))).await {
+        Ok(sent) => sent.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("a send blocked for {FRAME_TIMEOUT:?}")),
+    }
 }
 
 /// The next JSON frame; `Err` with the close code (or the error) when the connection ends.
 pub async fn next_json(ws: &mut Ws) -> Result<Value, String> {
+    // One deadline for the call: the server's pings keep arriving on a silent subscription.
+    let deadline = tokio::time::Instant::now() + FRAME_TIMEOUT;
     loop {
-        match tokio::time::timeout(FRAME_TIMEOUT, ws.next()).await {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
             Ok(Some(Ok(Message::Text(t)))) => {
                 return serde_json::from_str(&t).map_err(|e| format!("bad JSON {t:?}: {e}"));
             }
@@ -92,7 +97,7 @@ pub async fn next_json(ws: &mut Ws) -> Result<Value, String> {
             Ok(Some(Ok(_))) => continue,
             Ok(Some(Err(e))) => return Err(e.to_string()),
             Ok(None) => return Err("connection ended".into()),
-            Err(_) => return Err(format!("no frame for {FRAME_TIMEOUT:?}")),
+            Err(_) => return Err(format!("no JSON frame for {FRAME_TIMEOUT:?}")),
         }
     }
 }
@@ -172,11 +177,13 @@ pub async fn resilient_subscriber(
     let mut log = SubscriberLog::default();
     let mut position: Option<(String, u64)> = None;
     let mut url = first;
-    let reached = |log: &SubscriberLog, until: &watch::Receiver<Until>| match (&*until.borrow(), log.messages.last()) {
-        (Some((epoch, end)), Some(m)) => &m.epoch == epoch && m.offset >= *end,
+    // Where the client is: its last message, or where a resume that could not recover put it.
+    let reached = |position: &Option<(String, u64)>, until: &watch::Receiver<Until>| match (&*until.borrow(), position)
+    {
+        (Some((epoch, end)), Some((at, offset))) => at == epoch && offset >= end,
         _ => false,
     };
-    'sessions: while Instant::now() < deadline && !reached(&log, &until) {
+    'sessions: while Instant::now() < deadline && !reached(&position, &until) {
         let mut ws = match connect(&url).await {
             Ok(ws) => ws,
             Err(_) => {
@@ -190,15 +197,21 @@ pub async fn resilient_subscriber(
         url = service.clone();
         match subscribe(&mut ws, &channel, position.as_ref()).await {
             Ok(reply) => {
+                let head = (
+                    reply["epoch"].as_str().unwrap_or_default().to_owned(),
+                    reply["offset"].as_u64().unwrap_or_default(),
+                );
                 if position.is_some() {
                     session.recovered = reply["recovered"].as_bool();
                     session.reason = reply["reason"].as_str().map(str::to_owned);
                     if session.recovered != Some(true) {
                         // Lost messages are announced; the client goes on from the channel's
                         // position now (a new epoch after Redis lost its data).
-                        let epoch = reply["epoch"].as_str().unwrap_or_default().to_owned();
-                        position = Some((epoch, reply["offset"].as_u64().unwrap_or_default()));
+                        position = Some(head);
                     }
+                } else {
+                    // A first subscribe starts at the channel's head.
+                    position = Some(head);
                 }
                 let _ = subscribed.send(true);
             }
@@ -210,6 +223,10 @@ pub async fn resilient_subscriber(
             }
         }
         loop {
+            if Instant::now() >= deadline {
+                session.ended = Some(format!("gave up: the end was not reached within {limit:?}"));
+                break;
+            }
             let frame = tokio::select! {
                 f = next_json(&mut ws) => f,
                 changed = until.changed() => {
@@ -217,7 +234,7 @@ pub async fn resilient_subscriber(
                         log.sessions.push(session);
                         break 'sessions;
                     }
-                    if reached(&log, &until) { break } else { continue }
+                    if reached(&position, &until) { break } else { continue }
                 }
             };
             match frame {
@@ -225,7 +242,7 @@ pub async fn resilient_subscriber(
                     let r = Received::of(&m);
                     position = Some((r.epoch.clone(), r.offset));
                     log.messages.push(r);
-                    if reached(&log, &until) {
+                    if reached(&position, &until) {
                         break;
                     }
                 }

@@ -57,7 +57,7 @@ impl Traffic {
                     channel.clone(),
                     tx,
                     until_rx.clone(),
-                    Duration::from_secs(300),
+                    SUBSCRIBER_LIMIT,
                 )));
             }
         }
@@ -78,34 +78,59 @@ impl Traffic {
         self.publisher = Some(self.clients.rt.spawn(task));
     }
 
+    /// The channel's head (epoch, offset) as a fresh client through the Service sees it.
+    fn head(&self) -> (String, u64) {
+        self.clients.run(within("a subscribe through the Service", Duration::from_secs(60), async {
+            let (_ws, reply) = clients::subscribe_fresh(&self.service, &self.channel, None).await;
+            let epoch = reply["epoch"].as_str().unwrap_or_else(|| panic!("an epoch in {reply}"));
+            (epoch.to_owned(), reply["offset"].as_u64().unwrap_or_else(|| panic!("an offset in {reply}")))
+        }))
+    }
+
     /// Stops the publisher, tells the subscribers where the channel ends, and collects it all.
-    fn finish(self) -> Seen {
+    /// Every step is bounded: a client that hangs fails the test with the step it hung in.
+    fn finish(mut self) -> Seen {
         let _ = self.stop.send(true);
-        let publisher = self.clients.run(self.publisher.expect("publisher started")).expect("publisher task");
+        let publisher = self.publisher.take().expect("publisher started");
+        let publisher = self.clients.run(within("the publisher to stop", Duration::from_secs(30), publisher));
+        let publisher = publisher.expect("publisher task");
+        eprintln!("[traffic] publisher stopped after {} publishes", publisher.sent.len());
         // Where every subscriber must get to: the channel's position, read by fresh clients
         // until it stays put (the last publishes may still be on their way to the bus).
-        let (epoch, end) = self.clients.run(async {
-            let mut last = None;
-            loop {
-                let (_ws, reply) = clients::subscribe_fresh(&self.service, &self.channel, None).await;
-                let now = (reply["epoch"].as_str().unwrap().to_owned(), reply["offset"].as_u64().unwrap());
-                if last.as_ref() == Some(&now) {
-                    return now;
-                }
-                last = Some(now);
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
+        let mut last = self.head();
+        let (epoch, end) = wait_until("the channel's position to settle", Duration::from_secs(60), || {
+            let now = self.head();
+            if now == last { Ok(now) } else { Err(format!("{:?}", std::mem::replace(&mut last, now))) }
         });
+        eprintln!("[traffic] the channel ends at offset {end} of epoch {epoch}");
         let _ = self.until.send(Some((epoch.clone(), end)));
         let subs = self.clients.run(async {
             let mut out = Vec::new();
-            for s in self.subs {
-                out.push(s.await.expect("subscriber task"));
+            for (i, s) in self.subs.into_iter().enumerate() {
+                // A subscriber gives up by itself after its limit; this bound is the backstop.
+                let what = format!("subscriber {i} to reach the channel's end");
+                out.push(within(&what, SUBSCRIBER_LIMIT + Duration::from_secs(60), s).await.expect("subscriber task"));
             }
             out
         });
-        let history = self.clients.run(clients::channel_history(&self.service, &self.channel, &epoch));
+        eprintln!("[traffic] every subscriber stopped; reading the channel back");
+        let history = self.clients.run(within(
+            "the channel's read-back",
+            Duration::from_secs(60),
+            clients::channel_history(&self.service, &self.channel, &epoch),
+        ));
         Seen { subs, publisher, history }
+    }
+}
+
+/// How long a subscriber keeps going before it gives up and returns what it has.
+const SUBSCRIBER_LIMIT: Duration = Duration::from_secs(300);
+
+/// Awaits `f`, failing the test with `what` if it takes longer than `limit`.
+async fn within<F: std::future::Future>(what: &str, limit: Duration, f: F) -> F::Output {
+    match tokio::time::timeout(limit, f).await {
+        Ok(out) => out,
+        Err(_) => panic!("waited {limit:?} for {what}"),
     }
 }
 
@@ -419,6 +444,7 @@ fn a_deleted_redis_pod_is_reported_and_recovered_as_a_new_epoch_never_a_silent_g
     let mut traffic = Traffic::start(service_url(&ns.name, "chat"), &pods, 2);
     traffic.publish_every(Duration::from_millis(50));
     std::thread::sleep(Duration::from_secs(1));
+    let (old_epoch, _) = traffic.head();
 
     let redis = component_pods(&ns.name, "redis");
     eprintln!("[node-redis] deleting {}", redis[0].name);
@@ -438,8 +464,13 @@ fn a_deleted_redis_pod_is_reported_and_recovered_as_a_new_epoch_never_a_silent_g
     assert!(saw_reason, "kubectl describe wsc said the bus was down");
     eprintln!("[node-redis] the outage was seen; waiting for the fleet to be Ready again");
     wait_fleet_ready(&ns.name, "chat", 2, WAIT);
-    std::thread::sleep(Duration::from_secs(2));
-    eprintln!("[node-redis] collecting what the clients saw");
+    // The Service answers again once kube-proxy has seen the ready pods; then the publisher's
+    // messages fill the new epoch.
+    let (epoch, offset) = wait_until("20 messages in a new epoch, read through the Service", WAIT, || {
+        let (epoch, offset) = traffic.head();
+        if epoch != old_epoch && offset >= 20 { Ok((epoch, offset)) } else { Err(format!("head {epoch}/{offset}")) }
+    });
+    eprintln!("[node-redis] the new epoch {epoch} is at offset {offset}; collecting what the clients saw");
     let seen = traffic.finish();
 
     // Redis came back empty: a new epoch. No subscriber saw a silent gap: within each epoch
