@@ -427,6 +427,7 @@ pub mod reason {
     pub const APPLY_FAILED: &str = "ApplyFailed";
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const AS_EXPECTED: &str = "AsExpected";
+    pub const BUS_UNAVAILABLE: &str = "BusUnavailable";
     pub const MANAGED_REDIS_AVAILABLE: &str = "ManagedRedisAvailable";
     pub const MANAGED_REDIS_UNAVAILABLE: &str = "ManagedRedisUnavailable";
     pub const EXTERNAL_REDIS: &str = "ExternalRedis";

@@ -63,6 +63,16 @@ pub fn compute(wsc: &WebSocketCluster, seen: &Observed, now: &Time) -> WebSocket
             reason::PROGRESS_DEADLINE_EXCEEDED,
             c.message.clone().unwrap_or_else(|| "the server rollout stopped progressing".into()),
         ),
+        // The servers stay in their Service through a bus outage (it is everyone's); this says
+        // the fleet is degraded meanwhile (a bus that has not come up yet is not an outage).
+        (None, None) if !redis_ok && bus_was_up(&previous) => cond(
+            condition::DEGRADED,
+            true,
+            reason::BUS_UNAVAILABLE,
+            "the message bus is down: servers keep their clients and take new ones, publishes are refused and \
+             subscriptions wait until it is back"
+                .into(),
+        ),
         (None, None) => cond(condition::DEGRADED, false, reason::AS_EXPECTED, "all children applied".into()),
     });
 
@@ -108,6 +118,14 @@ pub fn compute(wsc: &WebSocketCluster, seen: &Observed, now: &Time) -> WebSocket
         redis: Some(RedisStatus { endpoint: redis_endpoint(wsc), ready: redis_ok }),
         conditions,
     }
+}
+
+/// Whether the previous status had the bus up, or already reported it lost.
+fn bus_was_up(previous: &WebSocketClusterStatus) -> bool {
+    previous.conditions.iter().any(|c| {
+        (c.type_ == condition::REDIS_READY && c.status == "True")
+            || (c.type_ == condition::DEGRADED && c.reason == reason::BUS_UNAVAILABLE)
+    })
 }
 
 fn redis_endpoint(wsc: &WebSocketCluster) -> String {
@@ -311,6 +329,15 @@ mod tests {
         let s = compute(&wsc, &seen, &t(1));
         assert_eq!(status_of(&s, "RedisReady"), ("False", "ManagedRedisUnavailable"));
         assert_eq!(status_of(&s, "Ready"), ("False", "RedisNotReady"));
+        assert_eq!(status_of(&s, "Degraded"), ("False", "AsExpected"), "a bus not up yet is no outage");
+        // Once up, losing it degrades the fleet until it is back.
+        let mut up = sample("chat");
+        up.status = Some(compute(&up, &healthy(&up), &t(1)));
+        let lost = compute(&up, &seen, &t(2));
+        assert_eq!(status_of(&lost, "Degraded"), ("True", "BusUnavailable"));
+        up.status = Some(lost);
+        assert_eq!(status_of(&compute(&up, &seen, &t(3)), "Degraded"), ("True", "BusUnavailable"));
+        assert_eq!(status_of(&compute(&up, &healthy(&up), &t(4)), "Degraded"), ("False", "AsExpected"));
         assert_eq!(s.connections, None);
         assert_eq!(s.connections_unknown_reason.as_deref(), Some("redis unreachable from the operator"));
 

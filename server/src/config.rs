@@ -165,6 +165,19 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = env::LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// What makes `/readyz` answer 503 besides draining, being full and a bus that never
+    /// connected: `pod`, only this server's own broken link to the bus; `bus`, any bus outage,
+    /// including one the whole fleet shares (which takes every server out of its Service).
+    #[arg(long, env = "WSFLEET_READINESS", value_enum, default_value_t = Readiness::Pod)]
+    pub readiness: Readiness,
+}
+
+/// See [`Config::readiness`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Readiness {
+    Pod,
+    Bus,
 }
 
 impl Config {

@@ -1,8 +1,16 @@
 //! Health and metrics over plain HTTP: `/livez`, `/readyz`, `/metrics`.
 //!
-//! `/readyz` is what Kubernetes routes by: 503 while the server drains (so endpoints drop it
-//! before its clients are closed) and while the message bus is down (a server that cannot
-//! deliver should not take new clients). `/livez` only says the process serves HTTP.
+//! `/readyz` is what Kubernetes routes by, so it answers 503 only for what is wrong with this
+//! server: it drains (endpoints drop it before its clients are closed), it is full, its bus has
+//! never connected (a pod whose configuration never worked must not take clients or let a
+//! rollout go on), or its own link to the bus is broken while the bus answers others. A bus
+//! that is down for the whole fleet (the shared Redis stopped, paused, restarting) keeps the
+//! server ready under the default `--readiness pod`: every server sees the same outage, and
+//! taking them all out of the Service at once would refuse every new client although each
+//! server still serves (subscriptions wait for the bus, publishes get `bus_unavailable`).
+//! `--readiness bus` restores the strict rule (503 whenever the bus is down); `/metrics` shows
+//! the state either way (`bus_up`, `bus_link_broken`). `/livez` only says the process serves
+//! HTTP.
 //!
 //! It sees the server through [`Health`] alone: no connection handler, no bus internals.
 
@@ -15,7 +23,8 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-use crate::messaging::bus::BusHealth;
+use crate::config::Readiness;
+use crate::messaging::bus::{BusHealth, BusState, Outage};
 use crate::metrics::Metrics;
 
 /// What the endpoints report: the server's state, not its connections.
@@ -25,6 +34,9 @@ pub struct Health {
     pub draining: Arc<AtomicBool>,
     pub bus: Arc<BusHealth>,
     pub metrics: Arc<Metrics>,
+    /// Whether the server is at `--max-connections`.
+    pub full: Arc<dyn Fn() -> bool + Send + Sync>,
+    pub readiness: Readiness,
 }
 
 pub fn router(health: Health) -> Router {
@@ -36,15 +48,55 @@ pub fn router(health: Health) -> Router {
 }
 
 async fn readyz(State(health): State<Health>) -> impl IntoResponse {
-    if health.draining.load(Ordering::Acquire) {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
-    } else if !health.bus.is_up() {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: message bus down\n")
-    } else {
-        (StatusCode::OK, "ok\n")
+    let draining = health.draining.load(Ordering::Acquire);
+    match readiness(draining, (health.full)(), health.bus.state(), health.readiness) {
+        Ok(body) => (StatusCode::OK, body),
+        Err(body) => (StatusCode::SERVICE_UNAVAILABLE, body),
+    }
+}
+
+/// Pure: the readiness answer's body, `Err` for 503.
+pub fn readiness(draining: bool, full: bool, bus: BusState, policy: Readiness) -> Result<&'static str, &'static str> {
+    if draining {
+        return Err("not ready: draining\n");
+    }
+    if full {
+        return Err("not ready: at --max-connections\n");
+    }
+    match (bus, policy) {
+        (BusState::Up, _) => Ok("ok\n"),
+        (BusState::Connecting, _) => Err("not ready: the message bus has not connected yet\n"),
+        (BusState::Down(Outage::Link), _) => {
+            Err("not ready: this server's link to the message bus is broken while the bus answers\n")
+        }
+        (BusState::Down(Outage::Fleet), Readiness::Bus) => Err("not ready: message bus down\n"),
+        (BusState::Down(Outage::Fleet), Readiness::Pod) => {
+            Ok("ok, degraded: the message bus is down for the whole fleet; publishes fail and subscriptions wait\n")
+        }
     }
 }
 
 async fn metrics(State(health): State<Health>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], health.metrics.render())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_what_is_wrong_with_this_server_makes_it_unready() {
+        let fleet_down = BusState::Down(Outage::Fleet);
+        let link_down = BusState::Down(Outage::Link);
+        for policy in [Readiness::Pod, Readiness::Bus] {
+            assert!(readiness(false, false, BusState::Up, policy).is_ok());
+            assert!(readiness(true, false, BusState::Up, policy).unwrap_err().contains("draining"));
+            assert!(readiness(false, true, BusState::Up, policy).unwrap_err().contains("--max-connections"));
+            assert!(readiness(false, false, BusState::Connecting, policy).unwrap_err().contains("not connected yet"));
+            assert!(readiness(false, false, link_down, policy).unwrap_err().contains("link"));
+        }
+        assert!(readiness(false, false, fleet_down, Readiness::Pod).unwrap().contains("degraded"));
+        assert!(readiness(false, false, fleet_down, Readiness::Bus).is_err());
+        assert!(readiness(true, false, fleet_down, Readiness::Pod).is_err(), "a draining server is never ready");
+    }
 }

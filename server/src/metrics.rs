@@ -34,6 +34,7 @@ pub struct Metrics {
     pub publish_failures: Counter,
     pub subscribe_failures: Counter,
     pub bus_up: Gauge,
+    pub bus_link_broken: Gauge,
     pub bus_reconnects: Counter,
     pub bus_channels: Gauge,
     pub bus_messages: Counter,
@@ -97,6 +98,11 @@ impl Metrics {
                 Counter::default()
             ),
             bus_up: reg!("bus_up", "1 while the message bus is connected", Gauge::default()),
+            bus_link_broken: reg!(
+                "bus_link_broken",
+                "1 while this server's own link to the bus is broken and the bus answers a fresh connection",
+                Gauge::default()
+            ),
             bus_reconnects: reg!(
                 "bus_reconnects",
                 "Times the bus subscription connection was re-established",

@@ -67,10 +67,14 @@ pub async fn run(
 
     let http_task = {
         let stop = stop.clone();
+        let counted = shared.clone();
+        let max_connections = config.max_connections as usize;
         let app = crate::http::router(Health {
             draining: shared.draining.clone(),
             bus: shared.bus.health.clone(),
             metrics: shared.metrics.clone(),
+            full: Arc::new(move || counted.connections.len() >= max_connections),
+            readiness: config.readiness,
         });
         tokio::spawn(async move { axum::serve(http, app).with_graceful_shutdown(stop.cancelled_owned()).await })
     };

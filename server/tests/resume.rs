@@ -182,7 +182,7 @@ async fn redis_losing_its_data_is_reported_as_a_new_epoch_not_a_silent_gap() {
 
     redis.kill();
     redis.restart(); // empty: the test Redis keeps nothing on disk
-    servers[0].wait_ready();
+    servers[0].wait_bus_up();
     let mut ws = connect(&servers[0].url("/ws")).await;
     let reply = subscribe_since(&mut ws, "news", Some((&old_epoch, offset))).await;
     assert_eq!(reply["recovered"], false, "{reply}");

@@ -19,7 +19,7 @@
 //! message or per recipient.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -46,23 +46,72 @@ pub enum BusError {
     ShuttingDown,
 }
 
-/// Whether the bus can deliver right now.
+/// Whether the bus can deliver right now, and when it cannot, whose problem that is.
+///
+/// Readiness ([`crate::http`]) takes a server out of its Service only for what is wrong with
+/// that server. A bus that is down for the whole fleet (the shared Redis stopped, paused or
+/// restarting) is not: marking every server unready at once would empty the Service and turn a
+/// blip into an outage. So a backend says which it is when it loses the bus ([`Outage`]), from
+/// evidence it can get without its own link: whether Redis answers a fresh connection.
 #[derive(Debug)]
 pub struct BusHealth {
-    up: AtomicBool,
+    state: AtomicU8,
+}
+
+/// The bus as this server sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusState {
+    /// Not yet connected since the server started: nothing proves its configuration works.
+    Connecting,
+    Up,
+    Down(Outage),
+}
+
+/// Why the bus is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    /// The bus answers nobody this server can tell of: Redis refuses, times out or is paused.
+    /// Every server of the fleet is in the same state.
+    Fleet,
+    /// This server's own link is broken while Redis answers a fresh connection, or Redis
+    /// refuses this server's credentials.
+    Link,
+}
+
+impl BusState {
+    fn encode(self) -> u8 {
+        match self {
+            BusState::Connecting => 0,
+            BusState::Up => 1,
+            BusState::Down(Outage::Fleet) => 2,
+            BusState::Down(Outage::Link) => 3,
+        }
+    }
+    fn decode(v: u8) -> Self {
+        match v {
+            1 => BusState::Up,
+            2 => BusState::Down(Outage::Fleet),
+            3 => BusState::Down(Outage::Link),
+            _ => BusState::Connecting,
+        }
+    }
 }
 
 impl BusHealth {
-    pub fn new(up: bool) -> Self {
-        BusHealth { up: AtomicBool::new(up) }
+    pub fn new(state: BusState) -> Self {
+        BusHealth { state: AtomicU8::new(state.encode()) }
+    }
+    pub fn state(&self) -> BusState {
+        BusState::decode(self.state.load(Ordering::Acquire))
     }
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
+        self.state() == BusState::Up
     }
-    /// Records whether the bus delivers, here and in the `bus_up` gauge.
-    pub fn set(&self, up: bool, metrics: &Metrics) {
-        self.up.store(up, Ordering::Release);
-        metrics.bus_up.set(up as i64);
+    /// Records the bus's state, here and in the `bus_up` and `bus_link_broken` gauges.
+    pub fn set(&self, state: BusState, metrics: &Metrics) {
+        self.state.store(state.encode(), Ordering::Release);
+        metrics.bus_up.set((state == BusState::Up) as i64);
+        metrics.bus_link_broken.set((state == BusState::Down(Outage::Link)) as i64);
     }
 }
 

@@ -11,15 +11,15 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use wsfleet_contract::sync::lock;
 
-use crate::messaging::bus::{Backend, Bus, BusError, BusHealth, PresenceStore, Start};
+use crate::messaging::bus::{Backend, Bus, BusError, BusHealth, BusState, PresenceStore, Start};
 use crate::messaging::envelope::{Envelope, Sequenced, new_epoch};
 use crate::messaging::history::{HistoryConfig, Lost, Replay, Since};
 use crate::messaging::hub::Hub;
 
 /// The in-process bus, always up.
 pub fn start(start: Start<'_>) -> Bus {
-    let health = Arc::new(BusHealth::new(false));
-    health.set(true, &start.metrics);
+    let health = Arc::new(BusHealth::new(BusState::Connecting));
+    health.set(BusState::Up, &start.metrics);
     let hub = Arc::new(Hub::new(None, start.hold_limit, start.metrics));
     Bus::new(Box::new(LocalHistory::new(start.history)), hub, health)
 }

@@ -137,6 +137,17 @@ impl Server {
         format!("ws://{}{}", self.ws, path)
     }
 
+    /// Waits until the server's bus is connected (`/readyz` stays 200 through a bus outage
+    /// that the whole fleet shares, so readiness does not say it).
+    pub fn wait_bus_up(&self) {
+        wait_until("the server's bus is up", || (self.metric("wsfleet_bus_up") == 1.0).then_some(()));
+    }
+
+    /// Sends `sig` (`-STOP`, `-CONT`, ...) to the process.
+    pub fn signal(&self, sig: &str) {
+        signal(self.pid(), sig);
+    }
+
     pub fn wait_ready(&self) {
         wait_until("server /readyz is 200", || (http_get(self.http, "/readyz").0 == 200).then_some(()));
     }

@@ -33,7 +33,7 @@ use self::presence::RedisPresence;
 pub use self::presence::fleet_stats;
 use self::scripts::{CommandError, RedisHistory};
 use self::subscriber::Subscriber;
-use crate::messaging::bus::{Backend, Bus, BusError, BusHealth, PresenceStore, Start};
+use crate::messaging::bus::{Backend, Bus, BusError, BusHealth, BusState, PresenceStore, Start};
 use crate::messaging::envelope::Envelope;
 use crate::messaging::history::{Replay, Since};
 use crate::messaging::hub::Hub;
@@ -59,7 +59,7 @@ pub fn start(url: &str, prefix: &str, start: Start<'_>) -> Result<Bus, BusError>
     let history = RedisHistory::new(conn, Keys::new(prefix), start.history);
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let hub = Arc::new(Hub::new(Some(tx), start.hold_limit, start.metrics.clone()));
-    let health = Arc::new(BusHealth::new(false));
+    let health = Arc::new(BusHealth::new(BusState::Connecting));
     let subscriber = Subscriber {
         client,
         history: history.clone(),

@@ -4,8 +4,12 @@
 //! commands, so all subscribers fleet-wide see one order.
 //!
 //! The task reconnects with capped exponential backoff, resubscribes every channel the hub still
-//! has, pings to find half-open connections, and keeps [`BusHealth`] true only while it is
-//! connected (readiness reports it). After a reconnect it refills, from history, every message
+//! has, and pings to find half-open connections. It keeps [`BusHealth`] up only while it is
+//! connected; when it loses the bus it says whose outage that is (readiness takes the server out
+//! of its Service only for its own): a connect that fails tells by its error, and a session lost
+//! after connecting is followed by one PING on a fresh connection — answered means Redis is fine
+//! and this server's link broke. A PING counts only the time this process could run, so a server
+//! starved of CPU (or stopped) does not take a late answer for a dead bus. After a reconnect it refills, from history, every message
 //! its channels missed while it was away, before it reads any live one (the hub drops what it
 //! already delivered), so a Redis blip within the history window loses nothing.
 
@@ -21,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use super::scripts::{CommandError, RedisHistory};
 use super::{BACKOFF_MAX, COMMAND_TIMEOUT, CONNECT_TIMEOUT};
-use crate::messaging::bus::BusHealth;
+use crate::messaging::bus::{BusHealth, BusState, Outage};
 use crate::messaging::envelope::Sequenced;
 use crate::messaging::history::{Lost, Since};
 use crate::messaging::hub::{BusCommand, Hub};
@@ -34,6 +38,8 @@ const PING_EVERY: Duration = Duration::from_secs(5);
 /// connections on two cores).
 const PING_TIMEOUT: Duration = Duration::from_secs(15);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// How long the fresh connection that tells a broken link from a bus outage may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Channels per SUBSCRIBE command when resubscribing after a reconnect.
 const RESUBSCRIBE_CHUNK: usize = 256;
 
@@ -49,6 +55,9 @@ pub(super) struct Subscriber {
 /// Why a subscription session ended.
 enum SessionEnd {
     Shutdown,
+    /// Down, and whose outage it is is known (a failed connect says by its error).
+    Down(String, Outage),
+    /// The session was lost after it connected; a fresh connection will tell whose outage.
     Lost(String),
 }
 
@@ -68,15 +77,31 @@ impl Subscriber {
                         }
                         self.session(pubsub, &shutdown, &mut backoff).await
                     }
-                    Ok(Err(e)) => SessionEnd::Lost(format!("connect failed: {e}")),
-                    Err(_) => SessionEnd::Lost("connect timed out".into()),
+                    Ok(Err(e)) => SessionEnd::Down(format!("connect failed: {e}"), outage_of(&e)),
+                    Err(_) => SessionEnd::Down("connect timed out".into(), Outage::Fleet),
                 },
             };
-            self.set_up(false);
-            match end {
-                SessionEnd::Shutdown => return,
-                SessionEnd::Lost(why) => warn!(%why, retry_in = ?backoff, "redis bus down"),
+            let (why, outage) = match end {
+                SessionEnd::Shutdown => {
+                    self.set(BusState::Down(Outage::Fleet));
+                    return;
+                }
+                SessionEnd::Down(why, outage) => (why, outage),
+                SessionEnd::Lost(why) => {
+                    // Down at once (nothing is delivered meanwhile), then whose outage it is.
+                    self.set(BusState::Down(Outage::Fleet));
+                    (why, self.probe().await)
+                }
+            };
+            // A server whose bus never connected stays `Connecting`: nothing proves it works.
+            if sessions > 0 {
+                self.set(BusState::Down(outage));
             }
+            let outage = match outage {
+                Outage::Fleet => "the bus answers nobody",
+                Outage::Link => "this server's link (the bus answers a fresh connection)",
+            };
+            warn!(%why, outage, retry_in = ?backoff, "redis bus down");
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(backoff) => {}
@@ -116,7 +141,7 @@ impl Subscriber {
         if let Err(e) = self.history.ping().await {
             return SessionEnd::Lost(format!("publishing connection: {e}"));
         }
-        self.set_up(true);
+        self.set(BusState::Up);
         *backoff = BACKOFF_MIN;
         info!(channels = channels.len(), "redis bus connected");
         let mut ping = tokio::time::interval(PING_EVERY);
@@ -133,10 +158,8 @@ impl Subscriber {
                     },
                     None => return SessionEnd::Shutdown,
                 },
-                _ = ping.tick() => match tokio::time::timeout(PING_TIMEOUT, sink.ping::<redis::Value>()).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return SessionEnd::Lost(format!("ping failed: {e}")),
-                    Err(_) => return SessionEnd::Lost(format!("ping unanswered for {PING_TIMEOUT:?}")),
+                _ = ping.tick() => if let Err(end) = self.ping(&mut sink).await {
+                    return end;
                 },
                 msg = stream.next() => match msg {
                     Some(msg) => self.on_message(&msg),
@@ -144,6 +167,30 @@ impl Subscriber {
                 },
             }
         }
+    }
+
+    /// Pings on the subscription. Unanswered for [`PING_TIMEOUT`] (of time this process ran),
+    /// it asks a fresh connection whether Redis answers anyone, listening for its own answer
+    /// meanwhile: a Redis that was paused answers both at once when it resumes, and that is no
+    /// broken link.
+    async fn ping(&self, sink: &mut PubSubSink) -> Result<(), SessionEnd> {
+        let pong = sink.ping::<redis::Value>();
+        tokio::pin!(pong);
+        let unanswered = match timeout_awake(PING_TIMEOUT, &mut pong).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => return Err(SessionEnd::Lost(format!("ping failed: {e}"))),
+            Err(()) => format!("ping unanswered for {PING_TIMEOUT:?}"),
+        };
+        let outage = tokio::select! {
+            answer = &mut pong => return answer.map(drop).map_err(|e| SessionEnd::Lost(format!("ping failed: {e}"))),
+            outage = self.probe() => outage,
+        };
+        if outage == Outage::Link
+            && let Ok(answer) = tokio::time::timeout(PROBE_TIMEOUT, &mut pong).await
+        {
+            return answer.map(drop).map_err(|e| SessionEnd::Lost(format!("ping failed: {e}")));
+        }
+        Err(SessionEnd::Down(unanswered, outage))
     }
 
     async fn on_command(&self, sink: &mut PubSubSink, cmd: BusCommand) -> Result<(), String> {
@@ -206,8 +253,56 @@ impl Subscriber {
         }
     }
 
-    fn set_up(&self, up: bool) {
-        self.health.set(up, &self.metrics);
+    fn set(&self, state: BusState) {
+        self.health.set(state, &self.metrics);
+    }
+
+    /// Whether Redis answers a fresh connection now: the evidence that tells this server's
+    /// broken link from an outage of the whole fleet, got without the link itself.
+    async fn probe(&self) -> Outage {
+        let fresh = async {
+            let mut conn = self.client.get_multiplexed_async_connection().await?;
+            redis::cmd("PING").query_async::<()>(&mut conn).await
+        };
+        match tokio::time::timeout(PROBE_TIMEOUT, fresh).await {
+            Ok(Ok(())) => Outage::Link,
+            Ok(Err(e)) => outage_of(&e),
+            Err(_) => Outage::Fleet,
+        }
+    }
+}
+
+/// Whose outage a failed connect or command is: refused credentials are this server's (the
+/// others may hold the right ones); anything else (refused, reset, timed out, loading, paused)
+/// is the bus's.
+fn outage_of(e: &redis::RedisError) -> Outage {
+    let credentials = e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"));
+    if credentials { Outage::Link } else { Outage::Fleet }
+}
+
+/// Like [`tokio::time::timeout`], but only time in which this process ran counts: the wait is
+/// measured in one-second slices, and a slice whose timer fired late by more than a second (the
+/// process was stopped or starved of CPU) does not count. An answer that sat in the socket while
+/// the server could not read it is not a dead bus.
+async fn timeout_awake<F: Future>(limit: Duration, f: F) -> Result<F::Output, ()> {
+    const SLICE: Duration = Duration::from_secs(1);
+    tokio::pin!(f);
+    let mut counted = Duration::ZERO;
+    loop {
+        let started = tokio::time::Instant::now();
+        match tokio::time::timeout(SLICE, &mut f).await {
+            Ok(out) => return Ok(out),
+            Err(_) => {
+                let took = started.elapsed();
+                if took < SLICE * 2 {
+                    counted += took;
+                }
+                if counted >= limit {
+                    return Err(());
+                }
+            }
+        }
     }
 }
 
@@ -216,5 +311,38 @@ async fn with_timeout<T>(f: impl Future<Output = redis::RedisResult<T>>) -> Resu
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("timed out".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_wait_while_the_process_could_not_run_is_not_counted() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            // The whole runtime is blocked for 3 s (as if stopped), then the answer comes.
+            std::thread::sleep(Duration::from_secs(3));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let _ = tx.send(());
+        });
+        assert!(timeout_awake(Duration::from_secs(2), rx).await.is_ok(), "3 s stopped is not 2 s of waiting");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_wait_while_running_times_out_on_time() {
+        let started = std::time::Instant::now();
+        assert!(timeout_awake(Duration::from_secs(2), std::future::pending::<()>()).await.is_err());
+        let took = started.elapsed();
+        assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(4), "{took:?}");
+    }
+
+    #[test]
+    fn refused_credentials_are_this_servers_outage_anything_else_the_fleets() {
+        let auth = redis::RedisError::from((redis::ErrorKind::AuthenticationFailed, "invalid password"));
+        assert_eq!(outage_of(&auth), Outage::Link);
+        let refused = redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(outage_of(&refused), Outage::Fleet);
     }
 }
