@@ -66,7 +66,12 @@ pub fn pong(payload: &[u8]) -> Frame {
 pub fn close(code: Option<u16>, reason: &str) -> Frame {
     let Some(code) = code else { return encode(OP_CLOSE, &[]) };
     let mut payload = code.to_be_bytes().to_vec();
-    payload.extend_from_slice(&reason.as_bytes()[..reason.len().min(MAX_CONTROL_PAYLOAD - 2)]);
+    // Cut to fit a control frame, never inside a character: the reason must stay UTF-8.
+    let mut end = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    payload.extend_from_slice(&reason.as_bytes()[..end]);
     encode(OP_CLOSE, &payload)
 }
 
@@ -363,6 +368,16 @@ mod tests {
         let mut parts = client(0x01, &[b'a'; 6]);
         parts.extend(client(0x80, &[b'a'; 6]));
         assert_eq!(feed_all(&mut Reader::new(10), &parts), Err(FrameError::TooLarge { limit: 10 }));
+    }
+
+    #[test]
+    fn a_long_close_reason_is_cut_at_a_character_boundary() {
+        let reason = "κ".repeat(100);
+        let frame = close(Some(1008), &reason);
+        let (op, payload) = decode_server_frame(&frame).unwrap();
+        assert_eq!(op, OP_CLOSE);
+        assert!(payload.len() <= MAX_CONTROL_PAYLOAD);
+        assert_eq!(std::str::from_utf8(&payload[2..]).unwrap(), "κ".repeat(61));
     }
 
     #[test]
