@@ -5,6 +5,8 @@
 //!   loopback source addresses, reports broadcast deliveries (see [`hold`]).
 //! * `connections` — the road-to-a-million scenario: servers, Redis and many `hold` processes,
 //!   stepping the connection count up and measuring each step (see [`scenario`]).
+//! * `chaos` — the fault run: Redis killed, paused, cut and restored under traffic, clients that
+//!   never read, a flood of channels; what was lost and what the servers held (see [`chaos`]).
 //!
 //! Every loop is bounded by a count and a deadline, every target is a loopback address, and
 //! every process started is stopped by its pid.
@@ -13,6 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
 
+mod chaos;
 mod hold;
 mod publish;
 mod scenario;
@@ -32,6 +35,8 @@ enum Cmd {
     Hold(hold::HoldArgs),
     /// Step a fleet (wsfleet or the Node.js baseline) up to many connections and measure.
     Connections(scenario::ScenarioArgs),
+    /// Faults under traffic: what was lost (silently or announced), memory, time to recover.
+    Chaos(chaos::ChaosArgs),
 }
 
 pub(crate) fn now_micros() -> u64 {
@@ -54,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Hold(args) => hold::run(args)?,
         Cmd::Connections(args) => scenario::run(args)?,
+        Cmd::Chaos(args) => chaos::run(args)?,
     }
     Ok(())
 }

@@ -108,11 +108,11 @@ struct Client {
     connections: usize,
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn wait_port(port: u16, limit: Duration) -> anyhow::Result<()> {
+pub(crate) fn wait_port(port: u16, limit: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if start.elapsed() > limit {
@@ -136,7 +136,7 @@ fn meminfo(field: &str) -> u64 {
     proc_kb("/proc/meminfo", field)
 }
 
-fn rss(pid: u32) -> u64 {
+pub(crate) fn rss(pid: u32) -> u64 {
     proc_kb(&format!("/proc/{pid}/status"), "VmRSS:")
 }
 

@@ -1,0 +1,620 @@
+//! `chaos`: the fault run. Each fault gets a fresh fleet (one `redis-server`, `--servers`
+//! wsfleet servers on loopback) and real clients, and every figure comes from what they saw.
+//!
+//! Faults that test delivery run under the same traffic: subscribers in protocol mode on every
+//! server that resume with `since` after any close (moving to the next server), and one
+//! publisher that numbers its messages (`{"n": k}`) at a steady rate. After the fault, the fleet
+//! must deliver again; the run then stops the publisher and compares, per subscriber, the
+//! numbers it got with every number any subscriber got (what the bus accepted): a number
+//! missing is **announced** when the subscriber was told it could not recover (a `subscribed`
+//! reply with `recovered: false`), else **silent**. Duplicates and numbers out of order are
+//! counted too.
+//!
+//! * `kill` — Redis killed (SIGKILL) and restarted empty after 3 s: the channel's history is
+//!   gone, so the loss must be announced as a new epoch.
+//! * `pause` — `CLIENT PAUSE 20000 ALL`: longer than a server's bus ping may go unanswered.
+//! * `cut` — every pub/sub connection killed (`CLIENT KILL TYPE pubsub`) five times, 2 s apart:
+//!   the servers reconnect and refill from history, nothing may be lost.
+//! * `restore` — Redis restarted from a snapshot taken 5 s earlier (`BGSAVE`, then more
+//!   publishes, then SIGKILL and a restart from the file): the epoch is kept but the offset
+//!   rewinds, as after a failover to a lagging replica.
+//!
+//! Faults that test memory:
+//!
+//! * `stalled` — `--stalled` raw-mode clients on one channel that never read a byte, and a
+//!   publisher that floods that channel with 4 KiB messages for 15 s: the servers' peak
+//!   resident memory, and how many of those clients they closed as too slow (1013).
+//! * `flood` — one publish on each of `--flood-channels` distinct channels, as fast as the
+//!   fleet takes them: the servers' peak memory, Redis's memory before and after, the time.
+//!
+//! For every fault: the time until every server's bus is up again after the fault ended, and
+//! the servers' peak resident memory (sampled every 200 ms). Prints one JSON document.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::scenario::{free_port, rss, wait_port};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    Kill,
+    Pause,
+    Cut,
+    Restore,
+    Stalled,
+    Flood,
+}
+
+#[derive(clap::Args)]
+pub struct ChaosArgs {
+    /// Faults to run, in order.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "kill,pause,cut,restore,stalled,flood")]
+    faults: Vec<Fault>,
+    /// Server processes.
+    #[arg(long, default_value_t = 3)]
+    servers: usize,
+    /// Subscribers per server (delivery faults).
+    #[arg(long, default_value_t = 3)]
+    subscribers: usize,
+    /// Publishes per second (delivery faults).
+    #[arg(long, default_value_t = 50)]
+    rate: u64,
+    /// Clients that never read (`stalled`).
+    #[arg(long, default_value_t = 10_000)]
+    stalled: usize,
+    /// Distinct channels published to (`flood`).
+    #[arg(long, default_value_t = 50_000)]
+    flood_channels: usize,
+    /// The wsfleet-server binary.
+    #[arg(long, default_value = "target/release/wsfleet-server")]
+    server_bin: PathBuf,
+}
+
+/// One redis-server and the servers on it; every process is killed when this drops.
+struct Fleet {
+    redis: Option<Child>,
+    redis_port: u16,
+    dir: PathBuf,
+    servers: Vec<(Child, SocketAddr, SocketAddr)>,
+}
+
+impl Fleet {
+    fn start(args: &ChaosArgs, name: &str) -> anyhow::Result<Fleet> {
+        let dir = std::env::temp_dir().join(format!("wsfleet-chaos-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let mut fleet = Fleet { redis: None, redis_port: free_port()?, dir, servers: Vec::new() };
+        fleet.start_redis()?;
+        for _ in 0..args.servers {
+            let (ws, http) = (free_port()?, free_port()?);
+            let child = Command::new(&args.server_bin)
+                .args(["--listen", &format!("127.0.0.1:{ws}"), "--http-listen", &format!("127.0.0.1:{http}")])
+                .args(["--redis-url", &format!("redis://127.0.0.1:{}", fleet.redis_port)])
+                // Room for the whole run in history and in one resume.
+                .args(["--history-size", "20000", "--client-queue", "32768", "--worker-threads", "1"])
+                .args(["--ping-interval", "300"])
+                .env("WSFLEET_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("start {}", args.server_bin.display()))?;
+            fleet.servers.push((child, ([127, 0, 0, 1], ws).into(), ([127, 0, 0, 1], http).into()));
+            wait_port(ws, Duration::from_secs(10))?;
+        }
+        fleet.wait_bus_up(Duration::from_secs(20))?;
+        Ok(fleet)
+    }
+
+    /// Starts redis-server on its port, from the snapshot in its directory if there is one.
+    fn start_redis(&mut self) -> anyhow::Result<()> {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.redis_port.to_string(), "--bind", "127.0.0.1", "--appendonly", "no"])
+            .args(["--save", "", "--dir"])
+            .arg(&self.dir)
+            .args(["--dbfilename", "snapshot.rdb"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("start redis-server")?;
+        self.redis = Some(child);
+        wait_port(self.redis_port, Duration::from_secs(10))
+    }
+
+    fn kill_redis(&mut self) {
+        if let Some(mut r) = self.redis.take() {
+            let _ = r.kill();
+            let _ = r.wait();
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        Command::new("redis-cli")
+            .args(["-p", &self.redis_port.to_string()])
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn urls(&self, path: &str) -> Vec<String> {
+        self.servers.iter().map(|(_, ws, _)| format!("ws://{ws}{path}")).collect()
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.servers.iter().map(|(c, _, _)| c.id()).collect()
+    }
+
+    /// A metric summed over the servers.
+    fn metric(&self, name: &str) -> f64 {
+        self.servers.iter().map(|(_, _, http)| metric(*http, name)).sum()
+    }
+
+    /// Waits until every server's bus is up; returns how long that took.
+    fn wait_bus_up(&self, limit: Duration) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        while !self.servers.iter().all(|(_, _, http)| metric(*http, "wsfleet_bus_up") == 1.0) {
+            if start.elapsed() > limit {
+                bail!("the servers' bus was not up {limit:?} after the fault");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(start.elapsed())
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for (c, _, _) in &mut self.servers {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.kill_redis();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A metric from one server's `/metrics` (the first line that starts with `name`).
+fn metric(http: SocketAddr, name: &str) -> f64 {
+    let Ok(mut s) = TcpStream::connect_timeout(&http, Duration::from_secs(2)) else { return f64::NAN };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.lines()
+        .find(|l| l.starts_with(name) && l.as_bytes().get(name.len()).is_some_and(|b| *b == b' ' || *b == b'{'))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// Samples the servers' summed resident memory every 200 ms until dropped; keeps the peak.
+struct MemoryPeak {
+    peak: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MemoryPeak {
+    fn start(pids: Vec<u32>) -> Self {
+        let (peak, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let thread = {
+            let (peak, stop) = (peak.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    peak.fetch_max(pids.iter().map(|p| rss(*p)).sum(), Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            })
+        };
+        MemoryPeak { peak, stop, thread: Some(thread) }
+    }
+
+    fn mib(mut self) -> f64 {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.peak.load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
+    }
+}
+
+/// What one resuming subscriber saw.
+#[derive(Default)]
+struct Seen {
+    numbers: Vec<u64>,
+    /// `subscribed` replies with `recovered: false`, and their reasons.
+    announced: Vec<String>,
+    reconnects: u32,
+}
+
+/// A protocol-mode subscriber that resumes after every close, moving round-robin over `urls`.
+async fn subscriber(urls: Vec<String>, first: usize, stop: watch::Receiver<bool>) -> Seen {
+    let mut seen = Seen::default();
+    let mut position: Option<(String, u64)> = None;
+    let mut at = first;
+    let mut after_stop = None::<Instant>;
+    loop {
+        if *stop.borrow() {
+            let since = *after_stop.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(3) {
+                return seen;
+            }
+        }
+        let url = &urls[at % urls.len()];
+        at += 1;
+        let Ok(Ok((mut ws, _))) =
+            tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(url.as_str())).await
+        else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let mut op = json!({"op": "subscribe", "channel": "chaos"});
+        if let Some((epoch, offset)) = &position {
+            op["since"] = json!({"epoch": epoch, "offset": offset});
+        }
+        if ws.send(Message::text(op.to_string())).await.is_err() {
+            continue;
+        }
+        loop {
+            let wait = if *stop.borrow() { Duration::from_secs(3) } else { Duration::from_secs(60) };
+            let frame = match tokio::time::timeout(wait, ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<Value>(&t).unwrap_or_default(),
+                Ok(Some(Ok(Message::Close(_))) | Some(Err(_)) | None) => break,
+                Ok(Some(Ok(_))) => continue,
+                Err(_) => {
+                    if *stop.borrow() {
+                        return seen;
+                    }
+                    break;
+                }
+            };
+            match frame["type"].as_str() {
+                Some("subscribed") => {
+                    let head = (frame["epoch"].as_str().unwrap_or_default().to_owned(), frame["offset"].as_u64());
+                    if position.is_some() && frame["recovered"] != true {
+                        seen.announced.push(frame["reason"].as_str().unwrap_or("unknown").to_owned());
+                        position = Some((head.0, head.1.unwrap_or(0)));
+                    } else if position.is_none() {
+                        position = Some((head.0, head.1.unwrap_or(0)));
+                    }
+                }
+                Some("message") => {
+                    let epoch = frame["epoch"].as_str().unwrap_or_default().to_owned();
+                    position = Some((epoch, frame["offset"].as_u64().unwrap_or(0)));
+                    if let Some(n) = frame["data"]["n"].as_u64() {
+                        seen.numbers.push(n);
+                    }
+                }
+                Some("error") => break,
+                _ => {}
+            }
+        }
+        seen.reconnects += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What the numbering publisher did.
+#[derive(Default)]
+struct Published {
+    sent: u64,
+    refused: u64,
+    reconnects: u64,
+}
+
+/// Publishes `{"n": k}` on `chaos` every `interval`, moving round-robin over `urls` on a close.
+async fn publisher(urls: Vec<String>, interval: Duration, stop: watch::Receiver<bool>) -> Published {
+    let mut out = Published::default();
+    let mut at = 0;
+    while !*stop.borrow() {
+        let url = &urls[at % urls.len()];
+        at += 1;
+        let Ok(Ok((mut ws, _))) =
+            tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(url.as_str())).await
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let mut tick = tokio::time::interval(interval);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if *stop.borrow() {
+                        return out;
+                    }
+                    out.sent += 1;
+                    let op = json!({"op": "publish", "channel": "chaos", "data": {"n": out.sent}});
+                    if ws.send(Message::text(op.to_string())).await.is_err() {
+                        break;
+                    }
+                }
+                frame = ws.next() => match frame {
+                    Some(Ok(Message::Text(_))) => out.refused += 1,
+                    Some(Ok(Message::Close(_)) | Err(_)) | None => break,
+                    Some(Ok(_)) => {}
+                },
+            }
+        }
+        out.reconnects += 1;
+    }
+    out
+}
+
+/// Runs one delivery fault under traffic and compares what the subscribers got.
+fn delivery_fault(args: &ChaosArgs, fault: Fault) -> anyhow::Result<Value> {
+    let mut fleet = Fleet::start(args, &format!("{fault:?}").to_lowercase())?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let (stop_tx, stop) = watch::channel(false);
+    let urls = fleet.urls("/ws");
+    let subs: Vec<_> = (0..args.servers * args.subscribers)
+        .map(|i| rt.spawn(subscriber(urls.clone(), i, stop.clone())))
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let interval = Duration::from_micros(1_000_000 / args.rate.max(1));
+    let publisher = rt.spawn(publisher(urls.clone(), interval, stop.clone()));
+    std::thread::sleep(Duration::from_secs(3));
+    let memory = MemoryPeak::start(fleet.pids());
+
+    let started = Instant::now();
+    match fault {
+        Fault::Kill => {
+            fleet.kill_redis();
+            std::thread::sleep(Duration::from_secs(3));
+            let _ = std::fs::remove_file(fleet.dir.join("snapshot.rdb"));
+            fleet.start_redis()?;
+        }
+        Fault::Pause => {
+            fleet.cli(&["CLIENT", "PAUSE", "20000", "ALL"]);
+            std::thread::sleep(Duration::from_secs(20));
+        }
+        Fault::Cut => {
+            for _ in 0..5 {
+                fleet.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        }
+        Fault::Restore => {
+            fleet.cli(&["BGSAVE"]);
+            let saved = Instant::now();
+            while !fleet.cli(&["INFO", "persistence"]).contains("rdb_bgsave_in_progress:0")
+                || !fleet.dir.join("snapshot.rdb").exists()
+            {
+                if saved.elapsed() > Duration::from_secs(10) {
+                    bail!("BGSAVE did not finish in 10 s");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            std::thread::sleep(Duration::from_secs(5));
+            fleet.kill_redis();
+            fleet.start_redis()?;
+        }
+        Fault::Stalled | Fault::Flood => unreachable!("not a delivery fault"),
+    }
+    let fault_seconds = started.elapsed().as_secs_f64();
+    let ready_again = fleet.wait_bus_up(Duration::from_secs(60))?;
+    // Traffic after the recovery, then the publisher stops and the subscribers catch up.
+    std::thread::sleep(Duration::from_secs(5));
+    let _ = stop_tx.send(true);
+    let published = rt.block_on(publisher)?;
+    let seen: Vec<Seen> = rt.block_on(async {
+        let mut out = Vec::new();
+        for s in subs {
+            out.push(s.await.unwrap_or_default());
+        }
+        out
+    });
+    let peak_mib = memory.mib();
+
+    let accepted: BTreeSet<u64> = seen.iter().flat_map(|s| s.numbers.iter().copied()).collect();
+    let mut per_subscriber = Vec::new();
+    let (mut silent, mut announced, mut duplicates, mut out_of_order) = (0u64, 0u64, 0u64, 0u64);
+    for s in &seen {
+        let got: BTreeSet<u64> = s.numbers.iter().copied().collect();
+        let first = s.numbers.first().copied().unwrap_or(u64::MAX);
+        let missing = accepted.iter().filter(|n| **n >= first && !got.contains(n)).count() as u64;
+        let dup = (s.numbers.len() - got.len()) as u64;
+        let disorder = s.numbers.windows(2).filter(|w| w[1] < w[0]).count() as u64;
+        if s.announced.is_empty() {
+            silent += missing;
+        } else {
+            announced += missing;
+        }
+        duplicates += dup;
+        out_of_order += disorder;
+        per_subscriber.push(json!({
+            "received": s.numbers.len(), "missing": missing, "announced": s.announced,
+            "reconnects": s.reconnects, "duplicates": dup,
+        }));
+    }
+    Ok(json!({
+        "fault": format!("{fault:?}").to_lowercase(),
+        "fault_seconds": round(fault_seconds),
+        "bus_up_again_seconds": round(ready_again.as_secs_f64()),
+        "published": published.sent,
+        "refused": published.refused,
+        "publisher_reconnects": published.reconnects,
+        "accepted": accepted.len(),
+        "lost_silently": silent,
+        "lost_announced": announced,
+        "duplicates": duplicates,
+        "out_of_order": out_of_order,
+        "servers_peak_rss_mib": round(peak_mib),
+        "subscribers": per_subscriber,
+    }))
+}
+
+/// A raw TCP connection upgraded on `path` that is then never read.
+fn stalled_client(addr: SocketAddr, path: &str) -> anyhow::Result<TcpStream> {
+    let mut s = TcpStream::connect(addr)?;
+    // Small kernel buffers: the server's own queue fills soon after.
+    s.write_all(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .as_bytes(),
+    )?;
+    let mut head = Vec::new();
+    let mut r = BufReader::new(s.try_clone()?);
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut line = Vec::new();
+        if r.read_until(b'\n', &mut line)? == 0 {
+            bail!("closed during the upgrade");
+        }
+        head.extend_from_slice(&line);
+    }
+    if !head.starts_with(b"HTTP/1.1 101") {
+        bail!("upgrade refused: {}", String::from_utf8_lossy(&head));
+    }
+    Ok(s)
+}
+
+fn stalled(args: &ChaosArgs) -> anyhow::Result<Value> {
+    let fleet = Fleet::start(args, "stalled")?;
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let memory = MemoryPeak::start(fleet.pids());
+    let mut held = Vec::new();
+    let mut refused = 0usize;
+    for i in 0..args.stalled {
+        match stalled_client(fleet.servers[i % fleet.servers.len()].1, "/ws/hot") {
+            Ok(s) => held.push(s),
+            Err(_) => refused += 1,
+        }
+    }
+    let idle_mib = fleet.pids().iter().map(|p| rss(*p)).sum::<u64>() as f64 / (1024.0 * 1024.0);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let payload = "x".repeat(4096);
+    let start = Instant::now();
+    let sent = rt.block_on(async {
+        let mut sent = 0u64;
+        let Ok((mut ws, _)) = tokio_tungstenite::connect_async(fleet.urls("/ws/hot")[0].as_str()).await else {
+            return sent;
+        };
+        while start.elapsed() < Duration::from_secs(15) && sent < 200_000 {
+            if ws.send(Message::text(payload.clone())).await.is_err() {
+                break;
+            }
+            sent += 1;
+            // Read (and drop) what comes back to this client, so only the stalled ones stall.
+            while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, ws.next()).await {}
+        }
+        sent
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let closed = fleet.metric("wsfleet_slow_client_closes_total");
+    let peak = memory.mib();
+    drop(held);
+    Ok(json!({
+        "fault": "stalled",
+        "stalled_clients": args.stalled - refused,
+        "refused_at_upgrade": refused,
+        "messages_published": sent,
+        "payload_bytes": payload.len(),
+        "closed_as_too_slow": closed,
+        "servers_rss_mib_before_flood": round(idle_mib),
+        "servers_peak_rss_mib": round(peak),
+    }))
+}
+
+fn redis_used_mib(fleet: &Fleet) -> f64 {
+    let info = fleet.cli(&["INFO", "memory"]);
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |b| b / (1024.0 * 1024.0))
+}
+
+fn flood(args: &ChaosArgs) -> anyhow::Result<Value> {
+    let fleet = Fleet::start(args, "flood")?;
+    let memory = MemoryPeak::start(fleet.pids());
+    let redis_before = redis_used_mib(&fleet);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let start = Instant::now();
+    let urls = fleet.urls("/ws");
+    let per = args.flood_channels.div_ceil(urls.len());
+    let refused = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
+    let tasks: Vec<_> = urls
+        .iter()
+        .enumerate()
+        .map(|(i, url)| {
+            let (url, refused) = (url.clone(), refused.clone());
+            rt.spawn(async move {
+                let Ok((ws, _)) = tokio_tungstenite::connect_async(url.as_str()).await else { return 0u64 };
+                let (mut tx, mut rx) = ws.split();
+                let reader = tokio::spawn(async move {
+                    while let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(Duration::from_secs(5), rx.next()).await {
+                        let v: Value = serde_json::from_str(&t).unwrap_or_default();
+                        let code = v["code"].as_str().unwrap_or("other").to_owned();
+                        *refused.lock().unwrap_or_else(|e| e.into_inner()).entry(code).or_default() += 1;
+                    }
+                });
+                let mut sent = 0;
+                for c in 0..per {
+                    let op = json!({"op": "publish", "channel": format!("flood-{i}-{c}"), "data": c});
+                    if tx.send(Message::text(op.to_string())).await.is_err() {
+                        break;
+                    }
+                    sent += 1;
+                }
+                let _ = reader.await;
+                sent
+            })
+        })
+        .collect();
+    let sent: u64 = rt.block_on(async {
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap_or(0);
+        }
+        total
+    });
+    let took = start.elapsed().as_secs_f64() - 5.0;
+    let keys = fleet.cli(&["DBSIZE"]).trim().parse::<u64>().unwrap_or(0);
+    let redis_after = redis_used_mib(&fleet);
+    let peak = memory.mib();
+    let refused = refused.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ok(json!({
+        "fault": "flood",
+        "channels": sent,
+        "seconds": round(took.max(0.0)),
+        "refused": refused,
+        "redis_keys_after": keys,
+        "redis_used_mib_before": round(redis_before),
+        "redis_used_mib_after": round(redis_after),
+        "servers_peak_rss_mib": round(peak),
+    }))
+}
+
+fn round(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
+pub fn run(args: ChaosArgs) -> anyhow::Result<()> {
+    if !Path::new(&args.server_bin).exists() {
+        bail!("{} not found: build it with `cargo build --release -p wsfleet-server`", args.server_bin.display());
+    }
+    let mut results = Vec::new();
+    for fault in &args.faults {
+        eprintln!("[chaos] {fault:?}");
+        let result = match fault {
+            Fault::Stalled => stalled(&args),
+            Fault::Flood => flood(&args),
+            f => delivery_fault(&args, *f),
+        };
+        let result = result.unwrap_or_else(|e| json!({"fault": format!("{fault:?}").to_lowercase(), "error": e.to_string()}));
+        eprintln!("[chaos] {result}");
+        results.push(result);
+    }
+    println!("{}", serde_json::to_string_pretty(&json!({"faults": results}))?);
+    Ok(())
+}
