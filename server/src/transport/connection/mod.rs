@@ -255,23 +255,24 @@ struct Heard {
 /// `Heard::token_exp` of a connection without a token.
 const NO_EXPIRY: u32 = u32::MAX;
 
+/// `exp` in 32 bits: a later one ends the connection in 2106.
+fn capped_exp(exp: u64) -> u32 {
+    exp.min(u64::from(NO_EXPIRY - 1)) as u32
+}
+
 impl Heard {
     fn new(token_exp: Option<u64>) -> Self {
-        let heard = Heard {
+        Heard {
             since: tokio::time::Instant::now(),
             millis: AtomicU64::new(0),
             busy: AtomicBool::new(false),
-            token_exp: AtomicU32::new(NO_EXPIRY),
+            token_exp: AtomicU32::new(token_exp.map_or(NO_EXPIRY, capped_exp)),
             token_moved: AtomicBool::new(false),
-        };
-        if let Some(exp) = token_exp {
-            heard.token_exp.store(exp.min(u64::from(NO_EXPIRY - 1)) as u32, Ordering::Relaxed);
         }
-        heard
     }
     /// A refreshed token's `exp`.
     fn move_token_exp(&self, exp: u64) {
-        self.token_exp.store(exp.min(u64::from(NO_EXPIRY - 1)) as u32, Ordering::Relaxed);
+        self.token_exp.store(capped_exp(exp), Ordering::Relaxed);
         self.token_moved.store(true, Ordering::Relaxed);
     }
     /// Whether the expiry moved since the last call.
