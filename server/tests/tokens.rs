@@ -148,6 +148,7 @@ async fn a_connection_ends_with_4001_when_its_token_expires() {
     assert_eq!(code, Some(CloseCode::Library(4001)));
     assert!(closed_at >= Duration::from_secs(exp), "closed at {closed_at:?}, before exp {exp}");
     assert!(closed_at < Duration::from_secs(exp + 3), "closed at {closed_at:?}, long after exp {exp}");
+    drop(ws);
     wait_until("the connection is gone", || (server.metric("wsfleet_connections") == 0.0).then_some(()));
     // A raw connection ends the same way.
     let exp = unix_now() + 1;
