@@ -14,6 +14,8 @@ pub const HISTORY_SIZE: &str = "WSFLEET_HISTORY_SIZE";
 pub const HISTORY_TTL: &str = "WSFLEET_HISTORY_TTL";
 pub const ALLOWED_ORIGINS: &str = "WSFLEET_ALLOWED_ORIGINS";
 pub const JWT_SECRET: &str = "WSFLEET_JWT_SECRET";
+pub const JWT_AUDIENCE: &str = "WSFLEET_JWT_AUDIENCE";
+pub const JWT_ISSUER: &str = "WSFLEET_JWT_ISSUER";
 pub const LOG_FORMAT: &str = "WSFLEET_LOG_FORMAT";
 
 /// The log filter both binaries read (`info` when unset); not a flag.
@@ -32,6 +34,8 @@ pub const ALL: &[&str] = &[
     HISTORY_TTL,
     ALLOWED_ORIGINS,
     JWT_SECRET,
+    JWT_AUDIENCE,
+    JWT_ISSUER,
     LOG_FORMAT,
 ];
 

@@ -139,10 +139,19 @@ pub struct Config {
     #[arg(long, env = env::ALLOWED_ORIGINS, value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
-    /// HS256 secret: when set, every upgrade needs a JWT signed with it and not expired
-    /// (`Authorization: Bearer <jwt>` or `?access_token=<jwt>`), else HTTP 401.
-    #[arg(long, env = env::JWT_SECRET, hide_env_values = true, value_parser = parse_jwt_secret)]
-    pub jwt_secret: Option<String>,
+    /// HS256 secret (32 bytes or more): when set, every upgrade needs a JWT signed with it and
+    /// not expired (`Authorization: Bearer <jwt>` or `?access_token=<jwt>`), else HTTP 401, and
+    /// the token's `channels` claim says which channels it may subscribe to and publish on.
+    #[arg(long, env = env::JWT_SECRET, hide_env_values = true, value_parser = JwtSecretParser)]
+    pub jwt_secret: Option<JwtSecret>,
+
+    /// With `--jwt-secret`: tokens must name this audience in `aud`.
+    #[arg(long, env = env::JWT_AUDIENCE, requires = "jwt_secret")]
+    pub jwt_audience: Option<String>,
+
+    /// With `--jwt-secret`: tokens must carry this issuer in `iss`.
+    #[arg(long, env = env::JWT_ISSUER, requires = "jwt_secret")]
+    pub jwt_issuer: Option<String>,
 
     /// Bytes taken from a socket per read. The buffer belongs to the worker thread, not to the
     /// connection: an idle connection holds no read buffer, and a message larger than this still
@@ -203,11 +212,49 @@ impl Config {
     }
 }
 
-fn parse_jwt_secret(s: &str) -> Result<String, String> {
-    if s.len() >= crate::auth::MIN_SECRET_LEN {
-        Ok(s.to_owned())
-    } else {
-        Err(format!("must be at least {} bytes", crate::auth::MIN_SECRET_LEN))
+/// The JWT secret. Its `Debug` hides it, so no log of the settings shows it.
+#[derive(Clone)]
+pub struct JwtSecret(String);
+
+impl JwtSecret {
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for JwtSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "JwtSecret({} bytes)", self.0.len())
+    }
+}
+
+/// Parses `--jwt-secret` without ever echoing it: clap's usual error quotes the bad value.
+#[derive(Clone)]
+struct JwtSecretParser;
+
+impl clap::builder::TypedValueParser for JwtSecretParser {
+    type Value = JwtSecret;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<JwtSecret, clap::Error> {
+        let min = crate::auth::MIN_SECRET_LEN;
+        match value.to_str() {
+            Some(s) if s.len() >= min => Ok(JwtSecret(s.to_owned())),
+            _ => Err(clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!(
+                    "--jwt-secret ({}) must be valid UTF-8 of at least {min} bytes; the value given is \
+                     {} bytes long\n",
+                    env::JWT_SECRET,
+                    value.len()
+                ),
+            )
+            .with_cmd(cmd)),
+        }
     }
 }
 
@@ -266,6 +313,26 @@ mod tests {
         let cli = Cli::parse_from(["wsfleet-server", SUBCOMMAND, SYSCTL_FLAG, "net.core.somaxconn=65535"]);
         let Some(Command::Tune(args)) = cli.command else { panic!("no tune subcommand") };
         assert_eq!(args.sysctls.len(), 1);
+    }
+
+    #[test]
+    fn a_short_jwt_secret_is_refused_without_being_echoed() {
+        let err = Cli::try_parse_from(["wsfleet-server", "--jwt-secret", "sixteen-bytes-ok"]).unwrap_err().to_string();
+        assert!(err.contains("--jwt-secret") && err.contains("32"), "{err}");
+        assert!(!err.contains("sixteen-bytes-ok"), "the secret is echoed: {err}");
+        let secret = "s".repeat(32);
+        let c = Cli::parse_from(["wsfleet-server", "--jwt-secret", &secret]).serve;
+        let shown = format!("{c:?}");
+        assert!(!shown.contains(&secret), "the secret shows in Debug: {shown}");
+    }
+
+    #[test]
+    fn audience_and_issuer_need_a_secret() {
+        let err = Cli::try_parse_from(["wsfleet-server", "--jwt-audience", "chat"]).unwrap_err().to_string();
+        assert!(err.contains("--jwt-secret"), "{err}");
+        let secret = "s".repeat(32);
+        let c = Cli::parse_from(["wsfleet-server", "--jwt-secret", &secret, "--jwt-issuer", "https://i.example"]).serve;
+        assert_eq!(c.jwt_issuer.as_deref(), Some("https://i.example"));
     }
 
     #[test]

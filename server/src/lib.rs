@@ -10,7 +10,7 @@
 //! |---|---|
 //! | [`config`] | command line and `WSFLEET_*` environment, parsed once into typed settings |
 //! | [`protocol`] | pure: channel names, the JSON frames of protocol mode, error codes |
-//! | [`auth`] | optional JWT check at the handshake |
+//! | [`auth`] | optional tokens: the JWT rules, the channels a token grants, its expiry |
 //! | [`transport`] | the WebSocket half: upgrade, frames, outboxes, connections |
 //! | [`transport::connection`] | one client: admission (pure), handshake, reader and ops, writer |
 //! | [`messaging`] | the messaging half: envelope, history, hub, bus and its backends, presence |

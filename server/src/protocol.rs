@@ -3,7 +3,8 @@
 //! * Channel names: 1-128 bytes of `A-Z a-z 0-9 _ - . : @`, the same in both modes, so a name is
 //!   always safe in a URL path, a Redis key and a log line.
 //! * Protocol mode (`/ws`) frames are JSON text. [`parse_client_frame`] turns one into a
-//!   [`ClientOp`] or a [`ProtocolError`] that names the bad field; nothing here does I/O.
+//!   [`ClientOp`] or a [`ProtocolError`] that names the bad field (or, for a refusal, the
+//!   channel); nothing here does I/O and nothing here judges tokens.
 //! * [`encode_message`] renders a published [`Payload`] for each mode. The hub calls it once per
 //!   message and mode and shares the result among all recipients.
 //!
@@ -54,6 +55,10 @@ pub enum ClientOp<'a> {
         channel: &'a str,
         data: &'a str,
     },
+    /// A fresh token to replace the connection's, before the current one expires.
+    Refresh {
+        token: &'a str,
+    },
 }
 
 /// Error codes of `{"type":"error"}` frames. Part of the public interface.
@@ -61,7 +66,7 @@ pub enum ClientOp<'a> {
 pub enum ErrorCode {
     /// The frame is not a JSON object.
     InvalidJson,
-    /// `op` is missing or not one of subscribe / unsubscribe / publish.
+    /// `op` is missing or not one of subscribe / unsubscribe / publish / refresh.
     UnknownOp,
     /// A required field is missing or has the wrong type.
     InvalidField,
@@ -77,6 +82,10 @@ pub enum ErrorCode {
     BinaryNotSupported,
     /// The message bus is down; the operation did not happen. Retry later.
     BusUnavailable,
+    /// The connection's token does not allow this operation on this channel (or has expired).
+    Forbidden,
+    /// A `refresh` whose token was refused; the connection's token stays in force.
+    InvalidToken,
 }
 
 impl ErrorCode {
@@ -91,6 +100,8 @@ impl ErrorCode {
             ErrorCode::AlreadySubscribed => "already_subscribed",
             ErrorCode::BinaryNotSupported => "binary_not_supported",
             ErrorCode::BusUnavailable => "bus_unavailable",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::InvalidToken => "invalid_token",
         }
     }
 }
@@ -99,16 +110,28 @@ impl ErrorCode {
 pub struct ProtocolError {
     pub code: ErrorCode,
     pub message: String,
+    /// The channel the refused operation named, when the refusal is about that channel.
+    pub channel: Option<String>,
 }
 
 impl ProtocolError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ProtocolError { code, message: message.into() }
+        ProtocolError { code, message: message.into(), channel: None }
+    }
+
+    /// The same error, about `channel` (the frame then carries a `channel` field).
+    pub fn on_channel(mut self, channel: &str) -> Self {
+        self.channel = Some(channel.to_owned());
+        self
     }
 
     /// The `{"type":"error",...}` frame for this error.
     pub fn to_frame(&self) -> String {
-        serde_json::json!({"type": "error", "code": self.code.as_str(), "message": self.message}).to_string()
+        let mut v = serde_json::json!({"type": "error", "code": self.code.as_str(), "message": self.message});
+        if let Some(channel) = &self.channel {
+            v["channel"] = channel.as_str().into();
+        }
+        v.to_string()
     }
 }
 
@@ -128,6 +151,8 @@ struct WireOp<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default)]
     since: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    token: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -186,20 +211,26 @@ pub fn parse_client_frame(text: &str) -> Result<ClientOp<'_>, ProtocolError> {
             })?;
             Ok(ClientOp::Publish { channel, data })
         }
+        "refresh" => {
+            let raw = wire.token.ok_or_else(|| ProtocolError::new(ErrorCode::InvalidField, "missing field `token`"))?;
+            Ok(ClientOp::Refresh { token: str_field(raw, "token")? })
+        }
         other => Err(ProtocolError::new(
             ErrorCode::UnknownOp,
-            format!("unknown op {other:?}; expected subscribe, unsubscribe or publish"),
+            format!("unknown op {other:?}; expected subscribe, unsubscribe, publish or refresh"),
         )),
     }
 }
 
-/// A field that must be a JSON string without escapes (ops and channel names never need any).
+/// A field that must be a JSON string without escapes (ops, channel names and JWTs never need
+/// any).
 fn str_field<'a>(raw: &'a RawValue, field: &str) -> Result<&'a str, ProtocolError> {
     let s = raw.get();
     match s.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
         Some(inner) if !inner.contains('\\') => Ok(inner),
         Some(_) => {
-            Err(ProtocolError::new(ErrorCode::InvalidChannel, format!("field `{field}` must not contain escapes")))
+            let code = if field == "channel" { ErrorCode::InvalidChannel } else { ErrorCode::InvalidField };
+            Err(ProtocolError::new(code, format!("field `{field}` must not contain escapes")))
         }
         None => Err(ProtocolError::new(ErrorCode::InvalidField, format!("field `{field}` must be a string"))),
     }
@@ -286,6 +317,16 @@ pub fn unsubscribed_frame(channel: &str) -> String {
     format!(r#"{{"type":"unsubscribed","channel":"{channel}"}}"#)
 }
 
+/// The server ended a subscription because a refreshed token no longer allows it.
+pub fn revoked_frame(channel: &str) -> String {
+    format!(r#"{{"type":"unsubscribed","channel":"{channel}","reason":"forbidden"}}"#)
+}
+
+/// The reply to a `refresh` that was taken: the new token's `exp` (seconds since the epoch).
+pub fn refreshed_frame(exp: u64) -> String {
+    format!(r#"{{"type":"refreshed","exp":{exp}}}"#)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,7 +337,7 @@ mod tests {
     }
 
     #[test]
-    fn parses_the_three_ops() {
+    fn parses_every_op() {
         assert_eq!(
             parse_client_frame(r#"{"op":"subscribe","channel":"news"}"#),
             Ok(ClientOp::Subscribe { channel: "news", since: None })
@@ -313,6 +354,11 @@ mod tests {
             parse_client_frame(r#"{"op":"publish","channel":"c","data":{"x":[1, 2]}}"#),
             Ok(ClientOp::Publish { channel: "c", data: r#"{"x":[1, 2]}"# })
         );
+        assert_eq!(parse_client_frame(r#"{"op":"refresh","token":"a.b.c"}"#), Ok(ClientOp::Refresh { token: "a.b.c" }));
+        let e = parse_err(r#"{"op":"refresh"}"#);
+        assert_eq!(e.code, ErrorCode::InvalidField);
+        assert!(e.message.contains("`token`"));
+        assert_eq!(parse_err(r#"{"op":"refresh","token":7}"#).code, ErrorCode::InvalidField);
     }
 
     #[test]
@@ -369,6 +415,13 @@ mod tests {
         let frame = ProtocolError::new(ErrorCode::UnknownOp, "say \"what\"").to_frame();
         let v: Value = serde_json::from_str(&frame).unwrap();
         assert_eq!(v, json!({"type":"error","code":"unknown_op","message":"say \"what\""}));
+        let frame = ProtocolError::new(ErrorCode::Forbidden, "no").on_channel("room:b").to_frame();
+        let v: Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(v, json!({"type":"error","code":"forbidden","channel":"room:b","message":"no"}));
+        let v: Value = serde_json::from_str(&refreshed_frame(1_700_000_000)).unwrap();
+        assert_eq!(v, json!({"type":"refreshed","exp":1_700_000_000u64}));
+        let v: Value = serde_json::from_str(&revoked_frame("c")).unwrap();
+        assert_eq!(v, json!({"type":"unsubscribed","channel":"c","reason":"forbidden"}));
     }
 
     #[test]

@@ -290,7 +290,7 @@ fn jwt(secret: &[u8], exp_in: i64) -> String {
     let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
     jsonwebtoken::encode(
         &header,
-        &json!({"sub": "e2e", "exp": now + exp_in}),
+        &json!({"sub": "e2e", "exp": now + exp_in, "channels": {"subscribe": ["room"], "publish": ["room"]}}),
         &jsonwebtoken::EncodingKey::from_secret(secret).unwrap(),
     )
     .unwrap()
@@ -298,13 +298,13 @@ fn jwt(secret: &[u8], exp_in: i64) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_jwt_secret_only_valid_tokens_get_in() {
-    const SECRET: &str = "a-secret-of-at-least-16-bytes";
+    const SECRET: &str = "a-secret-of-at-least-32-bytes-long";
     let server = Server::start(None, &["--jwt-secret", SECRET]);
     for (headers, path, why) in [
         (String::new(), "/ws".to_owned(), "missing token"),
-        (format!("Authorization: Bearer {}\r\n", jwt(SECRET.as_bytes(), -120)), "/ws".to_owned(), "Expired"),
+        (format!("Authorization: Bearer {}\r\n", jwt(SECRET.as_bytes(), -120)), "/ws".to_owned(), "expired"),
         (
-            format!("Authorization: Bearer {}\r\n", jwt(b"another-secret-of-enough-length", 60)),
+            format!("Authorization: Bearer {}\r\n", jwt(b"another-secret-of-32-bytes-or-more", 60)),
             "/ws".to_owned(),
             "invalid token",
         ),

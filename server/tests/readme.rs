@@ -1,13 +1,18 @@
 //! The README's flag table must match the binary: every flag it lists exists with the default it
-//! states, and every flag the binary has is listed.
+//! states, and every flag the binary has is listed. Its token-minting example must mint a token
+//! the server takes.
 
 use std::collections::BTreeMap;
 
 use clap::CommandFactory;
 use wsfleet_server::config::Cli;
 
+fn readme() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap()
+}
+
 fn readme_flags() -> BTreeMap<String, String> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let readme = readme();
     let table = readme.split("<!-- flags").nth(1).and_then(|s| s.split("<!-- /flags -->").next()).expect("flag table");
     table
         .lines()
@@ -42,4 +47,31 @@ fn the_readme_flag_table_matches_the_binary() {
             None => assert!(["none", "any"].contains(&doc.as_str()), "--{flag} has no default, README says {doc}"),
         }
     }
+}
+
+#[test]
+fn the_readme_mints_a_token_the_server_takes() {
+    use wsfleet_server::auth::{Access, Auth};
+    let readme = readme();
+    let script = readme
+        .split("<!-- mint:")
+        .nth(1)
+        .and_then(|s| s.split("```python\n").nth(1))
+        .and_then(|s| s.split("```").next())
+        .expect("the minting example");
+    let secret = "the-readme-example-secret-32-bytes-long";
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .env("WSFLEET_JWT_SECRET", secret)
+        .output()
+        .expect("python3 runs the README's example");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap();
+    let grant = Auth::new(secret.as_bytes(), None, None)
+        .unwrap()
+        .verify(token.trim(), std::time::SystemTime::now())
+        .unwrap_or_else(|why| panic!("the README's token is refused: {why}"));
+    assert!(grant.allows(Access::Subscribe, "news:today"));
+    assert!(grant.allows(Access::Publish, "room:42"));
+    assert!(!grant.allows(Access::Publish, "news:today"));
 }

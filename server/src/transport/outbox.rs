@@ -34,6 +34,10 @@ pub enum CloseReason {
     ProtocolViolation,
     /// The bus could not take the raw-mode subscription: 1013 with its own reason.
     BusUnavailable,
+    /// The connection's token expired and was not refreshed: 4001.
+    TokenExpired,
+    /// A raw-mode frame on a channel the token does not let its holder publish on: 1008.
+    PublishForbidden,
     /// The peer sent a close frame (with this code); only the reply remains to be flushed.
     PeerClosed(Option<u16>),
 }
@@ -48,6 +52,8 @@ impl CloseReason {
             CloseReason::InvalidUtf8 => (1007, "text frame is not valid UTF-8"),
             CloseReason::ProtocolViolation => (1002, "protocol violation"),
             CloseReason::BusUnavailable => (1013, "message bus unavailable"),
+            CloseReason::TokenExpired => (4001, "token expired"),
+            CloseReason::PublishForbidden => (1008, "token does not allow publishing on this channel"),
             CloseReason::PeerClosed(code) => return frame::close(code.filter(|c| frame::is_valid_close_code(*c)), ""),
         };
         frame::close(Some(code), reason)

@@ -13,8 +13,9 @@ pub const MAX_HEAD: usize = 8 * 1024;
 /// Headers in one request, at most (proxies and meshes add a good dozen to a browser's).
 const MAX_HEADERS: usize = 96;
 
-/// What the server uses of an upgrade request (and what admission looks at).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// What the server uses of an upgrade request (and what admission looks at). Its `Debug` hides
+/// the credentials: the `Authorization` header and the `access_token` query parameter.
+#[derive(Default, Clone, PartialEq, Eq)]
 pub struct Head {
     pub path: String,
     pub query: Option<String>,
@@ -22,6 +23,30 @@ pub struct Head {
     pub authorization: Option<String>,
     /// `Sec-WebSocket-Key`.
     pub key: String,
+}
+
+impl std::fmt::Debug for Head {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Head")
+            .field("path", &self.path)
+            .field("query", &self.query.as_deref().map(redact_query))
+            .field("origin", &self.origin)
+            .field("authorization", &self.authorization.as_ref().map(|_| "<redacted>"))
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+/// A query string fit for a log line: the value of `access_token` replaced.
+pub fn redact_query(query: &str) -> String {
+    query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some(("access_token", _)) => "access_token=<redacted>",
+            _ => kv,
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// Why a request is not a WebSocket upgrade this server takes, with the status to answer.
@@ -174,6 +199,18 @@ mod tests {
         let answer = String::from_utf8(switching_protocols(&head.key)).unwrap();
         // The example of RFC 6455 section 1.3.
         assert!(answer.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"), "{answer}");
+    }
+
+    #[test]
+    fn debug_hides_the_token() {
+        let req = GOOD
+            .replace("?token=abc", "?a=1&access_token=secret.jwt.value")
+            .replace("Host: x\r\n", "Host: x\r\nAuthorization: Bearer other.jwt.value\r\n");
+        let (head, _) = parse_head(req.as_bytes()).unwrap().unwrap();
+        assert_eq!(head.query.as_deref(), Some("a=1&access_token=secret.jwt.value"));
+        let shown = format!("{head:?}");
+        assert!(!shown.contains("jwt.value"), "{shown}");
+        assert!(shown.contains("a=1&access_token=<redacted>"), "{shown}");
     }
 
     #[test]

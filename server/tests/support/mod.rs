@@ -91,10 +91,17 @@ pub struct Server {
     pub ws: SocketAddr,
     pub http: SocketAddr,
     child: Option<Child>,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
     pub fn start(redis: Option<&Redis>, extra: &[&str]) -> Server {
+        Server::start_logging(redis, extra, "info")
+    }
+
+    /// [`Server::start`] with this `WSFLEET_LOG` filter (e.g. `debug`); [`Server::log`] has
+    /// every line.
+    pub fn start_logging(redis: Option<&Redis>, extra: &[&str], filter: &str) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsfleet-server"));
         static SERVERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -105,16 +112,19 @@ impl Server {
         if let Some(r) = redis {
             cmd.args(["--redis-url", &r.url()]);
         }
-        cmd.args(extra).env("WSFLEET_LOG", "info").stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.args(extra).env("WSFLEET_LOG", filter).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start wsfleet-server");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std_mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lines = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("listening") {
                     let _ = tx.send(line.clone());
                 }
                 eprintln!("[server] {line}");
+                lines.lock().unwrap().push(line);
             }
         });
         let line = rx.recv_timeout(TIMEOUT).expect("server did not report its addresses");
@@ -122,11 +132,16 @@ impl Server {
             let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
             line[start..].split_whitespace().next().unwrap().parse().unwrap()
         };
-        let server = Server { ws: field("websocket"), http: field("http"), child: Some(child) };
+        let server = Server { ws: field("websocket"), http: field("http"), child: Some(child), log };
         if redis.is_some() {
             server.wait_ready();
         }
         server
+    }
+
+    /// Every line the server logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
     }
 
     pub fn pid(&self) -> u32 {

@@ -10,6 +10,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::Shared;
 use super::admission::{Refusal, Route, admit};
+use crate::auth::Grant;
 use crate::transport::upgrade::{self, HeadError};
 
 /// How a handshake ended.
@@ -40,14 +41,14 @@ impl Outcome {
     }
 }
 
-/// Reads the upgrade request, decides, answers. Returns the route and the bytes the client sent
-/// after its request, or how the handshake failed. A refusal frees `permit` before the client
-/// reads its answer.
+/// Reads the upgrade request, decides, answers. Returns the route, what the token allows (with
+/// `--jwt-secret`) and the bytes the client sent after its request, or how the handshake failed.
+/// A refusal frees `permit` before the client reads its answer.
 pub(super) async fn handshake(
     stream: &mut TcpStream,
     shared: &Shared,
     permit: &mut Option<OwnedSemaphorePermit>,
-) -> Result<(Route, Vec<u8>), Outcome> {
+) -> Result<(Route, Option<Box<Grant>>, Vec<u8>), Outcome> {
     let (head, leftover) = match upgrade::read_head(stream).await {
         Ok(read) => read,
         Err(HeadError::Closed) => return Err(Outcome::Failed),
@@ -58,9 +59,9 @@ pub(super) async fn handshake(
     };
     let draining = shared.draining.load(Ordering::Acquire);
     match admit(&head, &shared.allowed_origins, shared.auth.as_ref(), draining, permit.is_none()) {
-        Ok(route) => {
+        Ok((route, grant)) => {
             stream.write_all(&upgrade::switching_protocols(&head.key)).await.map_err(|_| Outcome::Failed)?;
-            Ok((route, leftover))
+            Ok((route, grant.map(Box::new), leftover))
         }
         Err((refusal, detail)) => {
             *permit = None;

@@ -10,8 +10,12 @@
 //!
 //! * Upgrade: refused with a plain HTTP answer when the server is full or draining (503 +
 //!   Retry-After), the Origin is not allowed (403), the path is neither `/ws` nor
-//!   `/ws/<channel>` (404), the token is missing or bad (401) or the request is not a WebSocket
-//!   upgrade (400, 405, 426, 431).
+//!   `/ws/<channel>` (404), the token is missing or bad (401), a raw-mode token does not allow
+//!   subscribing to its channel (403) or the request is not a WebSocket upgrade (400, 405, 426,
+//!   431).
+//! * With `--jwt-secret`, the token's [`Grant`] stays with the connection: every subscribe and
+//!   publish is checked against it, a `refresh` replaces it, and the write loop's one timer
+//!   closes the connection (4001) when it expires. No task or timer of its own.
 //! * Then one task runs two futures side by side on the same socket: the read loop and the write
 //!   loop. Only the write loop writes; everything else pushes ready-made frames into the
 //!   connection's [`Outbox`].
@@ -27,7 +31,7 @@ pub mod writer;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -37,7 +41,7 @@ use wsfleet_contract::sync::lock;
 
 pub use self::admission::{Refusal, Route, admit};
 pub use self::handshake::Outcome;
-use crate::auth::Auth;
+use crate::auth::{Auth, Grant};
 use crate::config::Config;
 use crate::messaging::bus::Bus;
 use crate::messaging::hub::{ConnId, Mode};
@@ -70,7 +74,11 @@ pub struct Shared {
 impl Shared {
     /// Fails on a JWT secret that is too short.
     pub fn new(config: &Config, bus: Bus, metrics: Arc<Metrics>) -> Result<Self, String> {
-        let auth = config.jwt_secret.as_deref().map(|s| Auth::new(s.as_bytes())).transpose()?;
+        let auth = config
+            .jwt_secret
+            .as_ref()
+            .map(|s| Auth::new(s.as_bytes(), config.jwt_audience.as_deref(), config.jwt_issuer.as_deref()))
+            .transpose()?;
         Ok(Shared {
             bus,
             metrics,
@@ -135,7 +143,7 @@ pub async fn serve(
     let handshake = Box::pin(handshake::handshake(&mut stream, &shared, &mut permit));
     // Matched as a temporary: a named result would keep its storage in the task (memory per
     // connection) after the upgrade.
-    let (route, leftover) = match tokio::time::timeout(shared.handshake_timeout, handshake).await {
+    let (route, grant, leftover) = match tokio::time::timeout(shared.handshake_timeout, handshake).await {
         Ok(Ok(upgraded)) => upgraded,
         Ok(Err(outcome)) => return not_upgraded(&shared, peer, outcome),
         Err(_) => return not_upgraded(&shared, peer, Outcome::TimedOut),
@@ -148,7 +156,7 @@ pub async fn serve(
     if shared.draining.load(Ordering::Acquire) {
         outbox.close(CloseReason::Draining);
     }
-    let conn = Connection { id, shared: shared.clone(), outbox, subscriptions: HashSet::new() };
+    let conn = Connection { id, shared: shared.clone(), outbox, subscriptions: HashSet::new(), grant };
     // No tracing span around the connection: even disabled, it would double the size of every
     // connection's task. Its log lines carry `conn` instead.
     debug!(conn = id, %peer, "upgraded");
@@ -165,12 +173,15 @@ fn not_upgraded(shared: &Shared, peer: SocketAddr, outcome: Outcome) {
     debug!(%peer, ?outcome, "not upgraded");
 }
 
-/// One upgraded connection: its identity, its outbox, its subscriptions.
+/// One upgraded connection: its identity, its outbox, its subscriptions, and with
+/// `--jwt-secret` what its token allows.
 struct Connection {
     id: ConnId,
     shared: Arc<Shared>,
     outbox: Arc<Outbox>,
     subscriptions: HashSet<String>,
+    /// `None`: the server checks no tokens and every channel is open.
+    grant: Option<Box<Grant>>,
 }
 
 /// How the read loop ended.
@@ -201,7 +212,7 @@ impl Connection {
         };
         let outbox = self.outbox.clone();
         let shared = self.shared.clone();
-        let heard = Heard::new();
+        let heard = Heard::new(self.grant.as_ref().map(|g| g.expires()));
         {
             let writer = writer::write_loop(stream, &outbox, &shared, &heard);
             let reader = self.read_loop(stream, leftover, channel.as_deref(), &heard);
@@ -226,18 +237,51 @@ impl Connection {
     }
 }
 
-/// When the peer was last heard from, for the write loop's silence check. Only reads count:
-/// a kernel that still accepts our bytes says nothing about the process behind it.
+/// When the peer was last heard from, for the write loop's silence check, and when its token
+/// expires, for the same loop's expiry close. Only reads count as heard: a kernel that still
+/// accepts our bytes says nothing about the process behind it.
 struct Heard {
     since: tokio::time::Instant,
     millis: AtomicU64,
     /// The read loop is handling the peer's messages and not listening: no silence counts.
     busy: AtomicBool,
+    /// The token's `exp` (seconds since the Unix epoch, capped at [`NO_EXPIRY`] - 1: the year
+    /// 2106), or [`NO_EXPIRY`]. 32 bits: it fits in the struct's padding.
+    token_exp: AtomicU32,
+    /// A `refresh` moved `token_exp` since the write loop last aimed its timer.
+    token_moved: AtomicBool,
+}
+
+/// `Heard::token_exp` of a connection without a token.
+const NO_EXPIRY: u32 = u32::MAX;
+
+/// `exp` in 32 bits: a later one ends the connection in 2106.
+fn capped_exp(exp: u64) -> u32 {
+    exp.min(u64::from(NO_EXPIRY - 1)) as u32
 }
 
 impl Heard {
-    fn new() -> Self {
-        Heard { since: tokio::time::Instant::now(), millis: AtomicU64::new(0), busy: AtomicBool::new(false) }
+    fn new(token_exp: Option<u64>) -> Self {
+        Heard {
+            since: tokio::time::Instant::now(),
+            millis: AtomicU64::new(0),
+            busy: AtomicBool::new(false),
+            token_exp: AtomicU32::new(token_exp.map_or(NO_EXPIRY, capped_exp)),
+            token_moved: AtomicBool::new(false),
+        }
+    }
+    /// A refreshed token's `exp`.
+    fn move_token_exp(&self, exp: u64) {
+        self.token_exp.store(capped_exp(exp), Ordering::Relaxed);
+        self.token_moved.store(true, Ordering::Relaxed);
+    }
+    /// Whether the expiry moved since the last call.
+    fn take_token_moved(&self) -> bool {
+        self.token_moved.swap(false, Ordering::Relaxed)
+    }
+    /// The token's `exp`, or `None` when the connection has no token.
+    fn token_exp(&self) -> Option<u64> {
+        Some(self.token_exp.load(Ordering::Relaxed)).filter(|&exp| exp != NO_EXPIRY).map(u64::from)
     }
     fn now(&self) {
         self.millis.store(self.since.elapsed().as_millis() as u64, Ordering::Relaxed);

@@ -1,6 +1,9 @@
 //! The read side of a connection and the client's operations: frames in, then publishes (a run
 //! of them to one channel goes to the bus in one call), subscribes (with resume), unsubscribes,
-//! pongs and error replies out through the connection's outbox.
+//! token refreshes, pongs and error replies out through the connection's outbox. With
+//! `--jwt-secret`, every subscribe and publish is checked against the connection's token first:
+//! a refusal is a `forbidden` error frame in protocol mode, a 1008 close in raw mode (which has
+//! no error frame).
 //!
 //! The socket is read with the worker thread's buffer and bytes are kept only while a frame is
 //! incomplete: an idle connection holds no buffer. Time spent handling the peer's requests is
@@ -8,12 +11,14 @@
 
 use std::cell::RefCell;
 use std::io;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
 use tracing::debug;
 
 use super::{Connection, Heard, ReadEnd};
+use crate::auth::{Access, Denied};
 use crate::messaging::bus::BusError;
 use crate::messaging::envelope::{Envelope, Payload};
 use crate::messaging::history::{MAX_PUBLISH_BATCH, Since};
@@ -68,7 +73,7 @@ impl Connection {
                 // Time spent on the peer's own requests (a slow bus, a queue for joins) is not
                 // silence: the read loop cannot listen meanwhile.
                 heard.busy(true);
-                let stop = Box::pin(self.on_messages(batch, raw_channel)).await;
+                let stop = Box::pin(self.on_messages(batch, raw_channel, heard)).await;
                 heard.busy(false);
                 if let Some(stop) = stop {
                     return stop;
@@ -98,9 +103,22 @@ impl Connection {
     /// read loop. A run of publishes to one channel goes to the bus in one call (one Redis round
     /// trip), so back-to-back messages do not each wait for the previous one's answer: under
     /// load that answer can wait behind a whole fan-out round.
-    async fn on_messages(&mut self, batch: Vec<Incoming>, raw_channel: Option<&str>) -> Option<ReadEnd> {
+    async fn on_messages(&mut self, batch: Vec<Incoming>, raw_channel: Option<&str>, heard: &Heard) -> Option<ReadEnd> {
         let mut run = PublishRun::default();
         for msg in batch {
+            if matches!(msg, Incoming::Text(_) | Incoming::Binary(_))
+                && let Some(channel) = raw_channel
+                && let Err(denied) = self.authorize(Access::Publish, channel)
+            {
+                // What came before this frame was allowed (the token expired in between): it goes
+                // out first.
+                debug!(conn = self.id, %channel, %denied, "raw-mode publish refused; closing");
+                let end = self.publish_run(&mut run, raw_channel).await;
+                return Some(ReadEnd::Close(end.unwrap_or(match denied {
+                    Denied::Expired => CloseReason::TokenExpired,
+                    Denied::NotGranted { .. } => CloseReason::PublishForbidden,
+                })));
+            }
             match msg {
                 Incoming::Ping(data) => self.push(frame::pong(&data)),
                 Incoming::Pong => {}
@@ -112,7 +130,7 @@ impl Connection {
                     self.count_in(text.len());
                     match raw_channel {
                         Some(channel) => run.add(channel, Payload::Text(text.into())),
-                        None => self.on_protocol_text(text.as_str(), &mut run).await,
+                        None => self.on_protocol_text(text.as_str(), &mut run, heard).await,
                     }
                 }
                 Incoming::Binary(bytes) => {
@@ -144,10 +162,19 @@ impl Connection {
     }
 
     /// A protocol-mode text frame. A publish to the run's channel joins the run; anything else
-    /// (a publish elsewhere included) first waits for the run to go out, so replies and effects
-    /// keep the client's order.
-    async fn on_protocol_text(&mut self, text: &str, run: &mut PublishRun) {
-        let op = protocol::parse_client_frame(text);
+    /// (a publish elsewhere included, or a refused one) first waits for the run to go out, so
+    /// replies and effects keep the client's order.
+    async fn on_protocol_text(&mut self, text: &str, run: &mut PublishRun, heard: &Heard) {
+        let op = protocol::parse_client_frame(text).and_then(|op| {
+            let (access, channel) = match &op {
+                ClientOp::Subscribe { channel, .. } => (Access::Subscribe, *channel),
+                ClientOp::Publish { channel, .. } => (Access::Publish, *channel),
+                ClientOp::Unsubscribe { .. } | ClientOp::Refresh { .. } => return Ok(op),
+            };
+            self.authorize(access, channel)
+                .map_err(|denied| ProtocolError::new(ErrorCode::Forbidden, denied.to_string()).on_channel(channel))?;
+            Ok(op)
+        });
         if !matches!(&op, Ok(ClientOp::Publish { channel, .. }) if run.channel == *channel) {
             self.publish_run(run, None).await;
         }
@@ -157,8 +184,45 @@ impl Connection {
             }
             Ok(ClientOp::Subscribe { channel, since }) => self.subscribe(channel, since).await,
             Ok(ClientOp::Unsubscribe { channel }) => self.unsubscribe(channel),
+            Ok(ClientOp::Refresh { token }) => self.refresh(token, heard),
             Err(e) => self.reply_error(&e),
         }
+    }
+
+    /// Whether the connection's token allows `access` to `channel` now (always, without
+    /// `--jwt-secret`).
+    fn authorize(&self, access: Access, channel: &str) -> Result<(), Denied> {
+        match &self.grant {
+            Some(grant) => grant.check(access, channel, SystemTime::now()),
+            None => Ok(()),
+        }
+    }
+
+    /// Replaces the connection's token with a fresh one checked by the same rules as at the
+    /// upgrade, for the same subject (`sub`). Taken: the `refreshed` reply, the new expiry, and
+    /// the end of every subscription the new token no longer allows (`unsubscribed` with
+    /// `"reason":"forbidden"`). Refused: an `invalid_token` error, and the old token stays.
+    fn refresh(&mut self, token: &str, heard: &Heard) {
+        let refused = |why: String| ProtocolError::new(ErrorCode::InvalidToken, why);
+        let (Some(auth), Some(old)) = (self.shared.auth.as_ref(), self.grant.as_ref()) else {
+            return self.reply_error(&refused("this server checks no tokens (it runs without --jwt-secret)".into()));
+        };
+        let grant = match auth.verify(token, SystemTime::now()) {
+            Ok(grant) if grant.subject() == old.subject() => grant,
+            Ok(_) => return self.reply_error(&refused("not refreshed: the token is for another `sub`".into())),
+            Err(why) => return self.reply_error(&refused(format!("not refreshed: {why}"))),
+        };
+        debug!(conn = self.id, exp = grant.expires(), "token refreshed");
+        heard.move_token_exp(grant.expires());
+        self.reply(protocol::refreshed_frame(grant.expires()));
+        let revoked: Vec<String> =
+            self.subscriptions.iter().filter(|c| !grant.allows(Access::Subscribe, c)).cloned().collect();
+        for channel in revoked {
+            self.subscriptions.remove(&channel);
+            self.shared.bus.hub().unsubscribe(&channel, self.id);
+            self.reply(protocol::revoked_frame(&channel));
+        }
+        self.grant = Some(Box::new(grant));
     }
 
     /// Publishes the run gathered so far and empties it. A refused run: in raw mode, which has

@@ -1,12 +1,13 @@
 //! The write side of a connection: the only code that writes to its socket once it is upgraded.
 //! It hands every queued frame to one vectored write (frames are encoded once per message and
 //! shared by every recipient, so a burst costs one syscall per client and no copy), queues the
-//! keepalive ping, drops a peer silent past `ping interval + ping timeout` (all on one timer),
-//! and abandons a write that blocks while the outbox overflows for a 1013 close.
+//! keepalive ping, drops a peer silent past `ping interval + ping timeout`, closes the
+//! connection when its token expires (4001; all on one timer), and abandons a write that blocks
+//! while the outbox overflows for a 1013 close.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Buf;
 use tokio::net::TcpStream;
@@ -20,12 +21,13 @@ use crate::transport::outbox::{CloseReason, Outbox};
 const MAX_IOV: usize = 64;
 
 /// Writes queued frames (one vectored write per batch), queues a keepalive ping every
-/// `--ping-interval`, and drops a peer silent past `ping interval + ping timeout`, all on one
-/// timer. Returns whether a close frame went out (then the peer's answer is worth waiting for).
+/// `--ping-interval`, drops a peer silent past `ping interval + ping timeout`, and closes the
+/// connection with 4001 when its token expires, all on one timer. Returns whether a close frame
+/// went out (then the peer's answer is worth waiting for).
 pub(super) async fn write_loop(stream: &TcpStream, outbox: &Outbox, shared: &Shared, heard: &Heard) -> bool {
     let mut batch = VecDeque::new();
     let mut next_ping = tokio::time::Instant::now() + shared.ping_interval;
-    let timer = tokio::time::sleep_until(next_ping);
+    let timer = tokio::time::sleep_until(or_expiry(next_ping, heard));
     tokio::pin!(timer);
     loop {
         let close = tokio::select! {
@@ -37,16 +39,29 @@ pub(super) async fn write_loop(stream: &TcpStream, outbox: &Outbox, shared: &Sha
                     debug!("peer silent past the ping timeout; dropping it");
                     return false;
                 }
+                if heard.token_exp().is_some_and(|exp| crate::auth::time_left(exp, SystemTime::now()).is_zero()) {
+                    // Nothing more is delivered on an expired token: what is still queued is
+                    // dropped, and the outbox takes nothing more while the close goes out.
+                    debug!("token expired; closing");
+                    outbox.close(CloseReason::TokenExpired);
+                    Box::pin(finish(stream, VecDeque::new(), CloseReason::TokenExpired)).await;
+                    return true;
+                }
                 if now >= next_ping {
                     // Queued like any frame: a peer that stopped reading overflows its queue and
                     // is closed as slow, or falls silent and is dropped here.
                     outbox.push(frame::ping());
                     next_ping = now + shared.ping_interval;
                 }
-                timer.as_mut().reset(next_ping.min(silent_at));
+                timer.as_mut().reset(or_expiry(next_ping.min(silent_at), heard));
                 continue;
             }
         };
+        // A refresh moves the expiry and always queues its reply, so the timer is re-aimed here,
+        // on the batch that carries the reply.
+        if heard.take_token_moved() {
+            timer.as_mut().reset(or_expiry(next_ping.min(heard.deadline(shared.silence_limit)), heard));
+        }
         if let Some(reason) = close {
             Box::pin(finish(stream, VecDeque::new(), reason)).await;
             return true;
@@ -66,6 +81,14 @@ pub(super) async fn write_loop(stream: &TcpStream, outbox: &Outbox, shared: &Sha
         // Give the buffer back: the outbox gets an unallocated queue on the next swap, so a
         // connection between bursts holds no queue memory (one allocation per batch instead).
         batch = VecDeque::new();
+    }
+}
+
+/// `deadline`, or the connection's token expiry when that comes first.
+fn or_expiry(deadline: tokio::time::Instant, heard: &Heard) -> tokio::time::Instant {
+    match heard.token_exp() {
+        Some(exp) => deadline.min(tokio::time::Instant::now() + crate::auth::time_left(exp, SystemTime::now())),
+        None => deadline,
     }
 }
 
