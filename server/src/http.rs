@@ -2,7 +2,8 @@
 //!
 //! `/readyz` is what Kubernetes routes by: 503 while the server drains (so endpoints drop it
 //! before its clients are closed) and while the message bus is down (a server that cannot
-//! deliver should not take new clients). `/livez` only says the process serves HTTP.
+//! deliver should not take new clients; the body says when Redis refuses the server's
+//! credentials). `/livez` only says the process serves HTTP.
 //!
 //! It sees the server through [`Health`] alone: no connection handler, no bus internals.
 
@@ -37,11 +38,15 @@ pub fn router(health: Health) -> Router {
 
 async fn readyz(State(health): State<Health>) -> impl IntoResponse {
     if health.draining.load(Ordering::Acquire) {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n".to_owned())
     } else if !health.bus.is_up() {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: message bus down\n")
+        let why = match health.bus.refused() {
+            Some(code) => format!("not ready: message bus down: Redis refused this server's credentials ({code})\n"),
+            None => "not ready: message bus down\n".into(),
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, why)
     } else {
-        (StatusCode::OK, "ok\n")
+        (StatusCode::OK, "ok\n".into())
     }
 }
 

@@ -18,13 +18,14 @@
 //! subscribe — the connection boxed those calls before there was a seam — and nothing per
 //! message or per recipient.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use wsfleet_contract::sync::lock;
 
 use crate::messaging::envelope::Envelope;
 use crate::messaging::history::{HistoryConfig, Replay, Since};
@@ -38,6 +39,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum BusError {
     #[error("invalid --redis-url: {0}")]
     InvalidUrl(#[source] BoxError),
+    #[error("the Redis {0} is given twice, in --redis-url and as --redis-{0}; give it once")]
+    CredentialTwice(&'static str),
     #[error("the message bus is unavailable: {0}")]
     Unavailable(#[source] BoxError),
     #[error("the message bus is unavailable: {0}")]
@@ -46,15 +49,17 @@ pub enum BusError {
     ShuttingDown,
 }
 
-/// Whether the bus can deliver right now.
+/// Whether the bus can deliver right now, and if not, whether the backend refused this server.
 #[derive(Debug)]
 pub struct BusHealth {
     up: AtomicBool,
+    /// The backend's reply code while it refuses this server's credentials.
+    refused: Mutex<Option<&'static str>>,
 }
 
 impl BusHealth {
     pub fn new(up: bool) -> Self {
-        BusHealth { up: AtomicBool::new(up) }
+        BusHealth { up: AtomicBool::new(up), refused: Mutex::new(None) }
     }
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
@@ -63,6 +68,16 @@ impl BusHealth {
     pub fn set(&self, up: bool, metrics: &Metrics) {
         self.up.store(up, Ordering::Release);
         metrics.bus_up.set(up as i64);
+        if up {
+            self.set_refused(None);
+        }
+    }
+    /// While the backend refuses this server's credentials: its reply code (`NOAUTH`, ...).
+    pub fn refused(&self) -> Option<&'static str> {
+        *lock(&self.refused)
+    }
+    pub fn set_refused(&self, code: Option<&'static str>) {
+        *lock(&self.refused) = code;
     }
 }
 

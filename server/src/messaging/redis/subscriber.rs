@@ -8,23 +8,34 @@
 //! connected (readiness reports it). After a reconnect it refills, from history, every message
 //! its channels missed while it was away, before it reads any live one (the hub drops what it
 //! already delivered), so a Redis blip within the history window loses nothing.
+//!
+//! Every message is admitted by the hub ([`crate::messaging::admission`] has the rule) before it
+//! counts: one that does not parse, or whose position cannot be right, is dropped, counted in
+//! `wsfleet_bus_envelopes_refused_total{reason}` and logged at most once per
+//! [`REFUSAL_LOG_EVERY`] (with the count since the last line); the one read that may vouch for a
+//! message ahead of what is known is made here, in line, so order is kept.
+//!
+//! A Redis that refuses this server's credentials ends the session like any failure, but is
+//! logged as an error with Redis's reply code, marked in [`BusHealth`] (readiness shows it) and
+//! counted in `wsfleet_bus_auth_failures_total`.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use redis::aio::PubSubSink;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::scripts::{CommandError, RedisHistory};
-use super::{BACKOFF_MAX, COMMAND_TIMEOUT, CONNECT_TIMEOUT};
+use super::{BACKOFF_MAX, COMMAND_TIMEOUT, CONNECT_TIMEOUT, refused_credentials};
+use crate::messaging::admission::Refusal;
 use crate::messaging::bus::BusHealth;
 use crate::messaging::envelope::Sequenced;
 use crate::messaging::history::{Lost, Since};
-use crate::messaging::hub::{BusCommand, Hub};
+use crate::messaging::hub::{Admission, BusCommand, Hub};
 use crate::metrics::Metrics;
 
 const PING_EVERY: Duration = Duration::from_secs(5);
@@ -36,6 +47,8 @@ const PING_TIMEOUT: Duration = Duration::from_secs(15);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Channels per SUBSCRIBE command when resubscribing after a reconnect.
 const RESUBSCRIBE_CHUNK: usize = 256;
+/// Refused bus messages are logged at most this often (a flood must not flood the log).
+pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 pub(super) struct Subscriber {
     pub(super) client: redis::Client,
@@ -44,12 +57,44 @@ pub(super) struct Subscriber {
     pub(super) commands: mpsc::Receiver<BusCommand>,
     pub(super) health: Arc<BusHealth>,
     pub(super) metrics: Arc<Metrics>,
+    /// Refusals not yet logged, and when the last log line about them was written.
+    pub(super) refusals: RefusalLog,
+}
+
+#[derive(Default)]
+pub(super) struct RefusalLog {
+    unlogged: u64,
+    logged_at: Option<Instant>,
 }
 
 /// Why a subscription session ended.
 enum SessionEnd {
     Shutdown,
-    Lost(String),
+    Lost(Down),
+}
+
+/// A lost session: what failed, and Redis's reply code when it refused the credentials.
+struct Down {
+    why: String,
+    refused: Option<&'static str>,
+}
+
+impl Down {
+    fn new(what: &str, e: &redis::RedisError) -> Down {
+        Down { why: format!("{what}: {e}"), refused: refused_credentials(e) }
+    }
+    fn command(what: &str, e: &CommandError) -> Down {
+        match e {
+            CommandError::Redis(e) => Down::new(what, e),
+            e => Down::from(format!("{what}: {e}")),
+        }
+    }
+}
+
+impl From<String> for Down {
+    fn from(why: String) -> Down {
+        Down { why, refused: None }
+    }
 }
 
 impl Subscriber {
@@ -68,14 +113,27 @@ impl Subscriber {
                         }
                         self.session(pubsub, &shutdown, &mut backoff).await
                     }
-                    Ok(Err(e)) => SessionEnd::Lost(format!("connect failed: {e}")),
-                    Err(_) => SessionEnd::Lost("connect timed out".into()),
+                    Ok(Err(e)) => SessionEnd::Lost(Down::new("connect failed", &e)),
+                    Err(_) => SessionEnd::Lost(Down::from("connect timed out".to_owned())),
                 },
             };
             self.set_up(false);
             match end {
                 SessionEnd::Shutdown => return,
-                SessionEnd::Lost(why) => warn!(%why, retry_in = ?backoff, "redis bus down"),
+                SessionEnd::Lost(Down { why, refused: Some(code) }) => {
+                    self.health.set_refused(Some(code));
+                    self.metrics.bus_auth_failures.get_or_create(&crate::metrics::CodeLabel { code }).inc();
+                    error!(
+                        code,
+                        %why,
+                        retry_in = ?backoff,
+                        "redis refused this server's credentials (check --redis-password and --redis-username)"
+                    );
+                }
+                SessionEnd::Lost(Down { why, refused: None }) => {
+                    self.health.set_refused(None);
+                    warn!(%why, retry_in = ?backoff, "redis bus down");
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -98,7 +156,7 @@ impl Subscriber {
         for chunk in channels.chunks(RESUBSCRIBE_CHUNK) {
             let keys: Vec<String> = chunk.iter().map(|(c, _)| self.history.keys().pubsub(c)).collect();
             if let Err(e) = with_timeout(sink.subscribe(keys)).await {
-                return SessionEnd::Lost(format!("resubscribe failed: {e}"));
+                return SessionEnd::Lost(e.context("resubscribe failed"));
             }
             for (channel, generation) in chunk {
                 self.hub.confirm(channel, *generation);
@@ -109,12 +167,12 @@ impl Subscriber {
         // what it already has.
         for (channel, _) in &channels {
             if let Err(e) = self.refill(channel).await {
-                return SessionEnd::Lost(format!("refilling {channel} failed: {e}"));
+                return SessionEnd::Lost(Down::command(&format!("refilling {channel} failed"), &e));
             }
         }
         // Ready only when publishing works too.
         if let Err(e) = self.history.ping().await {
-            return SessionEnd::Lost(format!("publishing connection: {e}"));
+            return SessionEnd::Lost(Down::command("publishing connection", &e));
         }
         self.set_up(true);
         *backoff = BACKOFF_MIN;
@@ -129,24 +187,24 @@ impl Subscriber {
                 _ = shutdown.cancelled() => return SessionEnd::Shutdown,
                 cmd = self.commands.recv() => match cmd {
                     Some(cmd) => if let Err(e) = self.on_command(&mut sink, cmd).await {
-                        return SessionEnd::Lost(e);
+                        return SessionEnd::Lost(e.context("subscribing"));
                     },
                     None => return SessionEnd::Shutdown,
                 },
                 _ = ping.tick() => match tokio::time::timeout(PING_TIMEOUT, sink.ping::<redis::Value>()).await {
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return SessionEnd::Lost(format!("ping failed: {e}")),
-                    Err(_) => return SessionEnd::Lost(format!("ping unanswered for {PING_TIMEOUT:?}")),
+                    Ok(Err(e)) => return SessionEnd::Lost(Down::new("ping failed", &e)),
+                    Err(_) => return SessionEnd::Lost(format!("ping unanswered for {PING_TIMEOUT:?}").into()),
                 },
                 msg = stream.next() => match msg {
-                    Some(msg) => self.on_message(&msg),
-                    None => return SessionEnd::Lost("connection closed".into()),
+                    Some(msg) => self.on_message(&msg).await,
+                    None => return SessionEnd::Lost("connection closed".to_owned().into()),
                 },
             }
         }
     }
 
-    async fn on_command(&self, sink: &mut PubSubSink, cmd: BusCommand) -> Result<(), String> {
+    async fn on_command(&self, sink: &mut PubSubSink, cmd: BusCommand) -> Result<(), Failed> {
         match cmd {
             BusCommand::Subscribe { channel, generation } => {
                 with_timeout(sink.subscribe(self.history.keys().pubsub(&channel))).await?;
@@ -164,6 +222,7 @@ impl Subscriber {
     async fn refill(&self, channel: &str) -> Result<(), CommandError> {
         let Some((epoch, offset)) = self.hub.cursor(channel) else { return Ok(()) };
         let replay = self.history.read(channel, Some(&Since { epoch: epoch.to_string(), offset })).await?;
+        self.hub.learn_head(channel, &(replay.epoch.clone(), replay.head));
         match replay.recovery {
             Some(Ok(())) => {
                 if !replay.entries.is_empty() {
@@ -181,6 +240,7 @@ impl Subscriber {
                 warn!(%channel, epoch = %replay.epoch, "the channel's history was lost; continuing with its new epoch");
                 let fresh = Since { epoch: replay.epoch.to_string(), offset: 0 };
                 let replay = self.history.read(channel, Some(&fresh)).await?;
+                self.hub.learn_head(channel, &(replay.epoch.clone(), replay.head));
                 for msg in &replay.entries {
                     self.hub.deliver(channel, msg);
                 }
@@ -194,15 +254,46 @@ impl Subscriber {
         Ok(())
     }
 
-    fn on_message(&self, msg: &redis::Msg) {
+    /// Admits one pub/sub message to the hub; reads the channel's position first when the hub
+    /// asks for a check.
+    async fn on_message(&mut self, msg: &redis::Msg) {
         self.metrics.bus_messages.inc();
         let Some(channel) = self.history.keys().channel_of(msg.get_channel_name()) else { return };
-        match Sequenced::decode(Bytes::copy_from_slice(msg.get_payload_bytes())) {
-            Ok(msg) => self.hub.deliver(channel, &msg),
-            Err(e) => {
-                self.metrics.bus_undecodable.inc();
-                debug!(%channel, error = %e, "dropped a bus message");
+        let msg = match Sequenced::decode(Bytes::copy_from_slice(msg.get_payload_bytes())) {
+            Ok(msg) => msg,
+            Err(e) => return self.refused(channel, Refusal::Undecodable, &e.to_string()),
+        };
+        let mut admission = self.hub.admit(channel, &msg, true, Instant::now());
+        if admission == Admission::Check {
+            match self.history.read(channel, None).await {
+                Ok(now) => self.hub.learn_head(channel, &(now.epoch, now.head)),
+                Err(e) => debug!(%channel, error = %e, "could not read the channel's position to check a message"),
             }
+            admission = self.hub.admit(channel, &msg, false, Instant::now());
+        }
+        if let Admission::Refused(reason) = admission {
+            let at = format!("offset {} of epoch {}", msg.offset, msg.epoch);
+            self.refused(channel, reason, &at);
+        }
+    }
+
+    /// Counts a refused message, and logs it unless a line was written lately.
+    fn refused(&mut self, channel: &str, reason: Refusal, what: &str) {
+        self.metrics.bus_refused(reason.as_str());
+        debug!(%channel, reason = reason.as_str(), what, "refused a bus message");
+        let log = &mut self.refusals;
+        log.unlogged += 1;
+        let now = Instant::now();
+        if log.logged_at.is_none_or(|at| now.saturating_duration_since(at) >= REFUSAL_LOG_EVERY) {
+            warn!(
+                %channel,
+                reason = reason.as_str(),
+                what,
+                refused = log.unlogged,
+                "refused bus messages that cannot be right (forged or corrupt); the channel keeps delivering"
+            );
+            log.unlogged = 0;
+            log.logged_at = Some(now);
         }
     }
 
@@ -211,10 +302,22 @@ impl Subscriber {
     }
 }
 
-async fn with_timeout<T>(f: impl Future<Output = redis::RedisResult<T>>) -> Result<T, String> {
+/// A pub/sub command that failed: the Redis error, or none when it timed out.
+struct Failed(Option<redis::RedisError>);
+
+impl Failed {
+    fn context(self, what: &str) -> Down {
+        match self.0 {
+            Some(e) => Down::new(what, &e),
+            None => format!("{what}: timed out").into(),
+        }
+    }
+}
+
+async fn with_timeout<T>(f: impl Future<Output = redis::RedisResult<T>>) -> Result<T, Failed> {
     match tokio::time::timeout(COMMAND_TIMEOUT, f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("timed out".into()),
+        Ok(Err(e)) => Err(Failed(Some(e))),
+        Err(_) => Err(Failed(None)),
     }
 }
