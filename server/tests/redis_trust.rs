@@ -167,3 +167,31 @@ async fn an_acl_user_works_and_a_password_given_twice_is_refused() {
     assert!(log.contains("given twice"), "{log}");
     assert!(!log.contains(&password), "a password in the log:\n{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legitimate_jump_is_checked_against_redis_and_delivered() {
+    // The channel idles past its TTL, so its next publish starts a new epoch at offset 1: a
+    // jump no subscribed server has seen Redis report, which one read confirms.
+    let (_redis, servers) = fleet(2, &["--history-ttl", "1"]);
+    let mut subs = [subscriber(&servers[0], "room").await, subscriber(&servers[1], "room").await];
+    let mut publisher = connect(&servers[0].url("/ws")).await;
+    publish(&mut publisher, "room", json!("before")).await;
+    let mut first_epoch = Value::Null;
+    for sub in &mut subs {
+        first_epoch = next_json(sub).await["epoch"].clone();
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    publish(&mut publisher, "room", json!("after")).await;
+    publish(&mut publisher, "room", json!("and next")).await;
+    for sub in &mut subs {
+        for (offset, data) in [(1, "after"), (2, "and next")] {
+            let msg = next_json(sub).await;
+            assert_eq!((&msg["offset"], &msg["data"]), (&json!(offset), &json!(data)), "{msg}");
+            assert_ne!(msg["epoch"], first_epoch, "{msg}");
+        }
+    }
+    for server in &servers {
+        let (_, metrics) = http_get(server.http, "/metrics");
+        assert!(!metrics.contains("wsfleet_bus_envelopes_refused_total{"), "nothing refused:\n{metrics}");
+    }
+}
