@@ -147,7 +147,7 @@ async fn a_redis_with_a_password_serves_only_servers_that_have_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_acl_user_works_and_a_password_given_twice_is_refused() {
+async fn an_acl_user_and_fleet_stats_work_and_a_password_given_twice_is_refused() {
     let password = format!("pw-{}", std::process::id());
     let redis = Redis::start_with_password(&password);
     let acl = redis.cli(&["ACL", "SETUSER", "fleet", "on", ">fleet-pw", "~wsfleet:*", "&wsfleet:*", "+@all"]);
@@ -158,6 +158,28 @@ async fn an_acl_user_works_and_a_password_given_twice_is_refused() {
     publish(&mut sub, "room", json!({"as": "fleet"})).await;
     let msg: Value = next_json(&mut sub).await;
     assert_eq!(msg["data"], json!({"as": "fleet"}), "{msg}");
+
+    // fleet-stats takes the same credentials.
+    let fleet_stats = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_wsfleet-server"))
+            .args(["fleet-stats", "--redis-url", &redis.url(), "--json"])
+            .args(extra)
+            .env_remove("WSFLEET_REDIS_PASSWORD")
+            .env_remove("WSFLEET_REDIS_USERNAME")
+            .output()
+            .expect("run fleet-stats");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let stats = wait_until("fleet-stats counts the server", || {
+        let (ok, out) = fleet_stats(&["--redis-password", &password]);
+        (ok && out.contains(r#""total":1"#)).then_some(out)
+    });
+    assert!(stats.contains(r#""pods":{"test-"#), "{stats}");
+    let (ok, out) = fleet_stats(&[]);
+    assert!(!ok && out.contains("NOAUTH"), "{out}");
 
     let url = format!("redis://:{password}@127.0.0.1:{}", redis.port);
     let mut twice = Server::start_on(&redis, &["--redis-url", &url, "--redis-password", &password]);

@@ -20,8 +20,9 @@
 //! there and then, shows it ([`Verdict::Check`]). Legitimate gaps are rare (a channel's first
 //! message racing its join's read, an epoch that starts anew after the channel idled past its
 //! TTL, a publish script that failed half-way) and cost that one read. Checks are rationed per
-//! channel ([`may_check`]): a flood of forged messages costs Redis at most one read per channel
-//! per [`CHECK_EVERY`], and is refused against the last answer meanwhile. Envelopes that do not
+//! channel ([`may_check`]) and per server ([`CheckBudget`]): a flood of forged messages costs
+//! Redis at most one read per channel per [`CHECK_EVERY`], and [`MAX_CHECKS_PER_SECOND`] in
+//! all, and is refused against the last answer meanwhile. Envelopes that do not
 //! parse (prefix, offset 0, epoch, version, kind, UTF-8, JSON) never get this far
 //! ([`crate::messaging::envelope`]).
 //!
@@ -34,6 +35,10 @@ use std::time::{Duration, Instant};
 /// Most often one channel's position is read to check a message that is not believable as it
 /// stands.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Most checks one server makes per second, all channels together: a flood over many channels
+/// costs Redis (and this server's pub/sub loop, which waits for each) no more than that.
+pub const MAX_CHECKS_PER_SECOND: u32 = 100;
 
 /// Why a message from the bus was refused. Part of the metrics (`reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +92,29 @@ pub fn may_check(checked_at: Option<Instant>, now: Instant) -> bool {
     checked_at.is_none_or(|at| now.saturating_duration_since(at) >= CHECK_EVERY)
 }
 
+/// The checks one server has left this second ([`MAX_CHECKS_PER_SECOND`]).
+#[derive(Debug, Default)]
+pub struct CheckBudget {
+    window: Option<Instant>,
+    used: u32,
+}
+
+impl CheckBudget {
+    /// Whether a check may be made at `now`.
+    pub fn available(&mut self, now: Instant) -> bool {
+        if self.window.is_none_or(|start| now.saturating_duration_since(start) >= Duration::from_secs(1)) {
+            self.window = Some(now);
+            self.used = 0;
+        }
+        self.used < MAX_CHECKS_PER_SECOND
+    }
+
+    /// Records a check made.
+    pub fn spend(&mut self) {
+        self.used += 1;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,5 +166,12 @@ mod tests {
         assert!(may_check(None, now));
         assert!(!may_check(Some(now), now + CHECK_EVERY / 2));
         assert!(may_check(Some(now), now + CHECK_EVERY));
+        let mut budget = CheckBudget::default();
+        for _ in 0..MAX_CHECKS_PER_SECOND {
+            assert!(budget.available(now));
+            budget.spend();
+        }
+        assert!(!budget.available(now + Duration::from_millis(999)));
+        assert!(budget.available(now + Duration::from_secs(1)));
     }
 }

@@ -118,6 +118,7 @@ pub fn start(target: Target<'_>, prefix: &str, start: Start<'_>) -> Result<Bus, 
         health: health.clone(),
         metrics: start.metrics,
         refusals: Default::default(),
+        checks: Default::default(),
     };
     start.tracker.spawn(subscriber.run(start.shutdown));
     Ok(Bus::new(Box::new(history), hub, health))

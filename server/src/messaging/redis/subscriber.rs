@@ -31,7 +31,7 @@ use tracing::{debug, error, info, warn};
 
 use super::scripts::{CommandError, RedisHistory};
 use super::{BACKOFF_MAX, COMMAND_TIMEOUT, CONNECT_TIMEOUT, refused_credentials};
-use crate::messaging::admission::Refusal;
+use crate::messaging::admission::{CheckBudget, Refusal};
 use crate::messaging::bus::BusHealth;
 use crate::messaging::envelope::Sequenced;
 use crate::messaging::history::{Lost, Since};
@@ -59,6 +59,8 @@ pub(super) struct Subscriber {
     pub(super) metrics: Arc<Metrics>,
     /// Refusals not yet logged, and when the last log line about them was written.
     pub(super) refusals: RefusalLog,
+    /// Reads left this second to check messages that are not believable as they stand.
+    pub(super) checks: CheckBudget,
 }
 
 #[derive(Default)]
@@ -263,8 +265,10 @@ impl Subscriber {
             Ok(msg) => msg,
             Err(e) => return self.refused(channel, Refusal::Undecodable, &e.to_string()),
         };
-        let mut admission = self.hub.admit(channel, &msg, true, Instant::now());
+        let now = Instant::now();
+        let mut admission = self.hub.admit(channel, &msg, self.checks.available(now), now);
         if admission == Admission::Check {
+            self.checks.spend();
             match self.history.read(channel, None).await {
                 Ok(now) => self.hub.learn_head(channel, &(now.epoch, now.head)),
                 Err(e) => debug!(%channel, error = %e, "could not read the channel's position to check a message"),
