@@ -26,9 +26,10 @@
 //! parse (prefix, offset 0, epoch, version, kind, UTF-8, JSON) never get this far
 //! ([`crate::messaging::envelope`]).
 //!
-//! What it cannot do: a forged message at exactly the next offset looks like the real one and
-//! takes its place (the real one then arrives as a duplicate). That is one message per forged
-//! message, never the channel; only the password prevents it.
+//! What it cannot do: tell a forged message from a real one at an offset Redis has reached. One
+//! there (the next offset, or one up to a head Redis reported ahead of what was delivered) takes
+//! the real one's place, and the real ones up to it then arrive as duplicates: a bounded loss of
+//! messages already published, never the channel's later ones. Only the password prevents that.
 
 use std::time::{Duration, Instant};
 

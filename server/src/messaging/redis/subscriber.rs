@@ -16,8 +16,8 @@
 //! message ahead of what is known is made here, in line, so order is kept.
 //!
 //! A Redis that refuses this server's credentials ends the session like any failure, but is
-//! logged as an error with Redis's reply code, marked in [`BusHealth`] (readiness shows it) and
-//! counted in `wsfleet_bus_auth_failures_total`.
+//! logged as an error with Redis's reply code (again every [`AUTH_LOG_EVERY`] while it lasts),
+//! marked in [`BusHealth`] (readiness shows it) and counted in `wsfleet_bus_auth_failures_total`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,6 +47,8 @@ const PING_TIMEOUT: Duration = Duration::from_secs(15);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Channels per SUBSCRIBE command when resubscribing after a reconnect.
 const RESUBSCRIBE_CHUNK: usize = 256;
+/// While Redis keeps refusing this server's credentials, the error is repeated this often.
+pub const AUTH_LOG_EVERY: Duration = Duration::from_secs(60);
 /// Refused bus messages are logged at most this often (a flood must not flood the log).
 pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -103,6 +105,8 @@ impl Subscriber {
     pub(super) async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = BACKOFF_MIN;
         let mut sessions = 0u64;
+        // The refusal last logged as an error, and when: repeats go to debug for a while.
+        let mut refusal_logged: Option<(&'static str, Instant)> = None;
         loop {
             let connect = tokio::time::timeout(CONNECT_TIMEOUT, self.client.get_async_pubsub());
             let end = tokio::select! {
@@ -119,18 +123,28 @@ impl Subscriber {
                     Err(_) => SessionEnd::Lost(Down::from("connect timed out".to_owned())),
                 },
             };
+            if self.health.is_up() {
+                // A refusal after a working session is news again.
+                refusal_logged = None;
+            }
             self.set_up(false);
             match end {
                 SessionEnd::Shutdown => return,
                 SessionEnd::Lost(Down { why, refused: Some(code) }) => {
                     self.health.set_refused(Some(code));
                     self.metrics.bus_auth_failures.get_or_create(&crate::metrics::CodeLabel { code }).inc();
-                    error!(
-                        code,
-                        %why,
-                        retry_in = ?backoff,
-                        "redis refused this server's credentials (check --redis-password and --redis-username)"
-                    );
+                    let now = Instant::now();
+                    if refusal_logged.is_none_or(|(c, at)| c != code || now.duration_since(at) >= AUTH_LOG_EVERY) {
+                        refusal_logged = Some((code, now));
+                        error!(
+                            code,
+                            %why,
+                            retry_in = ?backoff,
+                            "redis refused this server's credentials (check --redis-password and --redis-username)"
+                        );
+                    } else {
+                        debug!(code, %why, retry_in = ?backoff, "redis still refuses this server's credentials");
+                    }
                 }
                 SessionEnd::Lost(Down { why, refused: None }) => {
                     self.health.set_refused(None);
