@@ -43,6 +43,11 @@ bench: ## Benchmarks (not part of `make test`); figures in bench/results/ and be
 	bench/history.sh
 	bench/connections.sh
 
+.PHONY: chaos
+chaos: ## The fault run: Redis killed, paused, cut, restored under traffic; stalled clients; a channel flood
+	scripts/install-deps.sh
+	bench/chaos.sh
+
 .PHONY: bench-operator
 bench-operator: ## The operator with 1,000 WebSocketClusters on the local control plane (CLUSTERS=N for fewer)
 	scripts/install-deps.sh

@@ -8,6 +8,9 @@ pub const HTTP_LISTEN: &str = "WSFLEET_HTTP_LISTEN";
 pub const POD_NAME: &str = "WSFLEET_POD_NAME";
 pub const REDIS_URL: &str = "WSFLEET_REDIS_URL";
 pub const REDIS_PREFIX: &str = "WSFLEET_REDIS_PREFIX";
+/// Set from a Secret by reference, never as a literal value.
+pub const REDIS_PASSWORD: &str = "WSFLEET_REDIS_PASSWORD";
+pub const REDIS_USERNAME: &str = "WSFLEET_REDIS_USERNAME";
 pub const MAX_CONNECTIONS: &str = "WSFLEET_MAX_CONNECTIONS";
 pub const DRAIN_TIMEOUT: &str = "WSFLEET_DRAIN_TIMEOUT";
 pub const HISTORY_SIZE: &str = "WSFLEET_HISTORY_SIZE";
@@ -28,6 +31,8 @@ pub const ALL: &[&str] = &[
     POD_NAME,
     REDIS_URL,
     REDIS_PREFIX,
+    REDIS_PASSWORD,
+    REDIS_USERNAME,
     MAX_CONNECTIONS,
     DRAIN_TIMEOUT,
     HISTORY_SIZE,

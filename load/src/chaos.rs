@@ -5,10 +5,13 @@
 //! server that resume with `since` after any close (moving to the next server), and one
 //! publisher that numbers its messages (`{"n": k}`) at a steady rate. After the fault, the fleet
 //! must deliver again; the run then stops the publisher and compares, per subscriber, the
-//! numbers it got with every number any subscriber got (what the bus accepted): a number
+//! numbers it got with every number any subscriber got (what the bus delivered): a number
 //! missing is **announced** when the subscriber was told it could not recover (a `subscribed`
-//! reply with `recovered: false`), else **silent**. Duplicates and numbers out of order are
-//! counted too.
+//! reply with `recovered: false`), else **silent**. A number that no subscriber got and whose
+//! publish was not refused is lost by the bus itself (silently, unless announced). A publish
+//! refused with an error frame that was delivered all the same is counted too (a lower bound:
+//! refusals do not say which number they answer). Duplicates and numbers out of order are
+//! counted.
 //!
 //! * `kill` — Redis killed (SIGKILL) and restarted empty after 3 s: the channel's history is
 //!   gone, so the loss must be announced as a new epoch.
@@ -91,7 +94,7 @@ struct Fleet {
 }
 
 impl Fleet {
-    fn start(args: &ChaosArgs, name: &str) -> anyhow::Result<Fleet> {
+    fn start(args: &ChaosArgs, name: &str, server_flags: &[&str]) -> anyhow::Result<Fleet> {
         let dir = std::env::temp_dir().join(format!("wsfleet-chaos-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let mut fleet = Fleet { redis: None, redis_port: free_port()?, dir, servers: Vec::new() };
@@ -101,9 +104,8 @@ impl Fleet {
             let child = Command::new(&args.server_bin)
                 .args(["--listen", &format!("127.0.0.1:{ws}"), "--http-listen", &format!("127.0.0.1:{http}")])
                 .args(["--redis-url", &format!("redis://127.0.0.1:{}", fleet.redis_port)])
-                // Room for the whole run in history and in one resume.
-                .args(["--history-size", "20000", "--client-queue", "32768", "--worker-threads", "1"])
-                .args(["--ping-interval", "300"])
+                .args(["--worker-threads", "1", "--ping-interval", "300"])
+                .args(server_flags)
                 .env("WSFLEET_LOG", "warn")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -352,13 +354,14 @@ async fn publisher(urls: Vec<String>, interval: Duration, stop: watch::Receiver<
 
 /// Runs one delivery fault under traffic and compares what the subscribers got.
 fn delivery_fault(args: &ChaosArgs, fault: Fault) -> anyhow::Result<Value> {
-    let mut fleet = Fleet::start(args, &format!("{fault:?}").to_lowercase())?;
+    // Room for the whole run in history and in one resume.
+    let roomy = ["--history-size", "20000", "--client-queue", "32768"];
+    let mut fleet = Fleet::start(args, &format!("{fault:?}").to_lowercase(), &roomy)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let (stop_tx, stop) = watch::channel(false);
     let urls = fleet.urls("/ws");
-    let subs: Vec<_> = (0..args.servers * args.subscribers)
-        .map(|i| rt.spawn(subscriber(urls.clone(), i, stop.clone())))
-        .collect();
+    let subs: Vec<_> =
+        (0..args.servers * args.subscribers).map(|i| rt.spawn(subscriber(urls.clone(), i, stop.clone()))).collect();
     std::thread::sleep(Duration::from_secs(2));
     let interval = Duration::from_micros(1_000_000 / args.rate.max(1));
     let publisher = rt.spawn(publisher(urls.clone(), interval, stop.clone()));
@@ -416,8 +419,18 @@ fn delivery_fault(args: &ChaosArgs, fault: Fault) -> anyhow::Result<Value> {
     let peak_mib = memory.mib();
 
     let accepted: BTreeSet<u64> = seen.iter().flat_map(|s| s.numbers.iter().copied()).collect();
+    // Numbers nobody got: refused ones (the publisher was told) and ones the bus lost.
+    let undelivered = published.sent.saturating_sub(accepted.len() as u64);
+    let bus_lost = undelivered.saturating_sub(published.refused);
+    let refused_yet_delivered = published.refused.saturating_sub(undelivered);
     let mut per_subscriber = Vec::new();
     let (mut silent, mut announced, mut duplicates, mut out_of_order) = (0u64, 0u64, 0u64, 0u64);
+    let told = seen.iter().any(|s| !s.announced.is_empty());
+    if told {
+        announced += bus_lost;
+    } else {
+        silent += bus_lost;
+    }
     for s in &seen {
         let got: BTreeSet<u64> = s.numbers.iter().copied().collect();
         let first = s.numbers.first().copied().unwrap_or(u64::MAX);
@@ -443,7 +456,9 @@ fn delivery_fault(args: &ChaosArgs, fault: Fault) -> anyhow::Result<Value> {
         "published": published.sent,
         "refused": published.refused,
         "publisher_reconnects": published.reconnects,
-        "accepted": accepted.len(),
+        "delivered": accepted.len(),
+        "lost_by_the_bus": bus_lost,
+        "refused_yet_delivered_at_least": refused_yet_delivered,
         "lost_silently": silent,
         "lost_announced": announced,
         "duplicates": duplicates,
@@ -480,7 +495,8 @@ fn stalled_client(addr: SocketAddr, path: &str) -> anyhow::Result<TcpStream> {
 }
 
 fn stalled(args: &ChaosArgs) -> anyhow::Result<Value> {
-    let fleet = Fleet::start(args, "stalled")?;
+    // The default client queue: a client that does not read is closed once it is full.
+    let fleet = Fleet::start(args, "stalled", &[])?;
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let memory = MemoryPeak::start(fleet.pids());
     let mut held = Vec::new();
@@ -535,7 +551,7 @@ fn redis_used_mib(fleet: &Fleet) -> f64 {
 }
 
 fn flood(args: &ChaosArgs) -> anyhow::Result<Value> {
-    let fleet = Fleet::start(args, "flood")?;
+    let fleet = Fleet::start(args, "flood", &[])?;
     let memory = MemoryPeak::start(fleet.pids());
     let redis_before = redis_used_mib(&fleet);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -549,16 +565,20 @@ fn flood(args: &ChaosArgs) -> anyhow::Result<Value> {
         .map(|(i, url)| {
             let (url, refused) = (url.clone(), refused.clone());
             rt.spawn(async move {
-                let Ok((ws, _)) = tokio_tungstenite::connect_async(url.as_str()).await else { return 0u64 };
+                let Ok((ws, _)) = tokio_tungstenite::connect_async(url.as_str()).await else {
+                    return (0u64, Duration::ZERO);
+                };
                 let (mut tx, mut rx) = ws.split();
                 let reader = tokio::spawn(async move {
-                    while let Ok(Some(Ok(Message::Text(t)))) = tokio::time::timeout(Duration::from_secs(5), rx.next()).await {
+                    while let Ok(Some(Ok(Message::Text(t)))) =
+                        tokio::time::timeout(Duration::from_secs(5), rx.next()).await
+                    {
                         let v: Value = serde_json::from_str(&t).unwrap_or_default();
                         let code = v["code"].as_str().unwrap_or("other").to_owned();
                         *refused.lock().unwrap_or_else(|e| e.into_inner()).entry(code).or_default() += 1;
                     }
                 });
-                let mut sent = 0;
+                let mut sent = 0u64;
                 for c in 0..per {
                     let op = json!({"op": "publish", "channel": format!("flood-{i}-{c}"), "data": c});
                     if tx.send(Message::text(op.to_string())).await.is_err() {
@@ -566,19 +586,21 @@ fn flood(args: &ChaosArgs) -> anyhow::Result<Value> {
                     }
                     sent += 1;
                 }
+                let done = start.elapsed();
                 let _ = reader.await;
-                sent
+                (sent, done)
             })
         })
         .collect();
-    let sent: u64 = rt.block_on(async {
-        let mut total = 0;
+    let (sent, took) = rt.block_on(async {
+        let (mut total, mut last) = (0, Duration::ZERO);
         for t in tasks {
-            total += t.await.unwrap_or(0);
+            let (sent, done) = t.await.unwrap_or_default();
+            total += sent;
+            last = last.max(done);
         }
-        total
+        (total, last.as_secs_f64())
     });
-    let took = start.elapsed().as_secs_f64() - 5.0;
     let keys = fleet.cli(&["DBSIZE"]).trim().parse::<u64>().unwrap_or(0);
     let redis_after = redis_used_mib(&fleet);
     let peak = memory.mib();
@@ -586,7 +608,7 @@ fn flood(args: &ChaosArgs) -> anyhow::Result<Value> {
     Ok(json!({
         "fault": "flood",
         "channels": sent,
-        "seconds": round(took.max(0.0)),
+        "seconds": round(took),
         "refused": refused,
         "redis_keys_after": keys,
         "redis_used_mib_before": round(redis_before),
@@ -611,7 +633,8 @@ pub fn run(args: ChaosArgs) -> anyhow::Result<()> {
             Fault::Flood => flood(&args),
             f => delivery_fault(&args, *f),
         };
-        let result = result.unwrap_or_else(|e| json!({"fault": format!("{fault:?}").to_lowercase(), "error": e.to_string()}));
+        let result =
+            result.unwrap_or_else(|e| json!({"fault": format!("{fault:?}").to_lowercase(), "error": e.to_string()}));
         eprintln!("[chaos] {result}");
         results.push(result);
     }

@@ -53,9 +53,59 @@ pub struct FleetStatsArgs {
     /// Key prefix of the fleet (its servers' `--redis-prefix`).
     #[arg(long, env = env::REDIS_PREFIX, default_value = "wsfleet", value_parser = parse_prefix)]
     pub redis_prefix: String,
+    #[command(flatten)]
+    pub redis_auth: RedisAuth,
     /// Print JSON: `{"pods": {"<pod>": <connections>, ...}, "total": <connections>}`.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Credentials for Redis besides `--redis-url`, whose own `user:password@` works too; a
+/// credential given both ways is refused at start, so no one wonders which was used.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RedisAuth {
+    /// Redis ACL user to authenticate as (with `--redis-password`); without it, Redis's default user.
+    #[arg(long, env = env::REDIS_USERNAME)]
+    pub redis_username: Option<String>,
+
+    /// Redis password (`requirepass`, or the ACL user's), used on every Redis connection. Set it
+    /// from a Secret through the environment; it is never logged.
+    #[arg(long, env = env::REDIS_PASSWORD, hide_env_values = true)]
+    pub redis_password: Option<Password>,
+}
+
+impl RedisAuth {
+    /// The Redis at `url`, with these credentials.
+    pub fn target<'a>(&'a self, url: &'a str) -> crate::messaging::redis::Target<'a> {
+        crate::messaging::redis::Target {
+            url,
+            username: self.redis_username.as_deref(),
+            password: self.redis_password.as_ref().map(Password::expose),
+        }
+    }
+}
+
+/// A password, kept out of `Debug` output (and so out of logs of the settings).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(String);
+
+impl Password {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
+}
+
+impl std::str::FromStr for Password {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.is_empty() { Err("must not be empty".into()) } else { Ok(Password(s.to_owned())) }
+    }
 }
 
 /// Settings of the server itself.
@@ -77,6 +127,9 @@ pub struct Config {
     /// Prefix of every Redis key and pub/sub channel this fleet uses, so fleets can share a Redis.
     #[arg(long, env = env::REDIS_PREFIX, default_value = "wsfleet", value_parser = parse_prefix)]
     pub redis_prefix: String,
+
+    #[command(flatten)]
+    pub redis_auth: RedisAuth,
 
     /// Name of this server in logs and fleet statistics (the pod name on Kubernetes).
     #[arg(long, env = env::POD_NAME, default_value = "wsfleet-server")]
@@ -333,6 +386,16 @@ mod tests {
         let secret = "s".repeat(32);
         let c = Cli::parse_from(["wsfleet-server", "--jwt-secret", &secret, "--jwt-issuer", "https://i.example"]).serve;
         assert_eq!(c.jwt_issuer.as_deref(), Some("https://i.example"));
+    }
+
+    #[test]
+    fn the_redis_password_stays_out_of_debug_output() {
+        let c = Cli::parse_from(["wsfleet-server", "--redis-password", "s3cret-pw", "--redis-username", "app"]).serve;
+        assert_eq!(c.redis_auth.redis_password.as_ref().map(Password::expose), Some("s3cret-pw"));
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("s3cret-pw") && debug.contains("app"), "{debug}");
+        let err = Cli::try_parse_from(["wsfleet-server", "--redis-password", ""]).unwrap_err();
+        assert!(err.to_string().contains("--redis-password"), "{err}");
     }
 
     #[test]

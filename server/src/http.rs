@@ -9,8 +9,8 @@
 //! taking them all out of the Service at once would refuse every new client although each
 //! server still serves (subscriptions wait for the bus, publishes get `bus_unavailable`).
 //! `--readiness bus` restores the strict rule (503 whenever the bus is down); `/metrics` shows
-//! the state either way (`bus_up`, `bus_link_broken`). `/livez` only says the process serves
-//! HTTP.
+//! the state either way (`bus_up`, `bus_link_broken`); the body says when Redis refuses the
+//! server's credentials. `/livez` only says the process serves HTTP.
 //!
 //! It sees the server through [`Health`] alone: no connection handler, no bus internals.
 
@@ -49,29 +49,42 @@ pub fn router(health: Health) -> Router {
 
 async fn readyz(State(health): State<Health>) -> impl IntoResponse {
     let draining = health.draining.load(Ordering::Acquire);
-    match readiness(draining, (health.full)(), health.bus.state(), health.readiness) {
+    match readiness(draining, (health.full)(), health.bus.state(), health.bus.refused(), health.readiness) {
         Ok(body) => (StatusCode::OK, body),
         Err(body) => (StatusCode::SERVICE_UNAVAILABLE, body),
     }
 }
 
-/// Pure: the readiness answer's body, `Err` for 503.
-pub fn readiness(draining: bool, full: bool, bus: BusState, policy: Readiness) -> Result<&'static str, &'static str> {
+/// Pure: the readiness answer's body, `Err` for 503. `refused` is the backend's reply code
+/// while it refuses this server's credentials.
+pub fn readiness(
+    draining: bool,
+    full: bool,
+    bus: BusState,
+    refused: Option<&str>,
+    policy: Readiness,
+) -> Result<String, String> {
     if draining {
-        return Err("not ready: draining\n");
+        return Err("not ready: draining\n".into());
     }
     if full {
-        return Err("not ready: at --max-connections\n");
+        return Err("not ready: at --max-connections\n".into());
+    }
+    if bus != BusState::Up
+        && let Some(code) = refused
+    {
+        return Err(format!("not ready: message bus down: Redis refused this server's credentials ({code})\n"));
     }
     match (bus, policy) {
-        (BusState::Up, _) => Ok("ok\n"),
-        (BusState::Connecting, _) => Err("not ready: the message bus has not connected yet\n"),
+        (BusState::Up, _) => Ok("ok\n".into()),
+        (BusState::Connecting, _) => Err("not ready: the message bus has not connected yet\n".into()),
         (BusState::Down(Outage::Link), _) => {
-            Err("not ready: this server's link to the message bus is broken while the bus answers\n")
+            Err("not ready: this server's link to the message bus is broken while the bus answers\n".into())
         }
-        (BusState::Down(Outage::Fleet), Readiness::Bus) => Err("not ready: message bus down\n"),
+        (BusState::Down(Outage::Fleet), Readiness::Bus) => Err("not ready: message bus down\n".into()),
         (BusState::Down(Outage::Fleet), Readiness::Pod) => {
-            Ok("ok, degraded: the message bus is down for the whole fleet; publishes fail and subscriptions wait\n")
+            Ok("ok, degraded: the message bus is down for the whole fleet; publishes fail and subscriptions wait\n"
+                .into())
         }
     }
 }
@@ -89,14 +102,18 @@ mod tests {
         let fleet_down = BusState::Down(Outage::Fleet);
         let link_down = BusState::Down(Outage::Link);
         for policy in [Readiness::Pod, Readiness::Bus] {
-            assert!(readiness(false, false, BusState::Up, policy).is_ok());
-            assert!(readiness(true, false, BusState::Up, policy).unwrap_err().contains("draining"));
-            assert!(readiness(false, true, BusState::Up, policy).unwrap_err().contains("--max-connections"));
-            assert!(readiness(false, false, BusState::Connecting, policy).unwrap_err().contains("not connected yet"));
-            assert!(readiness(false, false, link_down, policy).unwrap_err().contains("link"));
+            assert!(readiness(false, false, BusState::Up, None, policy).is_ok());
+            assert!(readiness(true, false, BusState::Up, None, policy).unwrap_err().contains("draining"));
+            assert!(readiness(false, true, BusState::Up, None, policy).unwrap_err().contains("--max-connections"));
+            assert!(
+                readiness(false, false, BusState::Connecting, None, policy).unwrap_err().contains("not connected yet")
+            );
+            assert!(readiness(false, false, link_down, None, policy).unwrap_err().contains("link"));
         }
-        assert!(readiness(false, false, fleet_down, Readiness::Pod).unwrap().contains("degraded"));
-        assert!(readiness(false, false, fleet_down, Readiness::Bus).is_err());
-        assert!(readiness(true, false, fleet_down, Readiness::Pod).is_err(), "a draining server is never ready");
+        assert!(readiness(false, false, fleet_down, None, Readiness::Pod).unwrap().contains("degraded"));
+        assert!(readiness(false, false, fleet_down, None, Readiness::Bus).is_err());
+        assert!(readiness(true, false, fleet_down, None, Readiness::Pod).is_err(), "a draining server is never ready");
+        let refused = readiness(false, false, BusState::Connecting, Some("WRONGPASS"), Readiness::Pod);
+        assert!(refused.unwrap_err().contains("refused this server's credentials (WRONGPASS)"));
     }
 }

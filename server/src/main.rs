@@ -87,7 +87,7 @@ fn tune(args: TuneArgs) -> ExitCode {
 
 fn fleet_stats(args: FleetStatsArgs) -> ExitCode {
     let run = async {
-        let client = redis::Client::open(args.redis_url.as_str()).context("invalid --redis-url")?;
+        let client = wsfleet_server::messaging::redis::client(args.redis_auth.target(&args.redis_url))?;
         let stats = tokio::time::timeout(
             std::time::Duration::from_secs(10),
             wsfleet_server::messaging::redis::fleet_stats(&client, &args.redis_prefix),

@@ -20,6 +20,11 @@ pub struct CodeLabel {
     pub code: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub connections: Gauge,
@@ -38,7 +43,8 @@ pub struct Metrics {
     pub bus_reconnects: Counter,
     pub bus_channels: Gauge,
     pub bus_messages: Counter,
-    pub bus_undecodable: Counter,
+    pub bus_envelopes_refused: Family<ReasonLabel, Counter>,
+    pub bus_auth_failures: Family<CodeLabel, Counter>,
     pub bus_refilled: Counter,
     pub bus_gaps_lost: Counter,
     pub deliver_latency: Histogram,
@@ -110,10 +116,15 @@ impl Metrics {
             ),
             bus_channels: reg!("bus_channels", "Channels this server is subscribed to on the bus", Gauge::default()),
             bus_messages: reg!("bus_messages", "Messages received from the bus", Counter::default()),
-            bus_undecodable: reg!(
-                "bus_undecodable",
-                "Bus messages dropped because they could not be decoded",
-                Counter::default()
+            bus_envelopes_refused: reg!(
+                "bus_envelopes_refused",
+                "Bus messages dropped because they cannot be right, by reason (undecodable, unknown_epoch, offset_ahead)",
+                Family::<ReasonLabel, Counter>::default()
+            ),
+            bus_auth_failures: reg!(
+                "bus_auth_failures",
+                "Connections to Redis refused for this server's credentials, by Redis's reply code (NOAUTH, WRONGPASS, NOPERM)",
+                Family::<CodeLabel, Counter>::default()
             ),
             bus_refilled: reg!(
                 "bus_refilled",
@@ -137,6 +148,10 @@ impl Metrics {
 
     pub fn upgrade(&self, result: &'static str) {
         self.upgrades.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    pub fn bus_refused(&self, reason: &'static str) {
+        self.bus_envelopes_refused.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     pub fn protocol_error(&self, code: &'static str) {

@@ -3,6 +3,8 @@
 
 mod support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -251,20 +253,32 @@ async fn a_slow_reader_is_closed_with_1013_while_fast_readers_get_everything() {
     assert_eq!(next_json(&mut slow).await["type"], "subscribed");
     let fast: Vec<_> = futures_util::future::join_all((0..2).map(|_| subscriber(&server, "firehose"))).await;
 
+    // Each fast reader says how far it got; the publisher keeps at most a few messages ahead
+    // of the slower of them, so a fast reader that a busy machine starves for a moment never
+    // has a full queue, while the slow client, which reads nothing, fills its queue for sure.
+    let progress: Vec<_> = (0..fast.len()).map(|_| Arc::new(AtomicUsize::new(0))).collect();
     let readers: Vec<_> = fast
         .into_iter()
-        .map(|mut ws| {
+        .zip(progress.clone())
+        .map(|(mut ws, done)| {
             tokio::spawn(async move {
                 for i in 0..MESSAGES {
                     let m = next_json(&mut ws).await;
                     assert_eq!(m["data"]["i"], i, "fast reader lost or reordered a message");
+                    done.store(i + 1, Ordering::Release);
                 }
             })
         })
         .collect();
     let mut publisher = connect(&server.url("/ws")).await;
     let filler = "z".repeat(8000);
+    const AHEAD: usize = 16;
     for i in 0..MESSAGES {
+        let behind = Instant::now();
+        while progress.iter().any(|p| p.load(Ordering::Acquire) + AHEAD <= i) {
+            assert!(behind.elapsed() < TIMEOUT, "a fast reader stopped reading at message {i}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         publish(&mut publisher, "firehose", json!({"i": i, "filler": filler})).await;
     }
     for r in readers {

@@ -185,11 +185,11 @@ proptest! {
         kind in 0u8..3,
         body in ".{0,100}",
     ) {
-        let body = Bytes::from(body.into_bytes());
         let payload = match kind {
-            0 => Payload::Text(body),
-            1 => Payload::Binary(body),
-            _ => Payload::Json(body),
+            0 => Payload::Text(Bytes::from(body.into_bytes())),
+            1 => Payload::Binary(Bytes::from(body.into_bytes())),
+            // A JSON payload is one JSON value (here a string holding the text).
+            _ => Payload::Json(Bytes::from(serde_json::to_vec(&body).unwrap())),
         };
         let sent = Sequenced { epoch: epoch.as_str().into(), offset, envelope: Envelope::new(payload) };
         prop_assert_eq!(Sequenced::decode(sent.encode()).unwrap(), sent);

@@ -18,13 +18,14 @@
 //! subscribe — the connection boxed those calls before there was a seam — and nothing per
 //! message or per recipient.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use wsfleet_contract::sync::lock;
 
 use crate::messaging::envelope::Envelope;
 use crate::messaging::history::{HistoryConfig, Replay, Since};
@@ -38,6 +39,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum BusError {
     #[error("invalid --redis-url: {0}")]
     InvalidUrl(#[source] BoxError),
+    #[error("the Redis {0} is given twice, in --redis-url and as --redis-{0}; give it once")]
+    CredentialTwice(&'static str),
     #[error("the message bus is unavailable: {0}")]
     Unavailable(#[source] BoxError),
     #[error("the message bus is unavailable: {0}")]
@@ -56,6 +59,8 @@ pub enum BusError {
 #[derive(Debug)]
 pub struct BusHealth {
     state: AtomicU8,
+    /// The backend's reply code while it refuses this server's credentials.
+    refused: Mutex<Option<&'static str>>,
 }
 
 /// The bus as this server sees it.
@@ -99,7 +104,7 @@ impl BusState {
 
 impl BusHealth {
     pub fn new(state: BusState) -> Self {
-        BusHealth { state: AtomicU8::new(state.encode()) }
+        BusHealth { state: AtomicU8::new(state.encode()), refused: Mutex::new(None) }
     }
     pub fn state(&self) -> BusState {
         BusState::decode(self.state.load(Ordering::Acquire))
@@ -112,6 +117,16 @@ impl BusHealth {
         self.state.store(state.encode(), Ordering::Release);
         metrics.bus_up.set((state == BusState::Up) as i64);
         metrics.bus_link_broken.set((state == BusState::Down(Outage::Link)) as i64);
+        if state == BusState::Up {
+            self.set_refused(None);
+        }
+    }
+    /// While the backend refuses this server's credentials: its reply code (`NOAUTH`, ...).
+    pub fn refused(&self) -> Option<&'static str> {
+        *lock(&self.refused)
+    }
+    pub fn set_refused(&self, code: Option<&'static str>) {
+        *lock(&self.refused) = code;
     }
 }
 

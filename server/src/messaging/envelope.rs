@@ -9,7 +9,9 @@
 //!
 //! `kind` is `t` (text), `b` (binary) or `j` (JSON). `published_at` is the publishing server's
 //! wall clock, used for the publish-to-deliver latency histogram. A server drops (and counts)
-//! envelopes it cannot read rather than guessing.
+//! envelopes it cannot read rather than guessing: what came over the bus is checked as if a
+//! client had sent it (text is UTF-8, JSON is one JSON value, since protocol mode splices it into
+//! its frames unparsed; offsets start at 1), because anyone who reaches Redis can publish.
 //!
 //! The publish script (see [`crate::messaging::redis`]) gives each envelope its channel's next offset and
 //! current epoch and sends it on as a [`Sequenced`] message: `<offset>:<epoch>:<envelope>`. The
@@ -50,6 +52,8 @@ pub enum EnvelopeError {
     Kind(u8),
     #[error("text payload is not UTF-8")]
     NotUtf8,
+    #[error("JSON payload is not one JSON value")]
+    NotJson,
     #[error("sequenced message lacks a valid `<offset>:<epoch>:` prefix")]
     Sequence,
 }
@@ -91,6 +95,9 @@ impl Envelope {
                 return Err(EnvelopeError::NotUtf8);
             }
             b't' => Payload::Text(body),
+            b'j' if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() => {
+                return Err(EnvelopeError::NotJson);
+            }
             b'j' => Payload::Json(body),
             b'b' => Payload::Binary(body),
             k => return Err(EnvelopeError::Kind(k)),
@@ -121,7 +128,11 @@ impl Sequenced {
         let (Some(offset), Some(epoch), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(EnvelopeError::Sequence);
         };
-        let offset = std::str::from_utf8(offset).ok().and_then(|o| o.parse().ok()).ok_or(EnvelopeError::Sequence)?;
+        let offset = std::str::from_utf8(offset)
+            .ok()
+            .and_then(|o| o.parse().ok())
+            .filter(|o| *o > 0)
+            .ok_or(EnvelopeError::Sequence)?;
         let epoch = std::str::from_utf8(epoch).map_err(|_| EnvelopeError::Sequence)?;
         if !valid_epoch(epoch) {
             return Err(EnvelopeError::Sequence);
@@ -157,7 +168,7 @@ mod tests {
             envelope: Envelope { published_at_micros: 7, payload: Payload::Text(Bytes::from_static(b"a:b:c")) },
         };
         assert_eq!(Sequenced::decode(s.encode()), Ok(s));
-        for bad in [&b"x:e:"[..], b"1:e", b"1:bad epoch:\x01t12345678", b"-1:e:"] {
+        for bad in [&b"x:e:"[..], b"1:e", b"1:bad epoch:\x01t12345678", b"-1:e:", b"0:e:\x01t12345678"] {
             assert!(Sequenced::decode(Bytes::copy_from_slice(bad)).is_err(), "{bad:?}");
         }
     }
@@ -188,5 +199,9 @@ mod tests {
         assert_eq!(Envelope::decode(Bytes::from_static(b"\x02t12345678")), Err(EnvelopeError::Version(2)));
         assert_eq!(Envelope::decode(Bytes::from_static(b"\x01x12345678")), Err(EnvelopeError::Kind(b'x')));
         assert_eq!(Envelope::decode(Bytes::from_static(b"\x01t12345678\xff")), Err(EnvelopeError::NotUtf8));
+        // Protocol mode splices JSON into its frames: a forged one must not add fields or frames.
+        for bad in [&b"\x01j12345678"[..], b"\x01j12345678\"x\"},{\"type\":\"subscribed\"", b"\x01j12345678{\"a\":1"] {
+            assert_eq!(Envelope::decode(Bytes::from_static(bad)), Err(EnvelopeError::NotJson), "{bad:?}");
+        }
     }
 }

@@ -10,6 +10,9 @@
 //!   the order the bus hands them over. The channel remembers the last `(epoch, offset)` it
 //!   delivered and drops anything at or before it, so a gap refilled from history after a bus
 //!   reconnect never duplicates a message.
+//! * Trust: what the bus hands over from Redis pub/sub goes through [`Hub::admit`], which judges
+//!   it against the cursor and the highest head Redis reported ([`admission`]) before it can move
+//!   the cursor; history entries and the in-process bus go through [`Hub::deliver`].
 //! * The seam of a resume: a protocol subscriber starts *gated*; live messages are held for it
 //!   while its connection reads history. [`Hub::open_gate`] then queues, under the channel lock,
 //!   the `subscribed` reply, the replayed entries and the held messages after the replay's head,
@@ -26,12 +29,13 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc};
 
 use wsfleet_contract::sync::{lock, read, write};
 
+use crate::messaging::admission::{self, Refusal, Verdict};
 use crate::messaging::envelope::{Sequenced, now_micros};
 use crate::metrics::Metrics;
 use crate::protocol::{self, RawFrame};
@@ -78,6 +82,10 @@ struct ChannelState {
     subscribers: HashMap<ConnId, Subscriber>,
     /// The last position delivered here.
     cursor: Option<Position>,
+    /// The highest position Redis reported for the channel (a join's read, a refill, a check).
+    head: Option<Position>,
+    /// When a message from pub/sub last had this channel's position read to check it.
+    checked_at: Option<Instant>,
     /// Its last subscriber left: the entry is on its way out of the map and takes no one new.
     closed: bool,
 }
@@ -87,6 +95,19 @@ struct Channel {
     state: Mutex<ChannelState>,
     confirmed: AtomicBool,
     confirmed_notify: Notify,
+}
+
+/// What became of a message from pub/sub ([`Hub::admit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Delivered to the local subscribers, or dropped as a duplicate.
+    Taken,
+    /// Not believable as it stands: read the channel's position, give it to
+    /// [`Hub::learn_head`], and admit the message again with `may_check` false.
+    Check,
+    Refused(Refusal),
+    /// No local subscriber has the channel (any more).
+    NotHere,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +205,7 @@ impl Hub {
         if state.cursor.is_none() {
             state.cursor = Some(head.clone());
         }
+        raise(&mut state.head, &head);
         let Some(sub) = state.subscribers.get_mut(&conn) else { return };
         let held = sub.held.take().unwrap_or_default();
         let mut frames = first.into_iter().chain(replay.iter().map(|m| render(channel, sub.mode, m)));
@@ -252,8 +274,37 @@ impl Hub {
         state.cursor.clone()
     }
 
+    /// Records a position Redis reported for `channel` (a read), which vouches for every
+    /// message up to it ([`admission`]).
+    pub fn learn_head(&self, channel: &str, head: &Position) {
+        if let Some(entry) = read(&self.channels).get(channel).cloned() {
+            raise(&mut lock(&entry.state).head, head);
+        }
+    }
+
+    /// Fans a message from Redis pub/sub out if it is believable ([`admission::judge`]); a
+    /// refused one moves nothing. `may_check`: whether the caller can read the channel's
+    /// position when asked to ([`Admission::Check`], at most once per channel per
+    /// [`admission::CHECK_EVERY`]); without it, what cannot be believed now is refused.
+    pub fn admit(&self, channel: &str, msg: &Sequenced, may_check: bool, now: Instant) -> Admission {
+        let Some(entry) = read(&self.channels).get(channel).cloned() else { return Admission::NotHere };
+        let mut state = lock(&entry.state);
+        let (last, head) = (position(&state.cursor), position(&state.head));
+        match admission::judge(last, head, &msg.epoch, msg.offset) {
+            Verdict::Deliver => self.fan_out(channel, &mut state, msg),
+            Verdict::Duplicate => {}
+            Verdict::Check(_) if may_check && admission::may_check(state.checked_at, now) => {
+                state.checked_at = Some(now);
+                return Admission::Check;
+            }
+            Verdict::Check(refusal) => return Admission::Refused(refusal),
+        }
+        Admission::Taken
+    }
+
     /// Fans one message out to the channel's local subscribers. Messages at or before the
-    /// channel's cursor (same epoch) were delivered already and are dropped.
+    /// channel's cursor (same epoch) were delivered already and are dropped. For messages whose
+    /// position is known to be real: history entries, the in-process bus.
     pub fn deliver(&self, channel: &str, msg: &Sequenced) {
         let Some(entry) = read(&self.channels).get(channel).cloned() else { return };
         let mut state = lock(&entry.state);
@@ -263,6 +314,11 @@ impl Hub {
         {
             return;
         }
+        self.fan_out(channel, &mut state, msg);
+    }
+
+    /// Moves the cursor to `msg` and hands it to every subscriber, under the channel's lock.
+    fn fan_out(&self, channel: &str, state: &mut ChannelState, msg: &Sequenced) {
         let pos: Position = (msg.epoch.clone(), msg.offset);
         state.cursor = Some(pos.clone());
         let latency = now_micros().saturating_sub(msg.envelope.published_at_micros);
@@ -282,6 +338,18 @@ impl Hub {
                 }
             }
         }
+    }
+}
+
+fn position(p: &Option<Position>) -> Option<(&str, u64)> {
+    p.as_ref().map(|(epoch, offset)| (&**epoch, *offset))
+}
+
+/// Raises a channel's known head to `to`: later in the same epoch, or any position of another
+/// epoch (the latest read knows the channel's current one).
+fn raise(head: &mut Option<Position>, to: &Position) {
+    if !head.as_ref().is_some_and(|h| h.0 == to.0 && h.1 >= to.1) {
+        *head = Some(to.clone());
     }
 }
 
@@ -384,6 +452,31 @@ mod tests {
         }
         assert_eq!(offsets(&drain(&o).await), [1, 2, 3, 1, 2]);
         assert_eq!(hub.cursor("c"), Some((Arc::from("f"), 2)));
+    }
+
+    #[tokio::test]
+    async fn a_forged_offset_is_refused_and_the_channel_keeps_delivering() {
+        let hub = local_hub();
+        let o = outbox(100);
+        hub.subscribe("c", 1, o.clone(), Mode::Protocol, true).await.unwrap();
+        hub.open_gate("c", 1, None, &[], (Arc::from("e"), 4));
+        let now = Instant::now();
+        assert_eq!(hub.admit("c", &seq("e", 5, "real"), true, now), Admission::Taken);
+        // Far ahead: checked once (the caller reads Redis's head: 5), then refused.
+        assert_eq!(hub.admit("c", &seq("e", 1 << 60, "forged"), true, now), Admission::Check);
+        hub.learn_head("c", &(Arc::from("e"), 5));
+        let refused = Admission::Refused(Refusal::OffsetAhead);
+        assert_eq!(hub.admit("c", &seq("e", 1 << 60, "forged"), false, now), refused);
+        // A flood meanwhile gets no second check, and an unknown epoch none either.
+        assert_eq!(hub.admit("c", &seq("e", 1 << 61, "forged"), true, now), refused);
+        let unknown = Admission::Refused(Refusal::UnknownEpoch);
+        assert_eq!(hub.admit("c", &seq("forged", 6, "forged"), true, now), unknown);
+        for off in [6, 7] {
+            assert_eq!(hub.admit("c", &seq("e", off, "real"), true, now), Admission::Taken);
+        }
+        assert_eq!(offsets(&drain(&o).await), [5, 6, 7]);
+        assert_eq!(hub.cursor("c"), Some((Arc::from("e"), 7)));
+        assert_eq!(hub.admit("gone", &seq("e", 1, "x"), true, now), Admission::NotHere);
     }
 
     #[tokio::test]

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | [`envelope`] | pure: a published message's bytes on the bus, with its place in the order |
 //! | [`history`] | pure: offsets, epochs, resume and why one fails — every backend's contract |
+//! | [`admission`] | pure: which messages from Redis pub/sub a server believes |
 //! | [`hub`] | channel -> local subscribers; encodes each message once and fans it out |
 //! | [`bus`] | the bus the server uses, and the [`bus::Backend`] seam behind it |
 //! | [`local`] | the in-process backend: one server alone |
@@ -15,6 +16,7 @@
 //! never the reverse; only this module, above them all, picks a backend ([`bus::Bus::start`]).
 //! Nothing here knows a connection, only the [`crate::transport::outbox`] it pushes to.
 
+pub mod admission;
 pub mod bus;
 pub mod envelope;
 pub mod history;
@@ -38,7 +40,7 @@ impl Bus {
     /// unreachable Redis is retried. `hold_limit` bounds what the hub holds for one resuming
     /// subscriber.
     pub fn start(
-        redis_url: Option<&str>,
+        redis: Option<self::redis::Target<'_>>,
         prefix: &str,
         history: HistoryConfig,
         hold_limit: usize,
@@ -47,9 +49,9 @@ impl Bus {
         shutdown: CancellationToken,
     ) -> Result<Bus, BusError> {
         let start = Start { history, hold_limit, metrics, tracker, shutdown };
-        match redis_url {
+        match redis {
             None => Ok(local::start(start)),
-            Some(url) => redis::start(url, prefix, start),
+            Some(target) => self::redis::start(target, prefix, start),
         }
     }
 }
@@ -64,7 +66,20 @@ mod tests {
         let tracker = TaskTracker::new();
         let history = HistoryConfig { size: 10, ttl: Duration::from_secs(10), max_replay: 10 };
         let metrics = Arc::new(Metrics::new());
-        let r = Bus::start(Some("http://nope"), "p", history, 10, metrics, &tracker, CancellationToken::new());
+        let target = redis::Target { url: "http://nope", ..Default::default() };
+        let r = Bus::start(Some(target), "p", history, 10, metrics, &tracker, CancellationToken::new());
         assert!(matches!(r, Err(BusError::InvalidUrl(_))));
+    }
+
+    #[test]
+    fn a_credential_given_twice_is_refused_up_front() {
+        let with = |url, username, password| redis::client(redis::Target { url, username, password });
+        assert!(with("redis://127.0.0.1:1", Some("app"), Some("pw")).is_ok());
+        assert!(with("redis://:pw@127.0.0.1:1", Some("app"), None).is_ok());
+        let err = with("redis://:pw@127.0.0.1:1", None, Some("pw")).unwrap_err();
+        assert!(matches!(err, BusError::CredentialTwice("password")), "{err}");
+        assert!(!err.to_string().contains("pw@"), "{err}");
+        let err = with("redis://app:pw@127.0.0.1:1", Some("other"), None).unwrap_err();
+        assert!(matches!(err, BusError::CredentialTwice("username")), "{err}");
     }
 }

@@ -1,12 +1,13 @@
-//! Real processes for the black-box tests: `redis-server` and `wsfleet-server` on loopback
-//! ports chosen at run time, WebSocket clients over TCP, and plain HTTP probes. Every process is
-//! stopped by its pid when its handle drops.
+//! Real processes for the black-box tests: `redis-server` (optionally with a password) and
+//! `wsfleet-server` on loopback ports chosen at run time, WebSocket clients over TCP, and plain
+//! HTTP probes. Every process is stopped by its pid when its handle drops.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -32,12 +33,23 @@ pub fn free_port() -> u16 {
 
 pub struct Redis {
     pub port: u16,
+    /// Set: Redis runs with `--requirepass`, and servers started on it get `--redis-password`.
+    pub password: Option<String>,
     child: Option<Child>,
 }
 
 impl Redis {
     pub fn start() -> Redis {
-        let mut r = Redis { port: free_port(), child: None };
+        Redis::start_with(None)
+    }
+
+    /// A Redis that refuses every client without this password.
+    pub fn start_with_password(password: &str) -> Redis {
+        Redis::start_with(Some(password))
+    }
+
+    fn start_with(password: Option<&str>) -> Redis {
+        let mut r = Redis { port: free_port(), password: password.map(str::to_owned), child: None };
         r.restart();
         r
     }
@@ -49,27 +61,43 @@ impl Redis {
     /// Starts (again) on the same port, with no data.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "redis is already running");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        if let Some(password) = &self.password {
+            cmd.args(["--requirepass", password]);
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (apt-get install redis-server)");
         self.child = Some(child);
-        wait_until("redis answers PING", || {
+        wait_until("redis answers", || {
+            // Without the password a protected Redis answers -NOAUTH: it is up all the same.
             let mut s = StdStream::connect(("127.0.0.1", self.port)).ok()?;
             s.write_all(b"PING\r\n").ok()?;
             let mut buf = [0u8; 7];
             s.read_exact(&mut buf).ok()?;
-            (&buf == b"+PONG\r\n").then_some(())
+            (&buf == b"+PONG\r\n" || &buf == b"-NOAUTH").then_some(())
         });
     }
 
-    /// Runs `redis-cli` against this server; returns its output.
+    /// Runs `redis-cli` against this server, with its password if it has one; returns its output.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out =
-            Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().expect("redis-cli");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.cli_as(self.password.as_deref(), args)
+    }
+
+    /// Runs `redis-cli` with `password` (none: as a client that does not know it); returns its
+    /// output, errors included.
+    pub fn cli_as(&self, password: Option<&str>, args: &[&str]) -> String {
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["-p", &self.port.to_string()]).args(args).env_remove("REDISCLI_AUTH");
+        if let Some(password) = password {
+            // From the environment, so it is not on a command line.
+            cmd.env("REDISCLI_AUTH", password);
+        }
+        let out = cmd.output().expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
     }
 
     /// Kills the process (SIGKILL) and waits for it.
@@ -87,14 +115,19 @@ impl Drop for Redis {
     }
 }
 
+/// Log lines a server process keeps for the test, at most (the rest are only printed).
+const LOG_LINES_KEPT: usize = 10_000;
+
 pub struct Server {
     pub ws: SocketAddr,
     pub http: SocketAddr,
     child: Option<Child>,
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Server {
+    /// A server on `redis` (with its password, if it has one), ready; without Redis, the
+    /// in-process bus.
     pub fn start(redis: Option<&Redis>, extra: &[&str]) -> Server {
         Server::start_logging(redis, extra, "info")
     }
@@ -102,29 +135,61 @@ impl Server {
     /// [`Server::start`] with this `WSFLEET_LOG` filter (e.g. `debug`); [`Server::log`] has
     /// every line.
     pub fn start_logging(redis: Option<&Redis>, extra: &[&str], filter: &str) -> Server {
+        let mut args = Vec::new();
+        if let Some(r) = redis {
+            args.extend(["--redis-url".to_owned(), r.url()]);
+            if let Some(password) = r.password.as_ref().filter(|_| !extra.contains(&"--redis-password")) {
+                args.extend(["--redis-password".to_owned(), password.clone()]);
+            }
+        }
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let server = Server::spawn(&args, filter);
+        if redis.is_some() {
+            server.wait_ready();
+        }
+        server
+    }
+
+    /// A server on `redis` (or on the `--redis-url` in `extra`) with exactly the Redis
+    /// credentials in `extra`, none of the Redis's own; not waited for: it may never be ready.
+    pub fn start_on(redis: &Redis, extra: &[&str]) -> Server {
+        let mut args = Vec::new();
+        if !extra.contains(&"--redis-url") {
+            args.extend(["--redis-url".to_owned(), redis.url()]);
+        }
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Server::spawn(&args, "info")
+    }
+
+    fn spawn(args: &[String], filter: &str) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsfleet-server"));
         static SERVERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         cmd.args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]);
-        if !extra.contains(&"--pod-name") {
+        if !args.iter().any(|a| a == "--pod-name") {
             cmd.args(["--pod-name", &format!("test-{n}")]);
         }
-        if let Some(r) = redis {
-            cmd.args(["--redis-url", &r.url()]);
-        }
-        cmd.args(extra).env("WSFLEET_LOG", filter).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.args(args)
+            .env("WSFLEET_LOG", filter)
+            .env_remove("WSFLEET_REDIS_PASSWORD")
+            .env_remove("WSFLEET_REDIS_USERNAME")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start wsfleet-server");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std_mpsc::channel();
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let lines = log.clone();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let kept = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("listening") {
                     let _ = tx.send(line.clone());
                 }
                 eprintln!("[server] {line}");
-                lines.lock().unwrap().push(line);
+                let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
+                if kept.len() < LOG_LINES_KEPT {
+                    kept.push(line);
+                }
             }
         });
         let line = rx.recv_timeout(TIMEOUT).expect("server did not report its addresses");
@@ -132,16 +197,19 @@ impl Server {
             let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
             line[start..].split_whitespace().next().unwrap().parse().unwrap()
         };
-        let server = Server { ws: field("websocket"), http: field("http"), child: Some(child), log };
-        if redis.is_some() {
-            server.wait_ready();
-        }
-        server
+        Server { ws: field("websocket"), http: field("http"), child: Some(child), log }
     }
 
-    /// Every line the server logged so far.
+    /// What the server has logged so far (its first lines, up to a cap).
     pub fn log(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).join("\n")
+    }
+
+    /// Waits until a log line contains `text`; returns that line.
+    pub fn wait_for_log(&self, text: &str) -> String {
+        wait_until(&format!("the server logs {text:?}"), || {
+            self.log.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|l| l.contains(text)).cloned()
+        })
     }
 
     pub fn pid(&self) -> u32 {

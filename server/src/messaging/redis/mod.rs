@@ -11,6 +11,12 @@
 //! presence heartbeat); one pub/sub connection subscribes. Local publishes also go through
 //! Redis, so every server sees a channel's messages in the one order Redis gave them.
 //!
+//! Credentials: `--redis-password` (and `--redis-username` for an ACL user) go with every
+//! connection this module opens, beside or instead of the URL's own `user:password@`
+//! ([`client`]). A Redis that refuses them (`NOAUTH`, `WRONGPASS`, `NOPERM`) keeps the bus down:
+//! the subscriber logs the reply code (never the secret), readiness says why, and
+//! `wsfleet_bus_auth_failures_total` counts it.
+//!
 //! In the server, only this module (and the `fleet-stats` subcommand through [`presence`])
 //! speaks Redis; the presence format it shares with the operator is `wsfleet_contract::presence`.
 //! A second topology lives beside it as its own module.
@@ -44,12 +50,56 @@ const BACKOFF_MAX: Duration = Duration::from_secs(3);
 /// Subscribe and unsubscribe requests of the hub waiting for the subscriber task, at most.
 const COMMAND_QUEUE: usize = 4096;
 
-/// Starts the Redis bus: the publishing connection (lazy: an unreachable Redis is retried, not
-/// an error) and the subscriber task on `start.tracker`, until `start.shutdown`. Fails only on an
-/// invalid URL.
-pub fn start(url: &str, prefix: &str, start: Start<'_>) -> Result<Bus, BusError> {
+/// Where the fleet's Redis is, and who this server is to it.
+#[derive(Clone, Copy, Default)]
+pub struct Target<'a> {
+    pub url: &'a str,
+    pub username: Option<&'a str>,
+    pub password: Option<&'a str>,
+}
+
+/// The client for `target`: its URL with the credentials given beside it. A credential given
+/// both in the URL and beside it is refused rather than one silently winning.
+pub fn client(target: Target<'_>) -> Result<redis::Client, BusError> {
+    use redis::IntoConnectionInfo;
     let invalid = |e: redis::RedisError| BusError::InvalidUrl(Box::new(e));
-    let client = redis::Client::open(url).map_err(invalid)?;
+    let info = target.url.into_connection_info().map_err(invalid)?;
+    let mut settings = info.redis_settings().clone();
+    if let Some(username) = target.username {
+        if settings.username().is_some() {
+            return Err(BusError::CredentialTwice("username"));
+        }
+        settings = settings.set_username(username);
+    }
+    if let Some(password) = target.password {
+        if settings.password().is_some() {
+            return Err(BusError::CredentialTwice("password"));
+        }
+        settings = settings.set_password(password);
+    }
+    redis::Client::open(info.set_redis_settings(settings)).map_err(invalid)
+}
+
+/// The reply code of a Redis that refused this server's credentials, `None` for any other
+/// error. What a Redis operator looks up; it never contains the secret.
+pub fn refused_credentials(e: &redis::RedisError) -> Option<&'static str> {
+    match e.code() {
+        Some("NOAUTH") => Some("NOAUTH"),
+        Some("WRONGPASS") => Some("WRONGPASS"),
+        Some("NOPERM") => Some("NOPERM"),
+        // The client reports a refused AUTH without Redis's code: a wrong password, or one given
+        // to a Redis that has none.
+        _ if e.kind() == redis::ErrorKind::AuthenticationFailed => Some("WRONGPASS"),
+        _ => None,
+    }
+}
+
+/// Starts the Redis bus: the publishing connection (lazy: an unreachable Redis is retried, not
+/// an error) and the subscriber task on `start.tracker`, until `start.shutdown`. Fails only on
+/// invalid settings (the URL, a credential given twice).
+pub fn start(target: Target<'_>, prefix: &str, start: Start<'_>) -> Result<Bus, BusError> {
+    let invalid = |e: redis::RedisError| BusError::InvalidUrl(Box::new(e));
+    let client = client(target)?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         .set_response_timeout(Some(COMMAND_TIMEOUT))
@@ -67,6 +117,8 @@ pub fn start(url: &str, prefix: &str, start: Start<'_>) -> Result<Bus, BusError>
         commands: rx,
         health: health.clone(),
         metrics: start.metrics,
+        refusals: Default::default(),
+        checks: Default::default(),
     };
     start.tracker.spawn(subscriber.run(start.shutdown));
     Ok(Bus::new(Box::new(history), hub, health))

@@ -9,26 +9,38 @@
 //! of its Service only for its own): a connect that fails tells by its error, and a session lost
 //! after connecting is followed by one PING on a fresh connection — answered means Redis is fine
 //! and this server's link broke. A PING counts only the time this process could run, so a server
-//! starved of CPU (or stopped) does not take a late answer for a dead bus. After a reconnect it refills, from history, every message
-//! its channels missed while it was away, before it reads any live one (the hub drops what it
-//! already delivered), so a Redis blip within the history window loses nothing.
+//! starved of CPU (or stopped) does not take a late answer for a dead bus. After a reconnect it
+//! refills, from history, every message its channels missed while it was away, before it reads
+//! any live one (the hub drops what it already delivered), so a Redis blip within the history
+//! window loses nothing.
+//!
+//! Every message is admitted by the hub ([`crate::messaging::admission`] has the rule) before it
+//! counts: one that does not parse, or whose position cannot be right, is dropped, counted in
+//! `wsfleet_bus_envelopes_refused_total{reason}` and logged at most once per
+//! [`REFUSAL_LOG_EVERY`] (with the count since the last line); the one read that may vouch for a
+//! message ahead of what is known is made here, in line, so order is kept.
+//!
+//! A Redis that refuses this server's credentials ends the session like any failure, but is
+//! logged as an error with Redis's reply code (again every [`AUTH_LOG_EVERY`] while it lasts),
+//! marked in [`BusHealth`] (readiness shows it) and counted in `wsfleet_bus_auth_failures_total`.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use redis::aio::PubSubSink;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::scripts::{CommandError, RedisHistory};
-use super::{BACKOFF_MAX, COMMAND_TIMEOUT, CONNECT_TIMEOUT};
+use super::{BACKOFF_MAX, COMMAND_TIMEOUT, CONNECT_TIMEOUT, refused_credentials};
+use crate::messaging::admission::{CheckBudget, Refusal};
 use crate::messaging::bus::{BusHealth, BusState, Outage};
 use crate::messaging::envelope::Sequenced;
 use crate::messaging::history::{Lost, Since};
-use crate::messaging::hub::{BusCommand, Hub};
+use crate::messaging::hub::{Admission, BusCommand, Hub};
 use crate::metrics::Metrics;
 
 const PING_EVERY: Duration = Duration::from_secs(5);
@@ -42,6 +54,10 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Channels per SUBSCRIBE command when resubscribing after a reconnect.
 const RESUBSCRIBE_CHUNK: usize = 256;
+/// While Redis keeps refusing this server's credentials, the error is repeated this often.
+pub const AUTH_LOG_EVERY: Duration = Duration::from_secs(60);
+/// Refused bus messages are logged at most this often (a flood must not flood the log).
+pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 pub(super) struct Subscriber {
     pub(super) client: redis::Client,
@@ -50,21 +66,61 @@ pub(super) struct Subscriber {
     pub(super) commands: mpsc::Receiver<BusCommand>,
     pub(super) health: Arc<BusHealth>,
     pub(super) metrics: Arc<Metrics>,
+    /// Refusals not yet logged, and when the last log line about them was written.
+    pub(super) refusals: RefusalLog,
+    /// Reads left this second to check messages that are not believable as they stand.
+    pub(super) checks: CheckBudget,
+}
+
+#[derive(Default)]
+pub(super) struct RefusalLog {
+    unlogged: u64,
+    logged_at: Option<Instant>,
 }
 
 /// Why a subscription session ended.
 enum SessionEnd {
     Shutdown,
-    /// Down, and whose outage it is is known (a failed connect says by its error).
-    Down(String, Outage),
-    /// The session was lost after it connected; a fresh connection will tell whose outage.
-    Lost(String),
+    Lost(Down),
+}
+
+/// A lost session: what failed, Redis's reply code when it refused the credentials, and whose
+/// outage it is when that is already known (else a fresh connection will tell).
+struct Down {
+    why: String,
+    refused: Option<&'static str>,
+    outage: Option<Outage>,
+}
+
+impl Down {
+    fn new(what: &str, e: &redis::RedisError) -> Down {
+        let refused = refused_credentials(e);
+        Down { why: format!("{what}: {e}"), refused, outage: refused.map(|_| Outage::Link) }
+    }
+    /// A connect that failed: its error says whose outage it is.
+    fn connect(e: &redis::RedisError) -> Down {
+        Down { outage: Some(outage_of(e)), ..Down::new("connect failed", e) }
+    }
+    fn command(what: &str, e: &CommandError) -> Down {
+        match e {
+            CommandError::Redis(e) => Down::new(what, e),
+            e => Down::from(format!("{what}: {e}")),
+        }
+    }
+}
+
+impl From<String> for Down {
+    fn from(why: String) -> Down {
+        Down { why, refused: None, outage: None }
+    }
 }
 
 impl Subscriber {
     pub(super) async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = BACKOFF_MIN;
         let mut sessions = 0u64;
+        // The refusal last logged as an error, and when: repeats go to debug for a while.
+        let mut refusal_logged: Option<(&'static str, Instant)> = None;
         loop {
             let connect = tokio::time::timeout(CONNECT_TIMEOUT, self.client.get_async_pubsub());
             let end = tokio::select! {
@@ -77,31 +133,63 @@ impl Subscriber {
                         }
                         self.session(pubsub, &shutdown, &mut backoff).await
                     }
-                    Ok(Err(e)) => SessionEnd::Down(format!("connect failed: {e}"), outage_of(&e)),
-                    Err(_) => SessionEnd::Down("connect timed out".into(), Outage::Fleet),
+                    Ok(Err(e)) => SessionEnd::Lost(Down::connect(&e)),
+                    Err(_) => SessionEnd::Lost(Down {
+                        outage: Some(Outage::Fleet),
+                        ..Down::from("connect timed out".to_owned())
+                    }),
                 },
             };
-            let (why, outage) = match end {
+            let down = match end {
                 SessionEnd::Shutdown => {
-                    self.set(BusState::Down(Outage::Fleet));
+                    if sessions > 0 {
+                        self.set(BusState::Down(Outage::Fleet));
+                    }
                     return;
                 }
-                SessionEnd::Down(why, outage) => (why, outage),
-                SessionEnd::Lost(why) => {
-                    // Down at once (nothing is delivered meanwhile), then whose outage it is.
-                    self.set(BusState::Down(Outage::Fleet));
-                    (why, self.probe().await)
-                }
+                SessionEnd::Lost(down) => down,
+            };
+            if self.health.is_up() {
+                // A refusal after a working session is news again.
+                refusal_logged = None;
+                // Down at once (nothing is delivered meanwhile); whose outage it is comes next.
+                self.set(BusState::Down(Outage::Fleet));
+            }
+            let outage = match down.outage {
+                Some(outage) => outage,
+                None => self.probe().await,
             };
             // A server whose bus never connected stays `Connecting`: nothing proves it works.
             if sessions > 0 {
                 self.set(BusState::Down(outage));
             }
-            let outage = match outage {
-                Outage::Fleet => "the bus answers nobody",
-                Outage::Link => "this server's link (the bus answers a fresh connection)",
-            };
-            warn!(%why, outage, retry_in = ?backoff, "redis bus down");
+            let Down { why, refused, .. } = down;
+            match refused {
+                Some(code) => {
+                    self.health.set_refused(Some(code));
+                    self.metrics.bus_auth_failures.get_or_create(&crate::metrics::CodeLabel { code }).inc();
+                    let now = Instant::now();
+                    if refusal_logged.is_none_or(|(c, at)| c != code || now.duration_since(at) >= AUTH_LOG_EVERY) {
+                        refusal_logged = Some((code, now));
+                        error!(
+                            code,
+                            %why,
+                            retry_in = ?backoff,
+                            "redis refused this server's credentials (check --redis-password and --redis-username)"
+                        );
+                    } else {
+                        debug!(code, %why, retry_in = ?backoff, "redis still refuses this server's credentials");
+                    }
+                }
+                None => {
+                    self.health.set_refused(None);
+                    let outage = match outage {
+                        Outage::Fleet => "the bus answers nobody",
+                        Outage::Link => "this server's link (the bus answers a fresh connection)",
+                    };
+                    warn!(%why, outage, retry_in = ?backoff, "redis bus down");
+                }
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(backoff) => {}
@@ -123,7 +211,7 @@ impl Subscriber {
         for chunk in channels.chunks(RESUBSCRIBE_CHUNK) {
             let keys: Vec<String> = chunk.iter().map(|(c, _)| self.history.keys().pubsub(c)).collect();
             if let Err(e) = with_timeout(sink.subscribe(keys)).await {
-                return SessionEnd::Lost(format!("resubscribe failed: {e}"));
+                return SessionEnd::Lost(e.context("resubscribe failed"));
             }
             for (channel, generation) in chunk {
                 self.hub.confirm(channel, *generation);
@@ -134,12 +222,12 @@ impl Subscriber {
         // what it already has.
         for (channel, _) in &channels {
             if let Err(e) = self.refill(channel).await {
-                return SessionEnd::Lost(format!("refilling {channel} failed: {e}"));
+                return SessionEnd::Lost(Down::command(&format!("refilling {channel} failed"), &e));
             }
         }
         // Ready only when publishing works too.
         if let Err(e) = self.history.ping().await {
-            return SessionEnd::Lost(format!("publishing connection: {e}"));
+            return SessionEnd::Lost(Down::command("publishing connection", &e));
         }
         self.set(BusState::Up);
         *backoff = BACKOFF_MIN;
@@ -154,7 +242,7 @@ impl Subscriber {
                 _ = shutdown.cancelled() => return SessionEnd::Shutdown,
                 cmd = self.commands.recv() => match cmd {
                     Some(cmd) => if let Err(e) = self.on_command(&mut sink, cmd).await {
-                        return SessionEnd::Lost(e);
+                        return SessionEnd::Lost(e.context("subscribing"));
                     },
                     None => return SessionEnd::Shutdown,
                 },
@@ -162,8 +250,8 @@ impl Subscriber {
                     return end;
                 },
                 msg = stream.next() => match msg {
-                    Some(msg) => self.on_message(&msg),
-                    None => return SessionEnd::Lost("connection closed".into()),
+                    Some(msg) => self.on_message(&msg).await,
+                    None => return SessionEnd::Lost("connection closed".to_owned().into()),
                 },
             }
         }
@@ -174,26 +262,26 @@ impl Subscriber {
     /// meanwhile: a Redis that was paused answers both at once when it resumes, and that is no
     /// broken link.
     async fn ping(&self, sink: &mut PubSubSink) -> Result<(), SessionEnd> {
+        let failed = |e: redis::RedisError| SessionEnd::Lost(Down::new("ping failed", &e));
         let pong = sink.ping::<redis::Value>();
         tokio::pin!(pong);
         let unanswered = match timeout_awake(PING_TIMEOUT, &mut pong).await {
-            Ok(Ok(_)) => return Ok(()),
-            Ok(Err(e)) => return Err(SessionEnd::Lost(format!("ping failed: {e}"))),
+            Ok(answer) => return answer.map(drop).map_err(failed),
             Err(()) => format!("ping unanswered for {PING_TIMEOUT:?}"),
         };
         let outage = tokio::select! {
-            answer = &mut pong => return answer.map(drop).map_err(|e| SessionEnd::Lost(format!("ping failed: {e}"))),
+            answer = &mut pong => return answer.map(drop).map_err(failed),
             outage = self.probe() => outage,
         };
         if outage == Outage::Link
             && let Ok(answer) = tokio::time::timeout(PROBE_TIMEOUT, &mut pong).await
         {
-            return answer.map(drop).map_err(|e| SessionEnd::Lost(format!("ping failed: {e}")));
+            return answer.map(drop).map_err(failed);
         }
-        Err(SessionEnd::Down(unanswered, outage))
+        Err(SessionEnd::Lost(Down { outage: Some(outage), ..Down::from(unanswered) }))
     }
 
-    async fn on_command(&self, sink: &mut PubSubSink, cmd: BusCommand) -> Result<(), String> {
+    async fn on_command(&self, sink: &mut PubSubSink, cmd: BusCommand) -> Result<(), Failed> {
         match cmd {
             BusCommand::Subscribe { channel, generation } => {
                 with_timeout(sink.subscribe(self.history.keys().pubsub(&channel))).await?;
@@ -211,6 +299,7 @@ impl Subscriber {
     async fn refill(&self, channel: &str) -> Result<(), CommandError> {
         let Some((epoch, offset)) = self.hub.cursor(channel) else { return Ok(()) };
         let replay = self.history.read(channel, Some(&Since { epoch: epoch.to_string(), offset })).await?;
+        self.hub.learn_head(channel, &(replay.epoch.clone(), replay.head));
         match replay.recovery {
             Some(Ok(())) => {
                 if !replay.entries.is_empty() {
@@ -228,6 +317,7 @@ impl Subscriber {
                 warn!(%channel, epoch = %replay.epoch, "the channel's history was lost; continuing with its new epoch");
                 let fresh = Since { epoch: replay.epoch.to_string(), offset: 0 };
                 let replay = self.history.read(channel, Some(&fresh)).await?;
+                self.hub.learn_head(channel, &(replay.epoch.clone(), replay.head));
                 for msg in &replay.entries {
                     self.hub.deliver(channel, msg);
                 }
@@ -241,15 +331,48 @@ impl Subscriber {
         Ok(())
     }
 
-    fn on_message(&self, msg: &redis::Msg) {
+    /// Admits one pub/sub message to the hub; reads the channel's position first when the hub
+    /// asks for a check.
+    async fn on_message(&mut self, msg: &redis::Msg) {
         self.metrics.bus_messages.inc();
         let Some(channel) = self.history.keys().channel_of(msg.get_channel_name()) else { return };
-        match Sequenced::decode(Bytes::copy_from_slice(msg.get_payload_bytes())) {
-            Ok(msg) => self.hub.deliver(channel, &msg),
-            Err(e) => {
-                self.metrics.bus_undecodable.inc();
-                debug!(%channel, error = %e, "dropped a bus message");
+        let msg = match Sequenced::decode(Bytes::copy_from_slice(msg.get_payload_bytes())) {
+            Ok(msg) => msg,
+            Err(e) => return self.refused(channel, Refusal::Undecodable, &e.to_string()),
+        };
+        let now = Instant::now();
+        let mut admission = self.hub.admit(channel, &msg, self.checks.available(now), now);
+        if admission == Admission::Check {
+            self.checks.spend();
+            match self.history.read(channel, None).await {
+                Ok(now) => self.hub.learn_head(channel, &(now.epoch, now.head)),
+                Err(e) => debug!(%channel, error = %e, "could not read the channel's position to check a message"),
             }
+            admission = self.hub.admit(channel, &msg, false, Instant::now());
+        }
+        if let Admission::Refused(reason) = admission {
+            let at = format!("offset {} of epoch {}", msg.offset, msg.epoch);
+            self.refused(channel, reason, &at);
+        }
+    }
+
+    /// Counts a refused message, and logs it unless a line was written lately.
+    fn refused(&mut self, channel: &str, reason: Refusal, what: &str) {
+        self.metrics.bus_refused(reason.as_str());
+        debug!(%channel, reason = reason.as_str(), what, "refused a bus message");
+        let log = &mut self.refusals;
+        log.unlogged += 1;
+        let now = Instant::now();
+        if log.logged_at.is_none_or(|at| now.saturating_duration_since(at) >= REFUSAL_LOG_EVERY) {
+            warn!(
+                %channel,
+                reason = reason.as_str(),
+                what,
+                refused = log.unlogged,
+                "refused bus messages that cannot be right (forged or corrupt); the channel keeps delivering"
+            );
+            log.unlogged = 0;
+            log.logged_at = Some(now);
         }
     }
 
@@ -276,9 +399,7 @@ impl Subscriber {
 /// others may hold the right ones); anything else (refused, reset, timed out, loading, paused)
 /// is the bus's.
 fn outage_of(e: &redis::RedisError) -> Outage {
-    let credentials = e.kind() == redis::ErrorKind::AuthenticationFailed
-        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"));
-    if credentials { Outage::Link } else { Outage::Fleet }
+    if refused_credentials(e).is_some() { Outage::Link } else { Outage::Fleet }
 }
 
 /// Like [`tokio::time::timeout`], but only time in which this process ran counts: the wait is
@@ -306,11 +427,23 @@ async fn timeout_awake<F: Future>(limit: Duration, f: F) -> Result<F::Output, ()
     }
 }
 
-async fn with_timeout<T>(f: impl Future<Output = redis::RedisResult<T>>) -> Result<T, String> {
+/// A pub/sub command that failed: the Redis error, or none when it timed out.
+struct Failed(Option<redis::RedisError>);
+
+impl Failed {
+    fn context(self, what: &str) -> Down {
+        match self.0 {
+            Some(e) => Down::new(what, &e),
+            None => format!("{what}: timed out").into(),
+        }
+    }
+}
+
+async fn with_timeout<T>(f: impl Future<Output = redis::RedisResult<T>>) -> Result<T, Failed> {
     match tokio::time::timeout(COMMAND_TIMEOUT, f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("timed out".into()),
+        Ok(Err(e)) => Err(Failed(Some(e))),
+        Err(_) => Err(Failed(None)),
     }
 }
 
