@@ -42,7 +42,6 @@ function serveDemo(servers) {
 }
 
 test("two pages on different servers keep every message, in order, through a drain", async () => {
-  const MESSAGES_EACH = 40;
   const f = await fleet(3, ["--drain-timeout", "2"]);
   cleanups.push(f.stop);
   const pageUrl = await serveDemo(f.servers.map((s) => s.url()));
@@ -71,13 +70,18 @@ test("two pages on different servers keep every message, in order, through a dra
   await alice.click("button[type=submit]");
   await bob.waitForFunction(() => window.chat.messages.length === 1, null, { timeout: 10_000 });
 
-  // Then both talk while alice's server drains.
-  for (let i = 1; i <= MESSAGES_EACH; i++) {
+  // Then both talk while alice's server drains, and a while after she moved.
+  const moved = () => alice.evaluate(() => window.chat.events.some((e) => e.event === "resubscribed"));
+  let MESSAGES_EACH = 0;
+  for (let after = 0; MESSAGES_EACH < 400 && after < 10; ) {
+    const i = ++MESSAGES_EACH;
     await alice.evaluate((i) => void window.chat.send(`alice ${i}`), i);
     await bob.evaluate((i) => void window.chat.send(`bob ${i}`), i);
     if (i === 10) f.servers[0].sigterm();
+    if (i > 10 && (await moved())) after += 1;
     await sleep(25);
   }
+  assert.ok(await moved(), "alice moved within the drain");
   const total = 1 + 2 * MESSAGES_EACH;
   for (const page of [alice, bob]) {
     await page.waitForFunction((n) => window.chat.messages.length >= n, total, { timeout: 30_000 });
