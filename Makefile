@@ -26,7 +26,7 @@ lint: ## Formatting and clippy, warnings are errors
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
 .PHONY: test
-test: ## Every test: lint, unit, real-process server tests, the control-plane tests, the node tests
+test: ## Every test: lint, unit, real-process server tests, the JavaScript client, the control-plane tests, the node tests
 	@scripts/timed.sh "lint" $(MAKE) --no-print-directory lint
 	@scripts/timed.sh "unit and real-process tests" $(CARGO) test --workspace --exclude wsfleet-e2e
 	@scripts/timed.sh "JavaScript client (unit, real fleet, headless Chromium)" $(MAKE) --no-print-directory test-js
