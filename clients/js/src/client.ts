@@ -24,14 +24,18 @@
 import { reconnectDelay, resolveBackoff, type BackoffOptions, type ResolvedBackoff } from "./backoff.js";
 import { WsfleetError, type ServerErrorCode } from "./errors.js";
 
-/** The subset of the WHATWG WebSocket the client uses (browsers, Node 22+, the `ws` package). */
+/**
+ * The subset of the WHATWG WebSocket the client uses (browsers, Node 22+, the `ws` package).
+ * Handlers take `any`: each implementation has its own event types, and the client reads only
+ * `data` of a message and `code` and `reason` of a close.
+ */
 export interface WebSocketLike {
   readonly readyState: number;
   send(data: string): void;
   close(code?: number, reason?: string): void;
   onopen: ((ev: any) => void) | null;
-  onmessage: ((ev: { data: any }) => void) | null;
-  onclose: ((ev: { code: number; reason: string }) => void) | null;
+  onmessage: ((ev: any) => void) | null;
+  onclose: ((ev: any) => void) | null;
   onerror: ((ev: any) => void) | null;
 }
 
@@ -518,10 +522,10 @@ export class Client {
     ws.onopen = () => {
       if (this.ws === ws) this.opened(ws, url);
     };
-    ws.onmessage = (ev) => {
+    ws.onmessage = (ev: { data: unknown }) => {
       if (this.ws === ws) this.onFrame(ev.data);
     };
-    ws.onclose = (ev) => {
+    ws.onclose = (ev: { code?: number; reason?: string }) => {
       if (this.ws === ws) this.lost(ws, ev.code || 1006, ev.reason || "");
     };
     ws.onerror = () => {

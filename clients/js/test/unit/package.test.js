@@ -23,3 +23,7 @@ test("npm pack holds the ESM build, its type declarations and the README", () =>
   }
   assert.ok(!files.some((f) => f.startsWith("test/") || f.startsWith("src/") || f.startsWith("node_modules/")));
 });
+
+test("the type declarations accept both WebSockets and the documented usage", () => {
+  execFileSync(process.execPath, [path.join(PKG, "node_modules/typescript/bin/tsc"), "-p", "test/types"], { cwd: PKG, encoding: "utf8" });
+});
