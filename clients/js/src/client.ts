@@ -540,7 +540,8 @@ export class Client {
     this.emit("connected", { url });
     if (this.ws !== ws || !this.isOpen()) return; // a listener closed it
     this.authenticated();
-    for (const sub of this.subs.values()) this.sendSubscribe(sub);
+    // A `connected` listener may have subscribed already.
+    for (const sub of this.subs.values()) if (sub.state === "waiting") this.sendSubscribe(sub);
     while (this.buffer.length > 0 && this.isOpen()) {
       const p = this.buffer.shift()!;
       this.bufferedBytes -= p.bytes;
@@ -643,7 +644,7 @@ export class Client {
     sub.answered = true;
     if (ev.recovered) {
       // The replay follows: everything after `requested`, then live messages.
-      sub.position = { epoch: f.epoch, offset: requested!.offset };
+      sub.position = { epoch: f.epoch, offset: requested?.offset ?? f.offset };
     } else {
       // Nothing is replayed: delivery goes on from the channel's current position.
       sub.position = { epoch: f.epoch, offset: f.offset };

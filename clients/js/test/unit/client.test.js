@@ -326,3 +326,14 @@ test("close stops everything: no timer left, no reconnect", async () => {
   assert.equal(client.state, "closed");
   assert.throws(() => client.subscribe("c", { onMessage() {} }), (e) => e.code === "closed");
 });
+
+test("a subscribe made by a connected listener is sent once", async () => {
+  const { client } = setup();
+  await flush();
+  const first = collect(client, "a");
+  client.on("connected", () => collect(client, "b"));
+  FakeSocket.last().open();
+  assert.deepEqual(FakeSocket.last().ops("subscribe").map((f) => f.channel).sort(), ["a", "b"]);
+  void first;
+  client.close();
+});
