@@ -312,16 +312,7 @@ export class Client {
   }
 
   private emit<K extends keyof ClientEvents>(event: K, ev: ClientEvents[K]): void {
-    for (const fn of [...(this.listeners.get(event) ?? [])]) {
-      try {
-        fn(ev);
-      } catch (e) {
-        // A listener's bug must not break the connection's state machine.
-        globalThis.queueMicrotask(() => {
-          throw e;
-        });
-      }
-    }
+    for (const fn of [...(this.listeners.get(event) ?? [])]) callSafely(fn, ev);
   }
 
   /** Starts connecting (`connect()` calls it). */
@@ -657,7 +648,7 @@ export class Client {
         });
       }
     }
-    sub.opts.onSubscribed?.(ev);
+    callSafely(sub.opts.onSubscribed, ev);
     this.emit(resumed ? "resubscribed" : "subscribed", ev);
     sub.resolveReady(ev);
   }
@@ -689,17 +680,11 @@ export class Client {
     sub.position = { epoch: f.epoch, offset: f.offset };
     const meta: MessageMeta = { channel: f.channel, epoch: f.epoch, offset: f.offset };
     if (f.encoding) meta.encoding = f.encoding;
-    try {
-      sub.opts.onMessage(f.data, meta);
-    } catch (e) {
-      globalThis.queueMicrotask(() => {
-        throw e;
-      });
-    }
+    callSafely(sub.opts.onMessage, f.data, meta);
   }
 
   private discontinuity(sub: SubscriptionImpl, ev: DiscontinuityEvent): void {
-    sub.opts.onDiscontinuity?.(ev);
+    callSafely(sub.opts.onDiscontinuity, ev);
     this.emit("discontinuity", ev);
   }
 
@@ -726,11 +711,26 @@ export class Client {
         // Refused for good (e.g. subscription_limit): the subscription ends.
         sub.closed = true;
         if (this.subs.get(sub.channel) === sub) this.subs.delete(sub.channel);
-        sub.opts.onError?.(err);
+        callSafely(sub.opts.onError, err);
         sub.rejectReady(err);
       }
     }
     this.emit("error", err);
+  }
+}
+
+/**
+ * Calls an application callback. Its exception must not break the connection's state machine:
+ * it is rethrown on its own (an uncaught error the runtime reports), after the client's step.
+ */
+function callSafely<A extends unknown[]>(fn: ((...args: A) => void) | undefined, ...args: A): void {
+  if (!fn) return;
+  try {
+    fn(...args);
+  } catch (e) {
+    globalThis.queueMicrotask(() => {
+      throw e;
+    });
   }
 }
 

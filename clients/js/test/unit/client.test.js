@@ -337,3 +337,40 @@ test("a subscribe made by a connected listener is sent once", async () => {
   void first;
   client.close();
 });
+
+test("an application callback that throws does not stop delivery; its error is reported on its own", async () => {
+  // The client rethrows an application's exception in a microtask of its own: capture those.
+  const uncaught = [];
+  const queueMicrotask = globalThis.queueMicrotask;
+  globalThis.queueMicrotask = (fn) => {
+    try {
+      fn();
+    } catch (e) {
+      uncaught.push(e.message);
+    }
+  };
+  try {
+    const { client } = await connected();
+    const ws = FakeSocket.last();
+    const got = [];
+    client.on("subscribed", () => {
+      throw new Error("listener bug");
+    });
+    const sub = client.subscribe("c", {
+      onMessage: (data) => {
+        got.push(data);
+        if (data === 1) throw new Error("handler bug");
+      },
+    });
+    ws.frame({ type: "subscribed", channel: "c", epoch: "e", offset: 0, recovered: false });
+    ws.frame(msg("c", "e", 1));
+    ws.frame(msg("c", "e", 2));
+    globalThis.queueMicrotask = queueMicrotask;
+    assert.equal((await sub.ready).epoch, "e");
+    assert.deepEqual(got, [1, 2]);
+    assert.deepEqual(uncaught.sort(), ["handler bug", "listener bug"]);
+    client.close();
+  } finally {
+    globalThis.queueMicrotask = queueMicrotask;
+  }
+});
