@@ -26,11 +26,21 @@ lint: ## Formatting and clippy, warnings are errors
 	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
 .PHONY: test
-test: ## Every test: lint, unit, real-process server tests, the control-plane tests, the node tests
+test: ## Every test: lint, unit, real-process server tests, the JavaScript client, the control-plane tests, the node tests
 	@scripts/timed.sh "lint" $(MAKE) --no-print-directory lint
 	@scripts/timed.sh "unit and real-process tests" $(CARGO) test --workspace --exclude wsfleet-e2e
+	@scripts/timed.sh "JavaScript client (unit, real fleet, headless Chromium)" $(MAKE) --no-print-directory test-js
 	@scripts/timed.sh "control-plane tests (kwok profile)" $(MAKE) --no-print-directory test-cluster
 	@scripts/timed.sh "node tests (real kubelet)" $(MAKE) --no-print-directory test-node
+
+.PHONY: test-js
+test-js: ## The JavaScript client (clients/js): state-machine tests, a real fleet, the demo page in headless Chromium
+	$(CARGO) build -p wsfleet-server --bin wsfleet-server
+	cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm run --silent build
+	@# Each stage is bounded; the tests stop every process they start, also when one fails.
+	cd clients/js && timeout --signal=TERM 120 node --test --test-timeout=30000 test/unit/
+	cd clients/js && WSFLEET_SERVER_BIN=$${CARGO_TARGET_DIR:-$(CURDIR)/target}/debug/wsfleet-server \
+		timeout --signal=TERM 300 node --test --test-concurrency=1 --test-timeout=90000 test/fleet/ test/browser/
 
 .PHONY: generate
 generate: ## Regenerate crds/ and the chart's copy from the Rust types (tests fail when they drift)

@@ -6,6 +6,7 @@
 #   containerd, runc, CNI plugins    the node profile's container runtime (tests/cluster/node)
 #   iptables, nftables, openssl,     kube-proxy's rules and their clean-up, the node's certificates,
 #   python3, binutils, kmod          the image builder (images/image.py, strip), br_netfilter
+#   nodejs, npm, chromium            the JavaScript client's tests and its demo page in a headless browser
 set -euo pipefail
 
 missing=()
@@ -22,6 +23,9 @@ need openssl openssl
 need python3 python3
 need strip binutils
 need modprobe kmod
+need node nodejs
+need npm npm
+need chromium chromium
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

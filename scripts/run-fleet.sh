@@ -7,6 +7,8 @@
 # REDIS_PREFIX sets the servers' --redis-prefix (a WebSocketCluster's fleet uses
 # "<namespace>.<name>", which is how `make run` lets the operator count these servers).
 # QUIET=1 skips the how-to text; SKIP_BUILD=1 uses the binaries already built.
+# With Node.js, the chat demo of the JavaScript client (clients/js/examples/chat) is served on
+# loopback port DEMO_PORT (8090), connected to these servers; DEMO=0 leaves it out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +18,8 @@ WS_PORT=${WS_PORT:-8081}
 HTTP_PORT=${HTTP_PORT:-9091}
 RUN_DIR=${RUN_DIR:-.run/fleet}
 REDIS_PREFIX=${REDIS_PREFIX:-wsfleet}
+DEMO_PORT=${DEMO_PORT:-8090}
+DEMO=${DEMO:-1}
 
 command -v redis-server >/dev/null || { echo "redis-server is missing: apt-get install redis-server" >&2; exit 1; }
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release -p wsfleet-server --bin wsfleet-server --example wscat
@@ -52,8 +56,24 @@ for i in $(seq 0 $((SERVERS - 1))); do
   done
 done
 
+demo=""
+if [ "$DEMO" = 1 ] && command -v node >/dev/null; then
+  if [ ! -f clients/js/dist/index.js ] && command -v npm >/dev/null; then
+    (cd clients/js && npm ci --no-audit --no-fund --loglevel=error >/dev/null && npm run --silent build) \
+      || echo "the chat demo is left out: building clients/js failed" >&2
+  fi
+  if [ -f clients/js/dist/index.js ]; then
+    urls=()
+    for i in $(seq 0 $((SERVERS - 1))); do urls+=("ws://127.0.0.1:$((WS_PORT + i))"); done
+    node clients/js/examples/chat/serve.mjs --port "$DEMO_PORT" "${urls[@]}" > "$RUN_DIR/demo.log" 2>&1 &
+    pids+=($!)
+    demo="http://127.0.0.1:$DEMO_PORT/examples/chat/"
+  fi
+fi
+
 if [ -n "${QUIET:-}" ]; then
   echo "fleet: redis 127.0.0.1:$REDIS_PORT, servers ws://127.0.0.1:$WS_PORT..$((WS_PORT + SERVERS - 1)) (logs in $RUN_DIR/)"
+  [ -z "$demo" ] || echo "chat demo: $demo"
   wait -n "${pids[@]}" || true
   exit 0
 fi
@@ -73,6 +93,16 @@ Protocol mode:
   ./target/release/examples/wscat ws://127.0.0.1:$WS_PORT/ws
   {"op":"subscribe","channel":"lobby"}
   {"op":"publish","channel":"lobby","data":{"hello":"fleet"}}
+TXT
+if [ -n "$demo" ]; then
+  cat <<TXT
+
+The JavaScript client's chat demo: open $demo in two browser tabs
+(each starts on a random server) and drain one server under them with kill -TERM <pid>:
+TXT
+  for i in $(seq 0 $((SERVERS - 1))); do echo "  server $i: pid ${pids[$((i + 1))]}"; done
+fi
+cat <<TXT
 
 Ctrl-C to stop.
 TXT
