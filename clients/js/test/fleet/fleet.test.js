@@ -139,7 +139,12 @@ test("with a JWT secret, getToken is called for every connection and a refused t
       backoff: { initialMs: 50, maxMs: 200 },
       getToken: async () => {
         // The first token is signed with the wrong key: the upgrade gets 401.
-        const token = tokens.length === 0 ? jwt("not-the-right-secret-of-32-bytes!!", { n: 0 }) : jwt(SECRET, { n: tokens.length });
+        // A token grants channels by name (see the README's Tokens section).
+        const grant = { channels: { subscribe: ["private"], publish: ["private"] } };
+        const token =
+          tokens.length === 0
+            ? jwt("not-the-right-secret-of-32-bytes!!", { n: 0, ...grant })
+            : jwt(SECRET, { n: tokens.length, ...grant });
         tokens.push(token);
         return token;
       },
