@@ -140,8 +140,14 @@ export interface Timers {
 export interface ConnectOptions {
   /** A fixed token (JWT), sent as `?access_token=`. */
   token?: string;
-  /** Called before every connection attempt; its token is used for that attempt. */
+  /**
+   * Called before every connection attempt; its token is used for that attempt. It is also
+   * called `refreshLeadMs` before the token of an open connection expires (when its `exp` can
+   * be read), and the fresh token is handed to that connection (`refresh`), so it stays open.
+   */
   getToken?: () => string | Promise<string>;
+  /** How long before a token's `exp` it is refreshed on the open connection (default 30000 ms). */
+  refreshLeadMs?: number;
   /** The WebSocket implementation (e.g. the `ws` package); default the global one. */
   WebSocket?: WebSocketConstructor;
   backoff?: BackoffOptions;
@@ -190,6 +196,19 @@ export function protocolUrl(url: string): string {
   const u = new URL(url);
   if (u.pathname === "" || u.pathname === "/") u.pathname = "/ws";
   return u.toString();
+}
+
+/** The `exp` claim (seconds) of a JWT, when it can be read. */
+export function tokenExpiry(token: string | undefined): number | undefined {
+  const payload = token?.split(".")[1];
+  if (!payload) return undefined;
+  try {
+    const json = atob(payload.replace(/-/g, "+").replace(/_/g, "/"));
+    const exp = JSON.parse(json)?.exp;
+    return typeof exp === "number" && Number.isFinite(exp) ? exp : undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 function withToken(url: string, token: string | undefined): string {
@@ -268,6 +287,9 @@ export class Client {
   private openedAt = 0;
   private reconnectTimer: unknown;
   private connectTimer: unknown;
+  private refreshTimer: unknown;
+  /** The token of the current (or last) connection. */
+  private token: string | undefined;
   private _state: ClientState = "disconnected";
   private _url: string | undefined;
 
@@ -441,6 +463,7 @@ export class Client {
     this._state = "closed";
     this.timers.clearTimeout(this.reconnectTimer);
     this.timers.clearTimeout(this.connectTimer);
+    this.timers.clearTimeout(this.refreshTimer);
     this.reconnectTimer = undefined;
     const ws = this.ws;
     this.ws = undefined;
@@ -495,6 +518,7 @@ export class Client {
       }
     }
     if (this.isClosed()) return;
+    this.token = token;
     let ws: WebSocketLike;
     try {
       ws = new this.Ws(withToken(url, token));
@@ -543,14 +567,37 @@ export class Client {
   }
 
   /**
-   * Where a token refresh goes once the server speaks one (an op that hands a fresh token to the
-   * open connection before the old one expires). Today a token is only checked at the upgrade,
-   * and `getToken` is called before every connection attempt.
+   * Schedules the refresh of the connection's token: `refreshLeadMs` before its `exp`, a fresh
+   * one from `getToken` goes to the server as `{"op":"refresh"}`. Without it the server closes
+   * the connection with 4001 when the token expires (and the client reconnects with a fresh
+   * token anyway).
    */
-  private authenticated(): void {}
+  private authenticated(): void {
+    this.timers.clearTimeout(this.refreshTimer);
+    const exp = tokenExpiry(this.token);
+    const getToken = this.opts.getToken;
+    const ws = this.ws;
+    if (exp === undefined || !getToken || !ws) return;
+    const lead = this.opts.refreshLeadMs ?? 30_000;
+    this.refreshTimer = this.timers.setTimeout(async () => {
+      if (this.ws !== ws || !this.isOpen()) return;
+      let token: string;
+      try {
+        token = await getToken();
+        if (typeof token !== "string") throw new TypeError(`getToken returned ${typeof token}`);
+      } catch (e) {
+        this.emit("error", new WsfleetError("token_failed", `getToken failed: ${e}`, { cause: e, op: "refresh" }));
+        return;
+      }
+      if (this.ws !== ws || !this.isOpen()) return;
+      this.token = token;
+      ws.send(JSON.stringify({ op: "refresh", token }));
+    }, Math.max(0, exp * 1000 - Date.now() - lead));
+  }
 
   private lost(ws: WebSocketLike, code: number, reason: string): void {
     this.timers.clearTimeout(this.connectTimer);
+    this.timers.clearTimeout(this.refreshTimer);
     detach(ws);
     if (ws.readyState !== 3) {
       try {
@@ -605,7 +652,11 @@ export class Client {
       case "subscribed":
         return this.onSubscribed(f);
       case "unsubscribed":
-        this.takeExpected("unsubscribe", f.channel);
+        if (!this.takeExpected("unsubscribe", f.channel) && f.reason) this.endedByServer(f.channel, f.reason);
+        return;
+      case "refreshed":
+        // The new token is in force; its own expiry is the next refresh.
+        this.authenticated();
         return;
       case "error":
         return this.onError(f);
@@ -688,8 +739,38 @@ export class Client {
     this.emit("discontinuity", ev);
   }
 
-  private onError(f: { code: ServerErrorCode; message: string }): void {
+  /** The server ended a subscription on its own (a refreshed token no longer allows it). */
+  private endedByServer(channel: string, reason: string): void {
+    const sub = this.subs.get(channel);
+    const err = new WsfleetError(reason === "forbidden" ? "forbidden" : "closed", `the server ended the subscription: ${reason}`, {
+      fromServer: true,
+      op: "subscribe",
+      channel,
+    });
+    if (sub && !sub.closed) {
+      sub.closed = true;
+      this.subs.delete(channel);
+      callSafely(sub.opts.onError, err);
+    }
+    this.emit("error", err);
+  }
+
+  private onError(f: { code: ServerErrorCode; message: string; channel?: string }): void {
     const message = String(f.message ?? "");
+    if (f.code === "invalid_token") {
+      this.emit("error", new WsfleetError(f.code, message, { fromServer: true, op: "refresh" }));
+      return;
+    }
+    // A refusal that names its channel answers that channel's subscribe when one waits, else
+    // a publish.
+    if (f.code === "forbidden" && f.channel !== undefined && !this.expected.some((e) => e.op === "subscribe" && e.channel === f.channel)) {
+      this.emit("error", new WsfleetError(f.code, message, { fromServer: true, op: "publish", channel: f.channel }));
+      return;
+    }
+    if (f.code === "forbidden" && f.channel !== undefined) {
+      const i = this.expected.findIndex((e) => e.op === "subscribe" && e.channel === f.channel);
+      this.expected.unshift(...this.expected.splice(i, 1));
+    }
     // A refused publish: the frame names no message (see `publish`).
     if (message.startsWith("not published")) {
       this.emit("error", new WsfleetError(f.code, message, { fromServer: true, op: "publish" }));

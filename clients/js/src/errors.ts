@@ -15,7 +15,11 @@ export type ServerErrorCode =
   | "not_subscribed"
   | "already_subscribed"
   | "binary_not_supported"
-  | "bus_unavailable";
+  | "bus_unavailable"
+  /** The connection's token does not allow this operation on this channel. */
+  | "forbidden"
+  /** A `refresh` was refused; the old token stays in force until it expires. */
+  | "invalid_token";
 
 /** Codes the client raises itself. */
 export type ClientErrorCode =
@@ -42,14 +46,14 @@ export class WsfleetError extends Error {
   /** True when the server sent this error (an error frame); false when the client raised it. */
   readonly fromServer: boolean;
   /** The operation it concerns, when known. */
-  readonly op?: "subscribe" | "unsubscribe" | "publish";
+  readonly op?: "subscribe" | "unsubscribe" | "publish" | "refresh";
   /** The channel it concerns, when known. */
   readonly channel?: string;
 
   constructor(
     code: ErrorCode,
     message: string,
-    opts: { fromServer?: boolean; op?: "subscribe" | "unsubscribe" | "publish"; channel?: string; cause?: unknown } = {},
+    opts: { fromServer?: boolean; op?: "subscribe" | "unsubscribe" | "publish" | "refresh"; channel?: string; cause?: unknown } = {},
   ) {
     super(message, opts.cause === undefined ? undefined : { cause: opts.cause });
     this.name = "WsfleetError";

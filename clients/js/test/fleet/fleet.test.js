@@ -162,6 +162,35 @@ test("with a JWT secret, getToken is called for every connection and a refused t
   await r.waitFor("own message", () => r.messages.length === 1);
 });
 
+test("a token is refreshed on the open connection before it expires, and a forbidden publish names its channel", async (t) => {
+  t.after(cleanUp);
+  const SECRET = "a-secret-of-at-least-thirty-two-bytes!";
+  const { servers } = await startFleet(1, ["--jwt-secret", SECRET]);
+  const grant = { sub: "reader-1", channels: { subscribe: ["news"], publish: ["news"] } };
+  let issued = 0;
+  // Tokens that live 3 s, refreshed 2 s before they expire: without the refresh the server
+  // closes the connection with 4001 after 3 s.
+  const c = client(servers[0].url(), {
+    getToken: () => (issued++, jwt(SECRET, grant, 3)),
+    refreshLeadMs: 2000,
+  });
+  const r = record(c, "news");
+  await r.sub.ready;
+  await sleep(4500);
+  assert.equal(r.of("disconnected").length, 0, "the connection outlived its first token");
+  assert.ok(issued >= 3, `a token for the connection, then refreshes (${issued} issued)`);
+  await c.publish("news", "still here");
+  await r.waitFor("own message", () => r.messages.length === 1);
+  // A publish the token does not allow is refused with the channel named; the connection stays.
+  await c.publish("elsewhere", "no");
+  await r.waitFor("the refusal", () => r.of("error").some((e) => e.code === "forbidden"));
+  const refusal = r.of("error").find((e) => e.code === "forbidden");
+  assert.equal(refusal.channel, "elsewhere");
+  assert.equal(refusal.op, "publish");
+  await c.publish("news", "after the refusal");
+  await r.waitFor("the next message", () => r.messages.length === 2);
+});
+
 test("publishes buffer while no server answers, up to the limit, and go out on reconnect", async (t) => {
   t.after(cleanUp);
   const f = await startFleet(1);
