@@ -14,6 +14,8 @@ pub const HISTORY_SIZE: &str = "WSFLEET_HISTORY_SIZE";
 pub const HISTORY_TTL: &str = "WSFLEET_HISTORY_TTL";
 pub const ALLOWED_ORIGINS: &str = "WSFLEET_ALLOWED_ORIGINS";
 pub const JWT_SECRET: &str = "WSFLEET_JWT_SECRET";
+/// The password of the fleet's Redis (the operator sets it from a Secret, never as a value).
+pub const REDIS_PASSWORD: &str = "WSFLEET_REDIS_PASSWORD";
 pub const LOG_FORMAT: &str = "WSFLEET_LOG_FORMAT";
 
 /// The log filter both binaries read (`info` when unset); not a flag.
@@ -32,6 +34,7 @@ pub const ALL: &[&str] = &[
     HISTORY_TTL,
     ALLOWED_ORIGINS,
     JWT_SECRET,
+    REDIS_PASSWORD,
     LOG_FORMAT,
 ];
 

@@ -74,6 +74,10 @@ pub struct Config {
     #[arg(long, env = env::REDIS_URL)]
     pub redis_url: Option<String>,
 
+    /// Password of that Redis (AUTH), when the URL has none.
+    #[arg(long, env = env::REDIS_PASSWORD, hide_env_values = true)]
+    pub redis_password: Option<String>,
+
     /// Prefix of every Redis key and pub/sub channel this fleet uses, so fleets can share a Redis.
     #[arg(long, env = env::REDIS_PREFIX, default_value = "wsfleet", value_parser = parse_prefix)]
     pub redis_prefix: String,
@@ -168,6 +172,25 @@ pub struct Config {
 }
 
 impl Config {
+    /// `--redis-url` with `--redis-password` in it (percent-encoded), unless the URL has its own.
+    pub fn redis_url_with_password(&self) -> Option<String> {
+        let url = self.redis_url.clone()?;
+        let (Some(password), Some(rest)) = (&self.redis_password, url.strip_prefix("redis://")) else {
+            return Some(url);
+        };
+        if rest.split('/').next().is_some_and(|authority| authority.contains('@')) {
+            return Some(url);
+        }
+        let encoded: String = password
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        Some(format!("redis://:{encoded}@{rest}"))
+    }
+
     pub fn history(&self) -> crate::messaging::history::HistoryConfig {
         crate::messaging::history::HistoryConfig {
             size: self.history_size,
@@ -259,5 +282,15 @@ mod tests {
     fn origins_are_comma_separated() {
         let c = Cli::parse_from(["wsfleet-server", "--allowed-origins", "https://a.example,https://b.example"]).serve;
         assert_eq!(c.allowed_origins, ["https://a.example", "https://b.example"]);
+    }
+
+    #[test]
+    fn the_redis_password_goes_into_the_url() {
+        let parse = |args: &[&str]| Cli::parse_from([&["wsfleet-server"], args].concat()).serve;
+        let c = parse(&["--redis-url", "redis://r:6379/0", "--redis-password", "p@ss word"]);
+        assert_eq!(c.redis_url_with_password().as_deref(), Some("redis://:p%40ss%20word@r:6379/0"));
+        let c = parse(&["--redis-url", "redis://:own@r:6379", "--redis-password", "x"]);
+        assert_eq!(c.redis_url_with_password().as_deref(), Some("redis://:own@r:6379"));
+        assert_eq!(parse(&["--redis-url", "redis://r"]).redis_url_with_password().as_deref(), Some("redis://r"));
     }
 }

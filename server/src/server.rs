@@ -55,7 +55,7 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
     let bus = Bus::start(
-        config.redis_url.as_deref(),
+        config.redis_url_with_password().as_deref(),
         &config.redis_prefix,
         config.history(),
         config.client_queue as usize,
