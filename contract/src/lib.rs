@@ -10,7 +10,7 @@
 //! | module | job |
 //! |---|---|
 //! | [`env`](mod@env) | the `WSFLEET_*` environment variables the operator sets on server containers |
-//! | [`tune`] | the node-tuning subcommand and flag, and the sysctl keys it may write |
+//! | [`tune`] | the node-tuning subcommand and flag, the sysctl keys it may write and their bounds |
 //! | [`presence`] | where servers heartbeat their connection counts in Redis, and how to read them |
 //! | [`process`] | what both binaries do alike: log setup and waiting for SIGTERM/SIGINT |
 //! | [`sync`] | the poison-tolerant lock helpers every crate uses |

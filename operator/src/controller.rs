@@ -1,16 +1,30 @@
 //! Reconcile one `WebSocketCluster` as a pipeline of named steps:
 //!
+//! 0. **check** the spec ([`validate::spec`]) and the JWT Secret it names (one GET per
+//!    reconcile: Secrets are not watched, so the operator caches none); a refusal is a
+//!    condition and an event, and nothing is applied;
 //! 1. **build** every child from the spec (pure, [`children::build_all`]);
 //! 2. **apply** them (server-side apply, one field manager), removing the optional ones the spec
-//!    no longer asks for;
+//!    no longer asks for; the managed Redis password Secret is created once, before them;
 //! 3. **observe** what exists: the apply's results, else the controller's caches, and the fleet's
 //!    connection total from Redis;
 //! 4. **status**: compute it (pure, [`status::compute`]) and patch it only when it changed.
 //!
 //! Events for every child created, changed or removed and for every failure. Only this module
-//! and [`crate::leader`] use the API server, and this module reads only through the
-//! controller's watches: children come from the caches those watches fill ([`Stores`]), never
-//! from a GET.
+//! and [`crate::leader`] use the API server, and this module reads children only through the
+//! controller's watches: they come from the caches those watches fill ([`Stores`]), never from
+//! a GET. The two Secrets it touches are the exception: the JWT Secret is read (GET) to check
+//! it, and the Redis password Secret is created (POST, kept if it exists) and read back only
+//! when it already existed.
+//!
+//! Tuning DaemonSets live in the operator's tuning namespace, where owner references to a
+//! tenant's cluster cannot point (and the garbage collector would delete a dependent whose
+//! owner it cannot find in the dependent's namespace). They carry their cluster's namespace,
+//! name and uid as labels, and [`sweep_tuning`] deletes, every few seconds from the caches, one
+//! whose cluster is gone. A sweep, not a finalizer: a finalizer would block the deletion of a
+//! cluster (and of its namespace) whenever the operator is down or uninstalled, while the sweep
+//! also catches what was deleted while it was away; both are the operator's state outside
+//! what garbage collection can see (STYLE, habit 4).
 //!
 //! At scale: a resync of a cluster whose children are as last applied writes nothing (the apply
 //! of an unchanged child is skipped, the status patched only when it changed); at most
@@ -27,10 +41,11 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ObjectReference, Service};
+use k8s_openapi::api::core::v1::{ObjectReference, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -45,10 +60,11 @@ use wsfleet_contract::presence;
 use wsfleet_contract::sync::lock;
 
 use crate::FIELD_MANAGER;
-use crate::children::{self, Children};
-use crate::crd::{WebSocketCluster, condition};
+use crate::children::{self, Children, Settings};
+use crate::crd::{WebSocketCluster, condition, reason};
 use crate::status::{self, Observed};
 use crate::telemetry::Metrics;
+use crate::validate;
 
 /// Reconciles running at once, at most (never two of one cluster).
 pub const MAX_CONCURRENT_RECONCILES: u16 = 16;
@@ -63,6 +79,14 @@ const FORGET_AFTER_RESYNCS: u32 = 3;
 const CACHE_WAIT: Duration = Duration::from_secs(30);
 /// How long reading a fleet's connection total may take.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often tuning DaemonSets whose cluster is gone are looked for (in the caches).
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// Resync periods a known Redis password Secret is trusted to exist before it is created (or
+/// found) again: how late a deleted one is made anew.
+const SECRET_RECREATE_RESYNCS: u32 = 10;
+/// When a cluster waits for its JWT Secret to be fixed, how often it looks again (Secrets are
+/// not watched).
+const SECRET_RECHECK: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -77,6 +101,8 @@ pub enum Error {
     Status(#[source] kube::Error),
     #[error("invalid spec: {0}")]
     InvalidSpec(String),
+    #[error("no randomness for a password: {0}")]
+    Randomness(String),
 }
 
 impl Error {
@@ -95,6 +121,7 @@ impl Error {
             Error::Apply { .. } => "apply",
             Error::Status(_) => "status",
             Error::InvalidSpec(_) => "invalid_spec",
+            Error::Randomness(_) => "randomness",
         }
     }
 }
@@ -106,6 +133,8 @@ pub struct Stores {
     pub deployments: Store<Deployment>,
     pub services: Store<Service>,
     pub pdbs: Store<PodDisruptionBudget>,
+    pub network_policies: Store<NetworkPolicy>,
+    /// Only those of the tuning namespace.
     pub daemonsets: Store<DaemonSet>,
 }
 
@@ -123,7 +152,13 @@ macro_rules! cached {
         })*
     };
 }
-cached!(Deployment => deployments, Service => services, PodDisruptionBudget => pdbs, DaemonSet => daemonsets);
+cached!(
+    Deployment => deployments,
+    Service => services,
+    PodDisruptionBudget => pdbs,
+    NetworkPolicy => network_policies,
+    DaemonSet => daemonsets,
+);
 
 impl Stores {
     /// Resolves once every store holds its watch's first complete listing, so that "not cached"
@@ -135,6 +170,7 @@ impl Stores {
                 self.deployments.wait_until_ready(),
                 self.services.wait_until_ready(),
                 self.pdbs.wait_until_ready(),
+                self.network_policies.wait_until_ready(),
                 self.daemonsets.wait_until_ready(),
             )
         };
@@ -154,6 +190,7 @@ struct Writers {
     deployments: reflector::store::Writer<Deployment>,
     services: reflector::store::Writer<Service>,
     pdbs: reflector::store::Writer<PodDisruptionBudget>,
+    network_policies: reflector::store::Writer<NetworkPolicy>,
     daemonsets: reflector::store::Writer<DaemonSet>,
 }
 
@@ -161,10 +198,17 @@ fn stores() -> (Stores, Writers) {
     let (deployments, deployments_w) = reflector::store();
     let (services, services_w) = reflector::store();
     let (pdbs, pdbs_w) = reflector::store();
+    let (network_policies, network_policies_w) = reflector::store();
     let (daemonsets, daemonsets_w) = reflector::store();
     (
-        Stores { deployments, services, pdbs, daemonsets },
-        Writers { deployments: deployments_w, services: services_w, pdbs: pdbs_w, daemonsets: daemonsets_w },
+        Stores { deployments, services, pdbs, network_policies, daemonsets },
+        Writers {
+            deployments: deployments_w,
+            services: services_w,
+            pdbs: pdbs_w,
+            network_policies: network_policies_w,
+            daemonsets: daemonsets_w,
+        },
     )
 }
 
@@ -217,6 +261,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// How often a healthy cluster is looked at again (connections, child status).
     pub resync: Duration,
+    /// What the operator decides for every cluster (tuner image, tuning namespace).
+    pub settings: Settings,
     /// The children as the controller's watches see them.
     pub stores: Stores,
     writers: Mutex<Option<Writers>>,
@@ -233,10 +279,13 @@ pub struct Context {
     /// While both still hold, the child is as applied and the apply is skipped: a resync of an
     /// unchanged cluster writes nothing.
     applied: Memory<(u64, Option<String>)>,
+    /// Per cluster uid: the password of its managed Redis, its Secret's uid, and when the
+    /// Secret was last created or read.
+    redis_passwords: Memory<(String, String, Instant)>,
 }
 
 impl Context {
-    pub fn new(client: Client, metrics: Arc<Metrics>, resync: Duration, instance: String) -> Self {
+    pub fn new(client: Client, metrics: Arc<Metrics>, resync: Duration, instance: String, settings: Settings) -> Self {
         let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(instance) };
         let (stores, writers) = stores();
         let forget_after = resync * FORGET_AFTER_RESYNCS;
@@ -245,6 +294,7 @@ impl Context {
             client,
             metrics,
             resync,
+            settings,
             stores,
             writers: Mutex::new(Some(writers)),
             caches_filled: AtomicBool::new(false),
@@ -252,6 +302,7 @@ impl Context {
             redis: Memory::new(forget_after),
             failures: Memory::new(forget_after),
             applied: Memory::new(forget_after),
+            redis_passwords: Memory::new(forget_after),
         }
     }
 
@@ -271,13 +322,21 @@ impl Context {
     /// The fleet's live connection total from the servers' heartbeats in Redis, when the
     /// operator can reach that Redis.
     async fn read_connections(&self, wsc: &WebSocketCluster) -> Connections {
-        let Some(url) = children::redis_url(wsc) else {
+        let Some(mut url) = children::redis_url(wsc) else {
             return Err("the Redis URL is in a Secret, which the operator does not read".into());
         };
+        if wsc.spec.redis.external.as_ref().is_some_and(|e| e.password_secret_ref.is_some()) {
+            return Err("the Redis password is in a Secret, which the operator does not read".into());
+        }
         // A managed Redis is a cluster Service: only reachable (and resolvable) from inside the
         // cluster. Outside it, say so instead of asking the host's resolver about a cluster name.
         if wsc.spec.redis.managed.is_some() && std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
             return Err("the operator runs outside the cluster and cannot reach the managed Redis Service".into());
+        }
+        if wsc.spec.redis.managed.is_some() {
+            let known = self.redis_passwords.get(&wsc.uid().unwrap_or_default(), Duration::MAX);
+            let (password, _, _) = known.ok_or("the managed Redis password is not known yet")?;
+            url = url.replacen("redis://", &format!("redis://:{password}@"), 1);
         }
         let mut conn = self.redis_connection(&url)?;
         let prefix = children::redis_prefix(wsc);
@@ -350,12 +409,19 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
     };
     let client = ctx.client.clone();
     let config = controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES);
-    Controller::new(api::<WebSocketCluster>(&client, &namespace), watcher::Config::default())
+    let tuning = Api::<DaemonSet>::namespaced(client.clone(), &ctx.settings.tuning_namespace);
+    let controller = Controller::new(api::<WebSocketCluster>(&client, &namespace), watcher::Config::default());
+    let sweeper = tokio::spawn(sweep_tuning(ctx.clone(), controller.store(), namespace.clone(), shutdown.clone()));
+    controller
         .with_config(config)
         .owns_stream(watch(api::<Deployment>(&client, &namespace), writers.deployments))
         .owns_stream(watch(api::<Service>(&client, &namespace), writers.services))
         .owns_stream(watch(api::<PodDisruptionBudget>(&client, &namespace), writers.pdbs))
-        .owns_stream(watch(api::<DaemonSet>(&client, &namespace), writers.daemonsets))
+        .owns_stream(watch(api::<NetworkPolicy>(&client, &namespace), writers.network_policies))
+        // Not owned (no owner reference across namespaces): mapped to their cluster by label.
+        .watches_stream(watch(tuning, writers.daemonsets), |ds: DaemonSet| {
+            children::tuning_owner(&ds).map(|(ns, name, _)| ObjectRef::new(&name).within(&ns))
+        })
         .graceful_shutdown_on(shutdown.cancelled_owned())
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -365,6 +431,50 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
             }
         })
         .await;
+    sweeper.abort();
+}
+
+/// Every [`SWEEP_EVERY`] until `shutdown`: deletes the tuning DaemonSets (of clusters this
+/// operator watches) whose cluster is gone or is another cluster of the same name, judged from
+/// the caches once both are filled. The delete is conditioned on the DaemonSet's uid.
+async fn sweep_tuning(
+    ctx: Arc<Context>,
+    clusters: Store<WebSocketCluster>,
+    namespace: Option<String>,
+    shutdown: CancellationToken,
+) {
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = async { tokio::join!(clusters.wait_until_ready(), ctx.stores.daemonsets.wait_until_ready()) } => {}
+    }
+    let api = Api::<DaemonSet>::namespaced(ctx.client.clone(), &ctx.settings.tuning_namespace);
+    loop {
+        for ds in ctx.stores.daemonsets.state() {
+            let Some((ns, name, uid)) = children::tuning_owner(&ds) else { continue };
+            if namespace.as_ref().is_some_and(|watched| *watched != ns) {
+                continue;
+            }
+            let alive =
+                clusters.get(&ObjectRef::new(&name).within(&ns)).is_some_and(|c| c.uid().as_deref() == Some(&uid));
+            if alive || ds.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let ds_name = ds.name_any();
+            let params = DeleteParams {
+                preconditions: Some(Preconditions { uid: ds.uid(), resource_version: None }),
+                ..DeleteParams::background()
+            };
+            match api.delete(&ds_name, &params).await {
+                Ok(_) => info!(daemonset = %ds_name, cluster = %format!("{ns}/{name}"), "removed: its cluster is gone"),
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+                Err(e) => warn!(daemonset = %ds_name, error = %e, "could not remove a tuning DaemonSet"),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(SWEEP_EVERY) => {}
+        }
+    }
 }
 
 pub async fn reconcile(wsc: Arc<WebSocketCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -401,8 +511,15 @@ async fn reconcile_steps(wsc: &WebSocketCluster, ctx: &Context) -> Result<Action
         ctx.stores.ready().await;
         ctx.caches_filled.store(true, Ordering::Release);
     }
-    let desired = children::build_all(wsc);
-    let applied = apply_all(ctx, wsc, &ns, desired).await;
+    if let Some((why, message)) = check(ctx, wsc, &ns).await {
+        return refuse(ctx, wsc, &ns, why, message).await;
+    }
+    let applied = async {
+        let redis_auth = ensure_redis_secret(ctx, wsc, &ns).await?;
+        let desired = children::build_all(wsc, &ctx.settings, redis_auth.as_deref());
+        apply_all(ctx, wsc, &ns, desired).await
+    }
+    .await;
     if let Err(e) = &applied {
         publish(ctx, wsc, EventType::Warning, "ApplyFailed", "Apply", e.to_string(), None).await;
     }
@@ -410,6 +527,115 @@ async fn reconcile_steps(wsc: &WebSocketCluster, ctx: &Context) -> Result<Action
     update_status(ctx, wsc, &ns, &seen).await?;
     applied?;
     Ok(Action::requeue(ctx.resync))
+}
+
+/// Step 0: what the operator refuses to build, as (reason, message): an invalid spec, or a JWT
+/// Secret the servers could not start with.
+async fn check(ctx: &Context, wsc: &WebSocketCluster, ns: &str) -> Option<(&'static str, String)> {
+    if let Err(message) = validate::spec(wsc) {
+        return Some((reason::INVALID_SPEC, message));
+    }
+    let selector = wsc.spec.auth.as_ref()?.jwt_secret_ref.as_ref()?;
+    let secret = match Api::<Secret>::namespaced(ctx.client.clone(), ns).get_opt(&selector.name).await {
+        Ok(secret) => secret,
+        Err(e) => {
+            let message = format!("cannot read Secret {} (auth.jwtSecretRef): {}", selector.name, short_error(&e));
+            return Some((reason::JWT_SECRET_INVALID, message));
+        }
+    };
+    validate::jwt_secret(selector, secret.as_ref()).err().map(|message| (reason::JWT_SECRET_INVALID, message))
+}
+
+/// The API server's message of an error, without the Debug dump of its Status.
+fn short_error(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) => status.message.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// A refused cluster: a condition and a warning event say why; nothing is applied. An invalid
+/// spec waits for a change; a bad JWT Secret is looked at again (Secrets are not watched).
+async fn refuse(
+    ctx: &Context,
+    wsc: &WebSocketCluster,
+    ns: &str,
+    why: &'static str,
+    message: String,
+) -> Result<Action, Error> {
+    warn!(reason = why, %message, "refused: nothing applied");
+    publish(ctx, wsc, EventType::Warning, why, "Validate", message.clone(), None).await;
+    let cached = |name: String| ctx.stores.get::<Deployment>(ns, &name).map(|d| (*d).clone());
+    let seen = Observed {
+        server: cached(children::server_name(wsc)),
+        redis: cached(children::redis_name(wsc)),
+        tuning: ctx
+            .stores
+            .get::<DaemonSet>(&ctx.settings.tuning_namespace, &children::tuning_name(wsc))
+            .map(|d| (*d).clone()),
+        refused: Some((why, message.clone())),
+        ..Default::default()
+    };
+    update_status(ctx, wsc, ns, &seen).await?;
+    if why == reason::INVALID_SPEC {
+        return Err(Error::InvalidSpec(message));
+    }
+    Ok(Action::requeue(SECRET_RECHECK))
+}
+
+/// The managed Redis password Secret: created with a random password and never applied (an
+/// apply would have to carry the password, and a new one would lock the running servers out).
+/// If it already exists it is kept and read once, for the operator's own reads of the fleet's
+/// total. Returns the Secret's uid, which the pod templates carry: a Secret deleted and made
+/// anew rolls Redis and the servers onto the new password together. A known Secret is not
+/// looked at again for [`SECRET_RECREATE_RESYNCS`] resync periods, so a resync of a healthy
+/// cluster writes nothing. The password is never logged.
+async fn ensure_redis_secret(ctx: &Context, wsc: &WebSocketCluster, ns: &str) -> Result<Option<String>, Error> {
+    if wsc.spec.redis.managed.is_none() {
+        return Ok(None);
+    }
+    let uid = wsc.uid().unwrap_or_default();
+    if let Some(known) = ctx.redis_passwords.get(&uid, Duration::MAX)
+        && known.2.elapsed() < ctx.resync * SECRET_RECREATE_RESYNCS
+    {
+        let secret_uid = known.1.clone();
+        ctx.redis_passwords.set(&uid, known);
+        return Ok(Some(secret_uid));
+    }
+    let name = children::redis_secret_name(wsc);
+    let api = Api::<Secret>::namespaced(ctx.client.clone(), ns);
+    let password = random_password()?;
+    let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+    let failed = |source| Error::Apply { kind: "Secret", name: name.clone(), source };
+    let (password, secret_uid) = match api.create(&params, &children::build_redis_secret(wsc, &password)).await {
+        Ok(created) => {
+            info!(kind = "Secret", %name, "created");
+            let note = format!("Secret {name} created (the managed Redis password)");
+            publish(ctx, wsc, EventType::Normal, "Created", "Apply", note, Some(created.object_ref(&()))).await;
+            (password, created.uid().unwrap_or_default())
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let existing = api.get(&name).await.map_err(failed)?;
+            let password = existing
+                .data
+                .as_ref()
+                .and_then(|d| d.get(children::REDIS_PASSWORD_KEY))
+                .and_then(|v| String::from_utf8(v.0.clone()).ok())
+                .unwrap_or_default();
+            (password, existing.uid().unwrap_or_default())
+        }
+        Err(e) => return Err(failed(e)),
+    };
+    ctx.redis_passwords.set(&uid, (password, secret_uid.clone(), Instant::now()));
+    Ok(Some(secret_uid))
+}
+
+/// 32 random bytes from the operating system, as 64 hex digits (safe in a URL and a Redis
+/// configuration file).
+fn random_password() -> Result<String, Error> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| Error::Randomness(e.to_string()))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// What applying every child returned: the children whose status feeds the cluster's.
@@ -427,7 +653,9 @@ async fn apply_all(ctx: &Context, wsc: &WebSocketCluster, ns: &str, desired: Chi
     apply(ctx, wsc, ns, desired.pdb).await?;
     let redis = apply_or_remove(ctx, wsc, ns, desired.redis, children::redis_name(wsc)).await?;
     apply_or_remove(ctx, wsc, ns, desired.redis_service, children::redis_name(wsc)).await?;
-    let tuning = apply_or_remove(ctx, wsc, ns, desired.tuning, children::tuning_name(wsc)).await?;
+    apply_or_remove(ctx, wsc, ns, desired.redis_network_policy, children::redis_name(wsc)).await?;
+    let tuning_ns = ctx.settings.tuning_namespace.as_str();
+    let tuning = apply_or_remove(ctx, wsc, tuning_ns, desired.tuning, children::tuning_name(wsc)).await?;
     Ok(Applied { server, redis, tuning })
 }
 
@@ -445,7 +673,10 @@ async fn observe(ctx: &Context, wsc: &WebSocketCluster, ns: &str, applied: &Resu
         Err(e) => Observed {
             server: cached(children::server_name(wsc)),
             redis: cached(children::redis_name(wsc)),
-            tuning: ctx.stores.get::<DaemonSet>(ns, &children::tuning_name(wsc)).map(|d| (*d).clone()),
+            tuning: ctx
+                .stores
+                .get::<DaemonSet>(&ctx.settings.tuning_namespace, &children::tuning_name(wsc))
+                .map(|d| (*d).clone()),
             apply_error: Some(e.to_string()),
             ..Default::default()
         },
@@ -590,8 +821,11 @@ where
     if let Some(child) = child {
         return apply(ctx, wsc, ns, child).await.map(Some);
     }
+    // Owned: by owner reference, or (a tuning DaemonSet) by the cluster-uid label.
+    let uid = wsc.uid().unwrap_or_default();
     let owned = ctx.stores.get::<K>(ns, &name).is_some_and(|o| {
-        o.owner_references().iter().any(|r| r.uid == wsc.uid().unwrap_or_default() && r.controller == Some(true))
+        o.owner_references().iter().any(|r| r.uid == uid && r.controller == Some(true))
+            || o.labels().get(children::TUNING_OWNER_LABELS[2]) == Some(&uid)
     });
     if owned {
         let kind = <K as k8s_openapi::Resource>::KIND;
@@ -660,6 +894,14 @@ mod tests {
         memory.set("ns/b", 2);
         assert!(!lock(&memory.entries).0.contains_key("ns/a"), "forgotten, not just stale");
         assert_eq!(memory.get("ns/b", Duration::MAX), Some(2));
+    }
+
+    #[test]
+    fn passwords_are_random_hex() {
+        let (a, b) = (random_password().unwrap(), random_password().unwrap());
+        assert_eq!(a.len(), 64);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
     }
 
     #[test]

@@ -59,8 +59,8 @@ pub struct WebSocketClusterSpec {
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: i32,
 
-    /// Container image of the servers (and of the node-tuning DaemonSet, which runs its `tune`
-    /// subcommand).
+    /// Container image of the servers. (The node-tuning DaemonSet runs the operator's tuner image,
+    /// never this one.)
     #[serde(default = "default_image")]
     #[schemars(length(min = 1))]
     pub image: String,
@@ -84,7 +84,7 @@ pub struct WebSocketClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
 
-    /// Tolerations of the server pods.
+    /// Tolerations of the server pods (not of the node tuner: see `nodeTuning.tolerations`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<Toleration>>,
 
@@ -216,6 +216,13 @@ pub struct ManagedRedis {
     #[serde(default = "default_pubsub_limit")]
     #[schemars(regex(pattern = r"^[0-9]+[kmg]?b? [0-9]+[kmg]?b? [0-9]+$"))]
     pub pubsub_buffer_limit: String,
+    /// Redis `maxmemory` (16Mi to 1024Gi, e.g. `256Mi`, `2Gi`). With the `noeviction` policy a
+    /// full Redis refuses new publishes (the publisher is told) instead of evicting history
+    /// silently. Without `resources`, the container asks for this much memory and is limited to
+    /// a quarter more plus 64Mi (buffers, fragmentation).
+    #[serde(default = "default_max_memory")]
+    #[schemars(regex(pattern = r"^[1-9][0-9]{0,6}(Ki|Mi|Gi)$"))]
+    pub max_memory: String,
 }
 
 fn default_redis_image() -> String {
@@ -223,6 +230,9 @@ fn default_redis_image() -> String {
 }
 fn default_pubsub_limit() -> String {
     "256mb 64mb 60".into()
+}
+fn default_max_memory() -> String {
+    "256Mi".into()
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
@@ -236,6 +246,11 @@ pub struct ExternalRedis {
     /// A Secret key holding the Redis URL (for URLs with a password).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_secret_ref: Option<SecretKeySelector>,
+    /// A Secret key holding the Redis password (AUTH), for a `url` without one. It reaches the
+    /// servers by reference; the operator does not read it (the fleet's connection total is then
+    /// unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_ref: Option<SecretKeySelector>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
@@ -310,23 +325,36 @@ fn default_unavailable() -> String {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeTuningSpec {
-    /// Run the node-tuning DaemonSet (`<name>-tuning`, privileged, host network).
+    /// Ask the operator to tune the nodes: it runs a DaemonSet of its own tuner image,
+    /// privileged on the host network, in the operator's tuning namespace (never in this one),
+    /// which writes only the settings below.
     #[serde(default)]
     pub enabled: bool,
     /// Kernel settings to write on each node, e.g. `net.core.somaxconn: "65535"`. Keys must be
-    /// on the allow-list; values are whole numbers separated by spaces.
+    /// on the allow-list and values within each key's bounds (whole numbers separated by one
+    /// space); the API server and the operator both refuse anything else.
     #[serde(default)]
     #[schemars(schema_with = "sysctls_schema")]
-    #[x_kube(validation = Rule::new(sysctl_keys_rule()).message(sysctl_keys_message().as_str()))]
     pub sysctls: BTreeMap<String, String>,
-    /// Nodes to tune (default: every node).
+    /// Nodes to tune (default: every node the tolerations admit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
+    /// Tolerations of the tuner pods (default: none, so tainted nodes such as control-plane
+    /// nodes are not tuned). The servers' `tolerations` do not apply to the tuner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
 }
 
-/// The map's shape: at most one entry per allow-listed key (which also bounds the CEL rule's
-/// cost, as the API server requires), values of whole numbers.
+/// The map's shape: at most one entry per allow-listed key (which also bounds the CEL rules'
+/// cost, as the API server requires), values of whole numbers; then one CEL rule for the keys
+/// and one per key for its value, generated from the contract's bounds.
 fn sysctls_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut rules = vec![serde_json::json!({"rule": sysctl_keys_rule(), "message": sysctl_keys_message()})];
+    rules.extend(
+        wsfleet_contract::tune::SYSCTL_BOUNDS
+            .iter()
+            .map(|b| serde_json::json!({"rule": b.cel_rule(), "message": b.describe()})),
+    );
     schemars::json_schema!({
         "type": "object",
         "maxProperties": wsfleet_contract::tune::ALLOWED_SYSCTLS.len(),
@@ -335,7 +363,8 @@ fn sysctls_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
             "maxLength": 64,
             "pattern": "^[0-9]+( [0-9]+)*$"
         },
-        "default": {}
+        "default": {},
+        "x-kubernetes-validations": rules
     })
 }
 
@@ -355,9 +384,9 @@ pub struct AuthSpec {
     /// `Origin` values browsers may connect from (exact match); empty allows any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_origins: Vec<String>,
-    /// A Secret key holding an HS256 secret (16 bytes or more). When set, every upgrade needs an
-    /// unexpired JWT signed with it (`Authorization: Bearer <jwt>` or `?access_token=<jwt>`),
-    /// else the server answers 401.
+    /// A Secret key holding an HS256 secret (32 bytes or more, checked by the operator before it
+    /// rolls out servers). When set, every upgrade needs an unexpired JWT signed with it
+    /// (`Authorization: Bearer <jwt>` or `?access_token=<jwt>`), else the server answers 401.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt_secret_ref: Option<SecretKeySelector>,
 }
@@ -426,6 +455,7 @@ pub mod reason {
     pub const PROGRESS_DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
     pub const APPLY_FAILED: &str = "ApplyFailed";
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    pub const JWT_SECRET_INVALID: &str = "JwtSecretInvalid";
     pub const AS_EXPECTED: &str = "AsExpected";
     pub const BUS_UNAVAILABLE: &str = "BusUnavailable";
     pub const MANAGED_REDIS_AVAILABLE: &str = "ManagedRedisAvailable";

@@ -7,6 +7,7 @@
 //! | [`crd`] | the API: spec, status, condition types and reasons, validation rules |
 //! | [`children`] | pure: one `build_<kind>` per child object, from the spec |
 //! | [`status`] | pure: status and conditions from what the children report |
+//! | [`validate`] | pure: what the operator refuses before building (sysctl bounds, the JWT Secret) |
 //! | [`controller`] | reconcile = build -> apply (server-side) -> observe -> status; events, errors, backoff, caches |
 //! | [`leader`] | Lease-based leader election: only the leader reconciles |
 //! | [`telemetry`] | metrics and the `/healthz`, `/readyz`, `/metrics` endpoints |
@@ -21,6 +22,7 @@ pub mod crd;
 pub mod leader;
 pub mod status;
 pub mod telemetry;
+pub mod validate;
 
 /// The one field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "wsfleet-operator";

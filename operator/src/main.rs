@@ -12,6 +12,7 @@ use kube::api::{Api, ListParams};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 use wsfleet_contract::process::{self, LogFormat};
+use wsfleet_operator::children::Settings;
 use wsfleet_operator::controller::{self, Context};
 use wsfleet_operator::crd::WebSocketCluster;
 use wsfleet_operator::leader::{Elector, LeaseConfig};
@@ -47,6 +48,14 @@ struct Args {
     /// Seconds between looks at a healthy cluster (refreshes connections and child status).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     resync_seconds: u64,
+    /// Image of the node tuner (it must have the `tune` subcommand): the operator's choice,
+    /// never a WebSocketCluster's. Default: the server image of this release.
+    #[arg(long, env = "WSFLEET_OPERATOR_TUNER_IMAGE", default_value_t = Settings::default_tuner_image())]
+    tuner_image: String,
+    /// Namespace of the node-tuning DaemonSets (privileged pods; not a tenant's namespace). The
+    /// chart creates it with the `privileged` Pod Security level.
+    #[arg(long, env = "WSFLEET_OPERATOR_TUNING_NAMESPACE", default_value = "wsfleet-tuning")]
+    tuning_namespace: String,
     /// Log format (level from WSFLEET_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -94,6 +103,12 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         metrics.clone(),
         Duration::from_secs(args.resync_seconds),
         identity.clone(),
+        Settings {
+            tuner_image: args.tuner_image.clone(),
+            tuning_namespace: args.tuning_namespace.clone(),
+            // In the cluster, the operator's pods read presence from managed Redis.
+            operator_namespace: std::env::var_os("KUBERNETES_SERVICE_HOST").map(|_| args.lease_namespace.clone()),
+        },
     ));
     if args.no_leader_election {
         warn!("leader election is off: run only one replica like this");

@@ -23,6 +23,9 @@ pub struct Observed {
     pub connections: Option<Result<i64, String>>,
     /// Why applying the children failed, if it did.
     pub apply_error: Option<String>,
+    /// Why nothing was applied: the operator refused the spec or a Secret it names, as (reason,
+    /// message).
+    pub refused: Option<(&'static str, String)>,
 }
 
 pub fn compute(wsc: &WebSocketCluster, seen: &Observed, now: &Time) -> WebSocketClusterStatus {
@@ -56,6 +59,10 @@ pub fn compute(wsc: &WebSocketCluster, seen: &Observed, now: &Time) -> WebSocket
         cs.iter().find(|c| c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded"))
     });
     conds.push(match (&seen.apply_error, deadline) {
+        _ if seen.refused.is_some() => {
+            let (why, message) = seen.refused.clone().unwrap_or_default();
+            cond(condition::DEGRADED, true, why, message)
+        }
         (Some(e), _) => cond(condition::DEGRADED, true, reason::APPLY_FAILED, e.clone()),
         (None, Some(c)) => cond(
             condition::DEGRADED,
@@ -76,7 +83,9 @@ pub fn compute(wsc: &WebSocketCluster, seen: &Observed, now: &Time) -> WebSocket
         (None, None) => cond(condition::DEGRADED, false, reason::AS_EXPECTED, "all children applied".into()),
     });
 
-    conds.push(if !redis_ok {
+    conds.push(if let Some((why, message)) = &seen.refused {
+        cond(condition::READY, false, why, format!("nothing applied: {message}"))
+    } else if !redis_ok {
         cond(condition::READY, false, reason::REDIS_NOT_READY, "the message bus is not ready".into())
     } else if desired == 0 {
         cond(condition::READY, true, reason::SCALED_TO_ZERO, "scaled to zero server pods".into())
@@ -108,7 +117,11 @@ pub fn compute(wsc: &WebSocketCluster, seen: &Observed, now: &Time) -> WebSocket
         None => (None, Some("not observed yet".into())),
     };
     WebSocketClusterStatus {
-        observed_generation: if seen.apply_error.is_none() { generation } else { previous.observed_generation },
+        observed_generation: if seen.apply_error.is_none() && seen.refused.is_none() {
+            generation
+        } else {
+            previous.observed_generation
+        },
         replicas,
         ready_replicas: ready,
         updated_replicas: updated,
@@ -258,6 +271,7 @@ mod tests {
             tuning: None,
             connections: Some(Ok(42)),
             apply_error: None,
+            refused: None,
         }
     }
 
@@ -317,6 +331,20 @@ mod tests {
         seen.apply_error = Some("Deployment chat-server: forbidden".into());
         let s = compute(&wsc, &seen, &t(200));
         assert_eq!(status_of(&s, "Degraded"), ("True", "ApplyFailed"));
+        assert_eq!(s.observed_generation, Some(1));
+    }
+
+    #[test]
+    fn a_refused_spec_or_secret_is_named_and_keeps_the_old_observed_generation() {
+        let mut wsc = sample("chat");
+        wsc.status = Some(compute(&wsc, &healthy(&wsc), &t(100)));
+        wsc.metadata.generation = Some(2);
+        let mut seen = healthy(&wsc);
+        seen.refused = Some((reason::JWT_SECRET_INVALID, "Secret chat-jwt has no key \"secret\"".into()));
+        let s = compute(&wsc, &seen, &t(200));
+        assert_eq!(status_of(&s, "Ready"), ("False", "JwtSecretInvalid"));
+        assert_eq!(status_of(&s, "Degraded"), ("True", "JwtSecretInvalid"));
+        assert!(find(&s, "Ready").unwrap().message.contains("Secret chat-jwt"));
         assert_eq!(s.observed_generation, Some(1));
     }
 

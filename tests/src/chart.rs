@@ -3,7 +3,8 @@
 //! from the local control plane, and drive a WebSocketCluster through a fixed scenario.
 //!
 //! The scenario is what a user of a fleet relies on; every step needs some of the operator's
-//! permissions: the sample becomes Ready, events are recorded, two scales are acted on (the
+//! permissions: the sample becomes Ready, events are recorded, a JWT Secret is checked and
+//! taken, two scales are acted on (the
 //! second repeats an event, which is counted), an edit of each kind of child is repaired, optional
 //! children are removed when the spec drops them, and the leader keeps renewing its Lease.
 //! Several runs (one operator each) share one polling loop, so that many can run side by side on
@@ -99,9 +100,10 @@ pub fn kind_of(doc: &str) -> &str {
 
 /// The objects of `yaml` as the API server would store them (`kubectl apply --dry-run=server`):
 /// validated by the real API server and its admission, returned as JSON. Panics on a refusal;
-/// returns the objects and kubectl's stderr (warnings, e.g. from Pod Security admission).
-pub fn server_dry_run(namespace: &str, yaml: &str) -> (Vec<Value>, String) {
-    let run = kubectl_run(&["-n", namespace, "apply", "--dry-run=server", "-o", "json", "-f", "-"], Some(yaml));
+/// returns the objects and kubectl's stderr (warnings, e.g. from Pod Security admission). Every
+/// namespaced object of the chart names its namespace (the release's, or the tuning namespace).
+pub fn server_dry_run(yaml: &str) -> (Vec<Value>, String) {
+    let run = kubectl_run(&["apply", "--dry-run=server", "-o", "json", "-f", "-"], Some(yaml));
     let stderr = run.stderr.clone();
     (objects_of(&run.ok()), stderr)
 }
@@ -135,8 +137,8 @@ pub fn find<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
     objects.iter().find(|o| o["kind"] == kind).unwrap_or_else(|| panic!("no {kind} in the rendered chart"))
 }
 
-/// Cluster-scoped objects (ClusterRole, ClusterRoleBinding) of one test release, deleted when
-/// dropped; namespaced objects go with the test's namespace.
+/// Cluster-scoped objects (ClusterRole, ClusterRoleBinding, the tuning Namespace) of one test
+/// release, deleted when dropped; namespaced objects go with the test's namespace.
 pub struct ClusterScoped {
     pub refs: Vec<String>,
 }
@@ -151,14 +153,14 @@ impl Drop for ClusterScoped {
 
 /// Applies a rendered release without its operator Deployment (kwok would only fake its pods;
 /// the tests run the operator binary instead). Returns the objects as applied.
-pub fn install_without_deployment(namespace: &str, yaml: &str) -> (Vec<Value>, ClusterScoped) {
+pub fn install_without_deployment(yaml: &str) -> (Vec<Value>, ClusterScoped) {
     let docs: Vec<String> = documents(yaml).into_iter().filter(|d| kind_of(d) != "Deployment").collect();
     let manifest = docs.join("---\n");
-    let run = kubectl_run(&["-n", namespace, "apply", "-o", "json", "-f", "-"], Some(&manifest));
+    let run = kubectl_run(&["apply", "-o", "json", "-f", "-"], Some(&manifest));
     let objects = objects_of(&run.ok());
     let refs = objects
         .iter()
-        .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "ClusterRoleBinding")
+        .filter(|o| matches!(o["kind"].as_str(), Some("ClusterRole" | "ClusterRoleBinding" | "Namespace")))
         .map(|o| {
             format!(
                 "{}/{}",
@@ -312,7 +314,7 @@ impl Snapshot {
         };
         let objects = list(&[
             "get",
-            "websocketclusters,deployments,services,poddisruptionbudgets,daemonsets,leases",
+            "websocketclusters,deployments,services,poddisruptionbudgets,daemonsets,networkpolicies,leases",
             "--all-namespaces",
             "-o",
             "json",
@@ -352,6 +354,7 @@ pub const SAMPLE: &str = "chat";
 pub enum Step {
     Ready,
     EventsRecorded,
+    JwtSecretChecked,
     ScaleTo4,
     ScaleTo5AndEventCounted,
     RepairDeployment,
@@ -362,9 +365,10 @@ pub enum Step {
     RenewLease,
 }
 
-const STEPS: [Step; 10] = [
+const STEPS: [Step; 11] = [
     Step::Ready,
     Step::EventsRecorded,
+    Step::JwtSecretChecked,
     Step::ScaleTo4,
     Step::ScaleTo5AndEventCounted,
     Step::RepairDeployment,
@@ -382,6 +386,7 @@ impl Step {
         match self {
             Step::Ready => "the sample becomes Ready",
             Step::EventsRecorded => "events record the children it created",
+            Step::JwtSecretChecked => "a JWT Secret is checked and reaches the servers",
             Step::ScaleTo4 => "a scale to 4 reaches the Deployment and the status",
             Step::ScaleTo5AndEventCounted => "a scale to 5 does too, and its repeated event is counted (series)",
             Step::RepairDeployment => "an edited Deployment is repaired",
@@ -395,22 +400,26 @@ impl Step {
 
     fn deadline(self, lease: Duration) -> Duration {
         match self {
-            Step::Ready | Step::ScaleTo4 | Step::ScaleTo5AndEventCounted => Duration::from_secs(45),
+            // A rollout of every server pod (the JWT Secret changes the pod template) and scales.
+            Step::Ready | Step::JwtSecretChecked | Step::ScaleTo4 | Step::ScaleTo5AndEventCounted => {
+                Duration::from_secs(45)
+            }
             Step::EventsRecorded => Duration::from_secs(10),
             Step::RenewLease => lease * 2,
             _ => Duration::from_secs(20),
         }
     }
 
-    /// The child whose edit this step repairs.
-    fn repaired(self) -> Option<(&'static str, &'static str, String)> {
+    /// The child whose edit this step repairs, as (resource, kind, name); the DaemonSet is in
+    /// the tuning namespace ([`Run::tuning`]), the others in the sample's.
+    fn repaired(self, run: &Run) -> Option<(&'static str, &'static str, String)> {
         match self {
             Step::RepairDeployment => Some(("deployment", "Deployment", format!("{SAMPLE}-server"))),
             Step::RepairService => Some(("service", "Service", SAMPLE.to_owned())),
             Step::RepairPodDisruptionBudget => {
                 Some(("poddisruptionbudget", "PodDisruptionBudget", format!("{SAMPLE}-server")))
             }
-            Step::RepairDaemonSet => Some(("daemonset", "DaemonSet", format!("{SAMPLE}-tuning"))),
+            Step::RepairDaemonSet => Some(("daemonset", "DaemonSet", run.tuning().1)),
             _ => None,
         }
     }
@@ -466,6 +475,17 @@ impl Run {
         STEPS[self.step]
     }
 
+    /// Where the sample's tuning DaemonSet is: the chart's default tuning namespace of the
+    /// release, and the name the operator gives it.
+    pub fn tuning(&self) -> (String, String) {
+        (format!("{}-tuning", self.lease_namespace), format!("{}-{SAMPLE}", self.namespace))
+    }
+
+    /// The namespace a repaired child lives in.
+    fn namespace_of(&self, kind: &str) -> String {
+        if kind == "DaemonSet" { self.tuning().0 } else { self.namespace.clone() }
+    }
+
     fn wsc<'a>(&self, s: &'a Snapshot) -> Option<&'a Value> {
         s.get(&self.namespace, "WebSocketCluster", SAMPLE)
     }
@@ -479,21 +499,27 @@ impl Run {
             kubectl(&["-n", &ns, "patch", "websocketcluster", SAMPLE, "--type", "merge", "-p", body]);
         };
         match self.current() {
+            Step::JwtSecretChecked => {
+                let secret = format!("--from-literal=secret={}", "s".repeat(40));
+                kubectl(&["-n", &ns, "create", "secret", "generic", "chat-jwt", &secret]);
+                patch(r#"{"spec":{"auth":{"jwtSecretRef":{"name":"chat-jwt","key":"secret"}}}}"#);
+            }
             Step::ScaleTo4 => patch(r#"{"spec":{"replicas":4}}"#),
             Step::ScaleTo5AndEventCounted => patch(r#"{"spec":{"replicas":5}}"#),
             step @ (Step::RepairDeployment
             | Step::RepairService
             | Step::RepairPodDisruptionBudget
             | Step::RepairDaemonSet) => {
-                let (resource, kind, name) = step.repaired().expect("a repair step");
+                let (resource, kind, name) = step.repaired(self).expect("a repair step");
+                let child_ns = self.namespace_of(kind);
                 self.memo = s
-                    .get(&ns, kind, &name)
+                    .get(&child_ns, kind, &name)
                     .and_then(|o| o["metadata"]["labels"][COMPONENT].as_str())
                     .unwrap_or("(absent)")
                     .to_owned();
                 kubectl(&[
                     "-n",
-                    &ns,
+                    &child_ns,
                     "label",
                     resource,
                     &name,
@@ -568,6 +594,17 @@ impl Run {
                     Check::Pending(format!("{} events about the sample, none saying {created:?}", events.len()))
                 }
             }
+            Step::JwtSecretChecked => {
+                let deployment = s.get(&self.namespace, "Deployment", &format!("{SAMPLE}-server"));
+                let env = deployment.map(|d| d["spec"]["template"]["spec"]["containers"][0]["env"].to_string());
+                let taken = env.as_deref().is_some_and(|e| e.contains("WSFLEET_JWT_SECRET"));
+                let caught_up = wsc["status"]["observedGeneration"] == wsc["metadata"]["generation"];
+                if taken && caught_up && is_ready {
+                    Check::Pass
+                } else {
+                    Check::Pending(format!("JWT secret in the Deployment: {taken}, caught up: {caught_up}, {ready}"))
+                }
+            }
             Step::ScaleTo4 => scaled(4),
             Step::ScaleTo5AndEventCounted => match scaled(5) {
                 Check::Pass => {
@@ -589,9 +626,9 @@ impl Run {
             | Step::RepairService
             | Step::RepairPodDisruptionBudget
             | Step::RepairDaemonSet) => {
-                let (_, kind, name) = step.repaired().expect("a repair step");
+                let (_, kind, name) = step.repaired(self).expect("a repair step");
                 let label = s
-                    .get(&self.namespace, kind, &name)
+                    .get(&self.namespace_of(kind), kind, &name)
                     .map(|o| o["metadata"]["labels"][COMPONENT].as_str().unwrap_or("(absent)").to_owned());
                 match label {
                     Some(l) if l == self.memo => Check::Pass,
@@ -599,12 +636,19 @@ impl Run {
                 }
             }
             Step::RemoveOptionalChildren => {
-                let (redis, tuning) = (format!("{SAMPLE}-redis"), format!("{SAMPLE}-tuning"));
-                let left: Vec<&str> = [("Deployment", &redis), ("Service", &redis), ("DaemonSet", &tuning)]
-                    .into_iter()
-                    .filter(|(kind, name)| s.get(&self.namespace, kind, name).is_some())
-                    .map(|(kind, _)| kind)
-                    .collect();
+                let redis = format!("{SAMPLE}-redis");
+                let (tuning_ns, tuning) = self.tuning();
+                let ns = self.namespace.as_str();
+                let left: Vec<&str> = [
+                    (ns, "Deployment", &redis),
+                    (ns, "Service", &redis),
+                    (ns, "NetworkPolicy", &redis),
+                    (tuning_ns.as_str(), "DaemonSet", &tuning),
+                ]
+                .into_iter()
+                .filter(|(ns, kind, name)| s.get(ns, kind, name).is_some())
+                .map(|(_, kind, _)| kind)
+                .collect();
                 let caught_up = wsc["status"]["observedGeneration"] == wsc["metadata"]["generation"];
                 if left.is_empty() && caught_up {
                     Check::Pass

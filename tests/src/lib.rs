@@ -226,6 +226,12 @@ impl Drop for TestNamespace {
     }
 }
 
+/// Creates namespace `name` unless it exists (kept: for namespaces tests share).
+pub fn ensure_namespace(name: &str) {
+    let manifest = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n");
+    kubectl_run(&["apply", "-f", "-"], Some(&manifest)).ok();
+}
+
 /// Applies a CustomResourceDefinition and waits until the API server serves it. Safe to call
 /// from tests running at once, in this process or others: one call at a time per process,
 /// server-side apply (creating twice is no conflict), and a wait that tolerates a CRD whose

@@ -122,6 +122,28 @@ pub fn component_pods(ns: &str, component: &str) -> Vec<Pod> {
     list["items"].as_array().into_iter().flatten().map(pod_of).collect()
 }
 
+/// The tuning namespace of the chart installed on the node (its default for the release
+/// namespace `wsfleet-system`).
+pub const TUNING_NAMESPACE: &str = "wsfleet-system-tuning";
+
+/// The tuner pods of the clusters in tenant namespace `ns` (they run in [`TUNING_NAMESPACE`]).
+pub fn tuning_pods(ns: &str) -> Vec<Pod> {
+    let selector = format!("app.kubernetes.io/component=tuning,wsfleet.dev/cluster-namespace={ns}");
+    let list = get_json(&["-n", TUNING_NAMESPACE, "pods", "-l", &selector]);
+    list["items"].as_array().into_iter().flatten().map(pod_of).collect()
+}
+
+/// What a Redis at `addr` answers a `PING` sent without authenticating (one line).
+pub fn redis_ping(addr: &str) -> String {
+    let addr: SocketAddr = addr.parse().expect("a socket address");
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap_or_else(|e| panic!("{addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("a read timeout");
+    s.write_all(b"PING\r\n").expect("send PING");
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).trim().to_owned()
+}
+
 /// `ws://CLUSTER-IP:PORT/ws` of the fleet's client Service.
 pub fn service_url(ns: &str, name: &str) -> String {
     let svc = get_json(&["-n", ns, "service", name]);

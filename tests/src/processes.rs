@@ -73,11 +73,17 @@ impl Drop for Proc {
     }
 }
 
-/// The operator, watching one namespace, with its Lease in that namespace.
+/// Where the operators of these tests put tuning DaemonSets (one namespace for all: each
+/// DaemonSet is named after its cluster's namespace, and each operator sweeps only its own).
+pub const TUNING_NAMESPACE: &str = "e2e-wsfleet-tuning";
+
+/// The operator, watching one namespace, with its Lease in that namespace and its tuning
+/// DaemonSets in [`TUNING_NAMESPACE`].
 pub fn operator(namespace: &str, extra: &[&str]) -> Proc {
+    crate::ensure_namespace(TUNING_NAMESPACE);
     let mut cmd = Command::new(workspace_binary("wsfleet-operator"));
     cmd.args(["--watch-namespace", namespace, "--lease-namespace", namespace, "--http-listen", "127.0.0.1:0"])
-        .args(["--resync-seconds", "2"])
+        .args(["--resync-seconds", "2", "--tuning-namespace", TUNING_NAMESPACE])
         .args(extra)
         .env("KUBECONFIG", crate::kubeconfig());
     Proc::spawn("operator", cmd, true)

@@ -148,9 +148,13 @@ fn the_rendered_chart_is_accepted_by_the_api_server() {
     let ns = TestNamespace::new("chart-dry");
     // The API server's Pod Security admission warns about any workload that breaks the level.
     kubectl(&["label", "namespace", &ns.name, "pod-security.kubernetes.io/enforce=restricted"]);
+    // A dry run creates no namespace: the tuning namespace exists beforehand (the chart's
+    // Namespace is then an update of it).
+    let tuning = TestNamespace::new("chart-dry-tuning");
     let release = unique_name("wsfleet-dry");
-    let yaml = render(&release, &ns.name, &[]);
-    let (objects, warnings) = server_dry_run(&ns.name, &yaml);
+    let tuning_value = format!("nodeTuning.namespace={}", tuning.name);
+    let yaml = render(&release, &ns.name, &[&tuning_value]);
+    let (objects, warnings) = server_dry_run(&yaml);
     let mut kinds: Vec<&str> = objects.iter().filter_map(|o| o["kind"].as_str()).collect();
     kinds.sort();
     assert_eq!(
@@ -160,13 +164,27 @@ fn the_rendered_chart_is_accepted_by_the_api_server() {
             "ClusterRoleBinding",
             "CustomResourceDefinition",
             "Deployment",
+            "Namespace",
             "Role",
+            "Role",
+            "RoleBinding",
             "RoleBinding",
             "Service",
             "ServiceAccount"
         ]
     );
     assert!(!warnings.contains("PodSecurity"), "not restricted: {warnings}");
+    // The tuning namespace allows privileged pods, and only there may the operator write
+    // DaemonSets; the tuner image is the chart's server image.
+    let namespace = find(&objects, "Namespace");
+    assert_eq!(namespace["metadata"]["name"], tuning.name.as_str());
+    assert_eq!(namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged");
+    let roles: Vec<&Value> = objects.iter().filter(|o| o["kind"] == "Role").collect();
+    let daemonsets: Vec<&Value> =
+        roles.iter().copied().filter(|r| r["rules"].to_string().contains("daemonsets")).collect();
+    assert_eq!(daemonsets.len(), 1);
+    assert_eq!(daemonsets[0]["metadata"]["namespace"], tuning.name.as_str());
+    assert!(!find(&objects, "ClusterRole")["rules"].to_string().contains("daemonsets"));
 
     // The operator Deployment as the API server has it.
     let deployment = find(&objects, "Deployment");
@@ -175,6 +193,9 @@ fn the_rendered_chart_is_accepted_by_the_api_server() {
     let args = container["args"].to_string();
     assert!(!args.contains("no-leader-election") && !args.contains("watch-namespace"), "{args}");
     assert_eq!(arg(deployment, "--http-listen"), "0.0.0.0:8080");
+    assert_eq!(arg(deployment, "--tuning-namespace"), tuning.name);
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(arg(deployment, "--tuner-image"), format!("ghcr.io/wsfleet/wsfleet-server:{version}"));
     assert_eq!(pod["serviceAccountName"], find(&objects, "ServiceAccount")["metadata"]["name"]);
     let env = |name: &str| container["env"].as_array().unwrap().iter().find(|e| e["name"] == name).cloned();
     assert_eq!(env("POD_NAMESPACE").unwrap()["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace");
@@ -194,7 +215,7 @@ fn the_rendered_chart_is_accepted_by_the_api_server() {
     let labels = &deployment["spec"]["template"]["metadata"]["labels"];
     assert!(selector.iter().all(|(k, v)| labels[k] == *v), "{selector:?} vs {labels}");
     // The Lease's Role is namespaced to the release and names the Lease the operator uses.
-    let role = find(&objects, "Role");
+    let role = roles.iter().find(|r| r["rules"].to_string().contains("leases")).expect("the Lease's Role");
     assert_eq!(role["metadata"]["namespace"], ns.name.as_str());
     assert!(role["rules"].to_string().contains(&arg(deployment, "--lease-name")));
 
@@ -215,7 +236,7 @@ fn the_operator_reconciles_on_the_chart_service_account_alone() {
     let release = unique_name("wsfleet");
     // The release as installed, CRD included (crds.install defaults to true).
     let yaml = render(&release, &release_ns.name, &[]);
-    let (objects, _cluster_scoped) = install_without_deployment(&release_ns.name, &yaml);
+    let (objects, _cluster_scoped) = install_without_deployment(&yaml);
     wsfleet_e2e::wait_until("the CRD to be established", std::time::Duration::from_secs(60), || {
         let s = kubectl(&[
             "get",
@@ -276,22 +297,24 @@ fn variant(removed: Option<Permission>, lease_seconds: u64) -> Variant {
     ];
     let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
     let yaml = render(&release, &ns.name, &sets);
-    let (objects, cluster_scoped) = install_without_deployment(&ns.name, &yaml);
+    let (objects, cluster_scoped) = install_without_deployment(&yaml);
     let account = find(&objects, "ServiceAccount")["metadata"]["name"].as_str().unwrap().to_owned();
     if let Some(wanted) = &removed {
         // This release's own permission (a Lease rule names this release's Lease).
-        let (holder, ref p) = ["ClusterRole", "Role"]
-            .into_iter()
-            .map(|k| find(&objects, k))
+        let (holder, ref p) = objects
+            .iter()
+            .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
             .find_map(|o| Permission::all(&o["rules"]).into_iter().find(|p| p.same_grant(wanted)).map(|p| (o, p)))
             .expect("the permission is the chart's");
+        // A Role's permission is asked about in its namespace (the tuning namespace's Role).
+        let where_ = holder["metadata"]["namespace"].as_str().unwrap_or(&ns.name).to_owned();
         let mut reduced = holder.clone();
         reduced["rules"] = p.remove_from(&holder["rules"]);
         kubectl_run(&["replace", "-f", "-"], Some(&reduced.to_string())).ok();
         let who = format!("--as=system:serviceaccount:{}:{account}", ns.name);
         let mut can_i = vec!["auth".to_owned(), "can-i".to_owned()];
         can_i.extend(p.can_i_args());
-        can_i.extend(["-n".to_owned(), ns.name.clone(), who]);
+        can_i.extend(["-n".to_owned(), where_, who]);
         let can_i: Vec<&str> = can_i.iter().map(String::as_str).collect();
         wait_until(&format!("the API server to refuse {p}"), Duration::from_secs(10), || {
             let answer = kubectl_run(&can_i, None).stdout;
@@ -324,7 +347,10 @@ fn variant(removed: Option<Permission>, lease_seconds: u64) -> Variant {
 /// the repeated refusal, and reports the scenario's outcome without requiring a failure.
 fn watch_of_a_child(p: &Permission) -> bool {
     matches!(p.verb.as_str(), "list" | "watch")
-        && matches!(p.resource.as_str(), "deployments" | "services" | "poddisruptionbudgets" | "daemonsets")
+        && matches!(
+            p.resource.as_str(),
+            "deployments" | "services" | "poddisruptionbudgets" | "daemonsets" | "networkpolicies"
+        )
 }
 
 /// An outcome's reason without the Debug dump of the API server's Status.

@@ -221,6 +221,8 @@ fn the_charts_operator_runs_a_fleet_whose_pods_serve_and_count_real_clients() {
     assert_eq!(image, format!("ghcr.io/wsfleet/wsfleet-operator:{}", env!("CARGO_PKG_VERSION")));
 
     let ns = TestNamespace::new("node-serve");
+    // The tenant's namespace enforces `restricted`: the server and Redis pods pass it as built.
+    kubectl(&["label", "namespace", &ns.name, "pod-security.kubernetes.io/enforce=restricted"]);
     let (obj, took) = apply_fleet(&ns.name, &fleet_manifest("chat", 3, ""), 3);
     print_figure("kubectl apply to Ready (3 server pods + Redis)", format!("{:.1} s", took.as_secs_f64()));
 
@@ -228,6 +230,9 @@ fn the_charts_operator_runs_a_fleet_whose_pods_serve_and_count_real_clients() {
     // container, and each server's /readyz answers this machine over the bridge.
     let redis = component_pods(&ns.name, "redis");
     assert!(redis.len() == 1 && redis[0].ready, "{redis:?}");
+    // Its readiness probe authenticates; a client without the password is refused.
+    let answer = redis_ping(&format!("{}:6379", redis[0].ip));
+    assert!(answer.starts_with("-NOAUTH"), "Redis answered an unauthenticated PING with {answer:?}");
     let pods = server_pods(&ns.name, &obj);
     for pod in &pods {
         assert_eq!(http_get(pod.http_addr(), "/readyz").unwrap().0, 200, "{pod:?}");
@@ -400,8 +405,12 @@ fn a_rolling_update_with_1000_clients_drains_every_old_pod_and_loses_nothing() {
 fn node_tuning_writes_the_hosts_sysctls_and_reports_node_tuned() {
     let _restore = RestoreSysctl::new("net.core.somaxconn");
     let before: u64 = host_sysctl("net.core.somaxconn").parse().unwrap();
-    let want = if before == 65_535 { 65_534 } else { before + 1 };
+    // Within the bounds the API admits (1024..=65535).
+    let want = if before >= 65_535 { 65_534 } else { (before + 1).max(1024) };
     let ns = TestNamespace::new("node-tune");
+    // Node tuning no longer needs the tenant's namespace to allow privileged pods: the tuner runs
+    // in the operator's tuning namespace.
+    kubectl(&["label", "namespace", &ns.name, "pod-security.kubernetes.io/enforce=restricted"]);
     let extra = format!("  nodeTuning:\n    enabled: true\n    sysctls:\n      net.core.somaxconn: \"{want}\"\n");
     apply_fleet(&ns.name, &fleet_manifest("chat", 1, &extra), 1);
     wait_until("NodeTuned=True", WAIT, || {
@@ -413,9 +422,10 @@ fn node_tuning_writes_the_hosts_sysctls_and_reports_node_tuned() {
     });
     // The DaemonSet's pod wrote the host's own setting, read back here on the host.
     assert_eq!(host_sysctl("net.core.somaxconn"), want.to_string());
-    let tuner = component_pods(&ns.name, "tuning");
+    let tuner = tuning_pods(&ns.name);
     assert_eq!(tuner.len(), 1, "{tuner:?}");
-    let logs = kubectl(&["-n", &ns.name, "logs", &tuner[0].name]);
+    assert!(component_pods(&ns.name, "tuning").is_empty(), "a tuner in the tenant's namespace");
+    let logs = kubectl(&["-n", TUNING_NAMESPACE, "logs", &tuner[0].name]);
     assert!(logs.contains("net.core.somaxconn"), "the tuner logs what it wrote:\n{logs}");
 }
 

@@ -1,13 +1,15 @@
 //! The operator against the real local control plane: a sample manifest becomes a Ready fleet
 //! with every child, scaling and image changes flow through, deleted children come back,
-//! deletion collects everything, bad manifests are refused with the field named, the fleet
+//! deletion collects everything, bad manifests (hostile node tuning included) are refused with
+//! the field named, the tuner is the operator's whatever the tenant asks, a bad JWT Secret is
+//! reported instead of rolled out, the Redis password Secret is made once and kept, the fleet
 //! total comes from real servers' heartbeats, and only the Lease holder reconciles.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use wsfleet_e2e::processes::{Proc, metric, operator, workspace_binary};
+use wsfleet_e2e::processes::{Proc, TUNING_NAMESPACE, metric, operator, workspace_binary};
 use wsfleet_e2e::{TestNamespace, apply, condition, get_json, kubectl, kubectl_run, wait_until, wsc};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -68,17 +70,40 @@ fn a_sample_manifest_becomes_a_ready_fleet_with_every_child() {
     assert!(owned_by(&get_json(&["-n", &ns.name, "poddisruptionbudget", "chat-server"]), &obj));
     assert!(owned_by(&get_json(&["-n", &ns.name, "deployment", "chat-redis"]), &obj));
     assert!(owned_by(&get_json(&["-n", &ns.name, "service", "chat-redis"]), &obj));
-    let ds = get_json(&["-n", &ns.name, "daemonset", "chat-tuning"]);
-    assert!(owned_by(&ds, &obj));
+    // The tuner: in the operator's tuning namespace, tied to the cluster by labels.
+    let tuner = format!("{}-chat", ns.name);
+    let ds = get_json(&["-n", TUNING_NAMESPACE, "daemonset", &tuner]);
+    assert_eq!(ds["metadata"]["labels"]["wsfleet.dev/cluster-uid"], obj["metadata"]["uid"]);
     let args = ds["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
     assert!(args.contains("net.core.somaxconn=65535"), "{args}");
+    let in_tenant_ns = kubectl(&["-n", &ns.name, "get", "daemonsets", "-o", "name"]);
+    assert!(in_tenant_ns.trim().is_empty(), "a DaemonSet in the tenant's namespace: {in_tenant_ns}");
+    // Redis: a password Secret the cluster owns, given to the servers by reference, and a
+    // NetworkPolicy that admits only this cluster's servers.
+    assert!(owned_by(&get_json(&["-n", &ns.name, "secret", "chat-redis-auth"]), &obj));
+    let env = pod["containers"][0]["env"].as_array().unwrap();
+    let password = env.iter().find(|e| e["name"] == "WSFLEET_REDIS_PASSWORD").expect("a Redis password");
+    assert_eq!(password["valueFrom"]["secretKeyRef"]["name"], "chat-redis-auth");
+    let policy = get_json(&["-n", &ns.name, "networkpolicy", "chat-redis"]);
+    assert!(owned_by(&policy, &obj));
+    assert_eq!(policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"], "redis");
+    let from = &policy["spec"]["ingress"][0]["from"];
+    assert_eq!(from[0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"], "server");
+    assert_eq!(from[0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"], "chat");
+    assert_eq!(from.as_array().unwrap().len(), 1, "the operator runs outside the cluster here: {from}");
 
-    // Status and printer columns, as a user reads them.
+    // Status and printer columns, as a user reads them (the tuner's pods may be scheduled after
+    // the servers are ready: NodeTuned follows).
     assert_eq!(obj["status"]["readyReplicas"], 3);
     assert_eq!(obj["status"]["observedGeneration"], obj["metadata"]["generation"]);
-    for (type_, status) in [("RedisReady", "True"), ("NodeTuned", "True"), ("Degraded", "False")] {
-        assert_eq!(condition(&obj, type_).unwrap()["status"], status, "{type_}");
-    }
+    wait_until("RedisReady, NodeTuned and not Degraded", WAIT, || {
+        let obj = wsc(&ns.name, "chat");
+        let seen: Vec<String> = ["RedisReady", "NodeTuned", "Degraded"]
+            .iter()
+            .map(|t| condition(&obj, t).map(|c| c["status"].to_string()).unwrap_or_default())
+            .collect();
+        if seen == ["\"True\"", "\"True\"", "\"False\""] { Ok(()) } else { Err(format!("{seen:?}")) }
+    });
     let table = kubectl(&["-n", &ns.name, "get", "wsc", "chat"]);
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(header, ["NAME", "DESIRED", "READY", "CONNECTIONS", "STATUS", "AGE"]);
@@ -86,22 +111,26 @@ fn a_sample_manifest_becomes_a_ready_fleet_with_every_child() {
     assert_eq!(&row[..3], ["chat", "3", "3"], "{table}");
     assert!(row.contains(&"AllReplicasReady"), "{table}");
     let described = kubectl(&["-n", &ns.name, "describe", "wsc", "chat"]);
+    let tuner_created = format!("DaemonSet {tuner} created");
     for needle in [
         "Conditions:",
         "AllReplicasReady",
         "Events:",
         "Deployment chat-server created",
-        "DaemonSet chat-tuning created",
+        "Secret chat-redis-auth created",
+        &tuner_created,
     ] {
         assert!(described.contains(needle), "describe lacks {needle:?}:\n{described}");
     }
 
     // A deleted child comes back.
-    for (kind, name) in [("service", "chat"), ("daemonset", "chat-tuning")] {
-        let old_uid = get_json(&["-n", &ns.name, kind, name])["metadata"]["uid"].clone();
-        kubectl(&["-n", &ns.name, "delete", kind, name, "--wait=true"]);
+    for (namespace, kind, name) in
+        [(ns.name.as_str(), "service", "chat"), (TUNING_NAMESPACE, "daemonset", tuner.as_str())]
+    {
+        let old_uid = get_json(&["-n", namespace, kind, name])["metadata"]["uid"].clone();
+        kubectl(&["-n", namespace, "delete", kind, name, "--wait=true"]);
         wait_until(&format!("{kind} {name} to be restored"), WAIT, || {
-            let run = kubectl_run(&["-n", &ns.name, "get", kind, name, "-o", "jsonpath={.metadata.uid}"], None);
+            let run = kubectl_run(&["-n", namespace, "get", kind, name, "-o", "jsonpath={.metadata.uid}"], None);
             if run.success && run.stdout != old_uid.as_str().unwrap_or_default() { Ok(()) } else { Err(run.stderr) }
         });
     }
@@ -211,10 +240,14 @@ fn an_image_change_rolls_the_servers_and_progressing_reports_it() {
 #[test]
 fn deleting_the_cluster_collects_every_child() {
     let (ns, _op, _) = ready_sample("gc");
+    let tuner = format!("{}-chat", ns.name);
+    get_json(&["-n", TUNING_NAMESPACE, "daemonset", &tuner]);
     kubectl(&["-n", &ns.name, "delete", "wsc", "chat", "--wait=true"]);
-    wait_until("garbage collection of every child", WAIT, || {
-        let left = kubectl(&["-n", &ns.name, "get", "deployment,service,poddisruptionbudget,daemonset", "-o", "name"]);
-        if left.trim().is_empty() { Ok(()) } else { Err(left) }
+    wait_until("garbage collection of every child, and the tuner's removal", WAIT, || {
+        let kinds = "deployment,service,poddisruptionbudget,daemonset,networkpolicy,secret";
+        let left = kubectl(&["-n", &ns.name, "get", kinds, "-o", "name"]);
+        let tuner = kubectl(&["-n", TUNING_NAMESPACE, "get", "daemonset", &tuner, "--ignore-not-found", "-o", "name"]);
+        if left.trim().is_empty() && tuner.trim().is_empty() { Ok(()) } else { Err(format!("{left}{tuner}")) }
     });
 }
 
@@ -247,6 +280,27 @@ fn bad_manifests_are_refused_with_the_field_named() {
             "should match",
         ),
         (
+            "  redis: {managed: {}}\n  nodeTuning: {enabled: true, sysctls: {fs.file-max: '1'}}\n",
+            "spec.nodeTuning.sysctls",
+            "fs.file-max must be a whole number in 1048576..",
+        ),
+        (
+            "  redis: {managed: {}}\n  nodeTuning: {enabled: true, sysctls: {net.netfilter.nf_conntrack_max: '1024'}}\n",
+            "spec.nodeTuning.sysctls",
+            "net.netfilter.nf_conntrack_max must be a whole number in 131072..",
+        ),
+        (
+            "  redis: {managed: {}}\n  nodeTuning: {enabled: true, sysctls: {net.core.somaxconn: '1000000'}}\n",
+            "spec.nodeTuning.sysctls",
+            "net.core.somaxconn must be a whole number in 1024..=65535",
+        ),
+        (
+            "  redis: {managed: {}}\n  nodeTuning: {enabled: true, sysctls: {net.ipv4.ip_local_port_range: '40000 30000'}}\n",
+            "spec.nodeTuning.sysctls",
+            "net.ipv4.ip_local_port_range must be 2 rising whole numbers in 1024..=65535",
+        ),
+        ("  redis: {managed: {maxMemory: 'lots'}}\n", "spec.redis.managed.maxMemory", "should match"),
+        (
             "  redis: {managed: {}}\n  drain: {timeoutSeconds: 0}\n",
             "spec.drain.timeoutSeconds",
             "greater than or equal to 1",
@@ -271,6 +325,174 @@ fn bad_manifests_are_refused_with_the_field_named() {
     }
     let left = kubectl(&["-n", &ns.name, "get", "wsc", "-o", "name"]);
     assert!(left.trim().is_empty(), "nothing was half-applied: {left}");
+}
+
+#[test]
+fn the_tuner_is_the_operators_whatever_the_tenant_asks() {
+    install_crd();
+    let ns = TestNamespace::new("tuner");
+    let _op = operator(&ns.name, &["--no-leader-election"]);
+    // A tenant that asks for its own image everywhere, tainted nodes included.
+    let manifest = format!(
+        "apiVersion: wsfleet.dev/v1alpha1\nkind: WebSocketCluster\nmetadata:\n  name: chat\n  namespace: {}\nspec:
+  replicas: 1
+  image: evil.example/root-shell:latest
+  imagePullPolicy: Always
+  tolerations: [{{operator: Exists}}]
+  redis: {{managed: {{}}}}
+  nodeTuning: {{enabled: true, sysctls: {{net.core.somaxconn: '65535'}}}}\n",
+        ns.name
+    );
+    apply(&manifest).ok();
+    let tuner = format!("{}-chat", ns.name);
+    let ds = wait_until("the tuning DaemonSet", WAIT, || {
+        let run = kubectl_run(&["-n", TUNING_NAMESPACE, "get", "daemonset", &tuner, "-o", "json"], None);
+        if run.success { Ok(serde_json::from_str::<Value>(&run.stdout).unwrap()) } else { Err(run.stderr) }
+    });
+    let pod = &ds["spec"]["template"]["spec"];
+    let operators_tuner = format!("ghcr.io/wsfleet/wsfleet-server:{}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(pod["containers"][0]["image"], operators_tuner.as_str(), "the tenant's image reached the tuner");
+    assert_ne!(pod["containers"][0]["imagePullPolicy"], "Always");
+    assert!(pod["tolerations"].is_null(), "the servers' tolerations reached the tuner: {}", pod["tolerations"]);
+    // The servers do run what the tenant asked for, in the tenant's namespace.
+    let server = get_json(&["-n", &ns.name, "deployment", "chat-server"]);
+    assert_eq!(server["spec"]["template"]["spec"]["containers"][0]["image"], "evil.example/root-shell:latest");
+    // The tuner's own tolerations, and only those, reach it.
+    kubectl(&[
+        "-n",
+        &ns.name,
+        "patch",
+        "wsc",
+        "chat",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"nodeTuning":{"tolerations":[{"key":"dedicated","value":"ws","effect":"NoSchedule"}]}}}"#,
+    ]);
+    wait_until("the tuner's tolerations", WAIT, || {
+        let t =
+            get_json(&["-n", TUNING_NAMESPACE, "daemonset", &tuner])["spec"]["template"]["spec"]["tolerations"].clone();
+        if t[0]["key"] == "dedicated" && t.as_array().map(Vec::len) == Some(1) { Ok(()) } else { Err(t.to_string()) }
+    });
+    // Turning tuning off removes it.
+    kubectl(&[
+        "-n",
+        &ns.name,
+        "patch",
+        "wsc",
+        "chat",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"nodeTuning":{"enabled":false}}}"#,
+    ]);
+    wait_until("the tuner's removal", WAIT, || {
+        let left = kubectl(&["-n", TUNING_NAMESPACE, "get", "daemonset", &tuner, "--ignore-not-found", "-o", "name"]);
+        if left.trim().is_empty() { Ok(()) } else { Err(left) }
+    });
+}
+
+#[test]
+fn a_missing_or_short_jwt_secret_is_reported_and_nothing_is_rolled_out() {
+    install_crd();
+    let ns = TestNamespace::new("jwt");
+    let _op = operator(&ns.name, &["--no-leader-election"]);
+    let manifest = format!(
+        "apiVersion: wsfleet.dev/v1alpha1\nkind: WebSocketCluster\nmetadata:\n  name: chat\n  namespace: {}\nspec:
+  replicas: 2
+  redis: {{managed: {{}}}}
+  auth: {{jwtSecretRef: {{name: chat-jwt, key: secret}}}}\n",
+        ns.name
+    );
+    apply(&manifest).ok();
+    let refused = |says: &'static str| {
+        wait_until(&format!("Ready=False JwtSecretInvalid saying {says:?}"), WAIT, || {
+            let c = condition(&wsc(&ns.name, "chat"), "Ready");
+            match &c {
+                Some(c) if c["reason"] == "JwtSecretInvalid" && c["message"].as_str().unwrap().contains(says) => {
+                    Ok(c["message"].as_str().unwrap().to_owned())
+                }
+                _ => Err(format!("{c:?}")),
+            }
+        })
+    };
+    let message = refused("Secret chat-jwt (auth.jwtSecretRef) does not exist");
+    eprintln!("missing: {message}");
+    let servers = kubectl(&["-n", &ns.name, "get", "deployments", "-o", "name"]);
+    assert!(servers.trim().is_empty(), "nothing is rolled out while the secret is bad: {servers}");
+    let short = "a-twenty-byte-secret";
+    kubectl(&["-n", &ns.name, "create", "secret", "generic", "chat-jwt", &format!("--from-literal=secret={short}")]);
+    let message = refused("holds 20 bytes; a JWT secret needs at least 32");
+    assert!(!message.contains(short), "the value is never shown: {message}");
+    let events = kubectl(&["-n", &ns.name, "get", "events", "-o", "jsonpath={.items[*].message}"]);
+    assert!(events.contains("Secret chat-jwt") && !events.contains(short), "{events}");
+    let w = wsc(&ns.name, "chat");
+    assert!(w["status"]["observedGeneration"].is_null(), "{}", w["status"]);
+    // Fixed: the fleet rolls out.
+    kubectl(&["-n", &ns.name, "delete", "secret", "chat-jwt"]);
+    kubectl(&[
+        "-n",
+        &ns.name,
+        "create",
+        "secret",
+        "generic",
+        "chat-jwt",
+        &format!("--from-literal=secret={}", "k".repeat(40)),
+    ]);
+    wait_ready(&ns.name, "chat");
+    let env =
+        get_json(&["-n", &ns.name, "deployment", "chat-server"])["spec"]["template"]["spec"]["containers"][0]["env"]
+            .to_string();
+    assert!(env.contains("WSFLEET_JWT_SECRET") && env.contains("chat-jwt"), "{env}");
+}
+
+#[test]
+fn the_redis_password_secret_is_created_once_and_kept() {
+    let (ns, mut op, _) = ready_sample("redis-auth");
+    let read = || {
+        let s = get_json(&["-n", &ns.name, "secret", "chat-redis-auth"]);
+        (s["metadata"]["uid"].clone(), s["metadata"]["resourceVersion"].clone(), s["data"].clone())
+    };
+    let first = read();
+    let password = kubectl(&[
+        "-n",
+        &ns.name,
+        "get",
+        "secret",
+        "chat-redis-auth",
+        "-o",
+        "go-template={{.data.password | base64decode}}",
+    ]);
+    assert_eq!(password.trim().len(), 64, "32 random bytes, hex");
+    let conf = kubectl(&[
+        "-n",
+        &ns.name,
+        "get",
+        "secret",
+        "chat-redis-auth",
+        "-o",
+        "go-template={{index .data \"redis.conf\" | base64decode}}",
+    ]);
+    assert_eq!(conf.trim(), format!("requirepass {}", password.trim()));
+    // Reconciles (edits, resyncs every 2 s, a new operator process) leave it as it is.
+    kubectl(&["-n", &ns.name, "scale", "wsc/chat", "--replicas=4"]);
+    kubectl(&["-n", &ns.name, "annotate", "wsc", "chat", "e2e/poke=1"]);
+    std::thread::sleep(Duration::from_secs(5));
+    op.kill();
+    let _op = operator(&ns.name, &["--no-leader-election"]);
+    kubectl(&["-n", &ns.name, "scale", "wsc/chat", "--replicas=2"]);
+    wait_until("the new operator to act", WAIT, || {
+        let r = get_json(&["-n", &ns.name, "deployment", "chat-server"])["spec"]["replicas"].clone();
+        if r == 2 { Ok(()) } else { Err(r.to_string()) }
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(read(), first, "the Secret changed");
+    // The password is in no status and no event.
+    let status = wsc(&ns.name, "chat").to_string();
+    let events = kubectl(&["-n", &ns.name, "get", "events", "-o", "json"]);
+    for (what, text) in [("status", &status), ("events", &events)] {
+        assert!(!text.contains(password.trim()), "the password is in the {what}");
+    }
 }
 
 #[test]

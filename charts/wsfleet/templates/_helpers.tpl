@@ -41,3 +41,13 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: wsfleet
 {{- end }}
+
+{{/* The namespace of the node-tuning DaemonSets. */}}
+{{- define "wsfleet.tuningNamespace" -}}
+{{- .Values.nodeTuning.namespace | default (printf "%s-tuning" .Release.Namespace) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The node tuner's image. */}}
+{{- define "wsfleet.tunerImage" -}}
+{{- printf "%s:%s" .Values.nodeTuning.image.repository (.Values.nodeTuning.image.tag | default .Chart.AppVersion) }}
+{{- end }}
