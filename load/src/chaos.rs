@@ -601,7 +601,18 @@ fn flood(args: &ChaosArgs) -> anyhow::Result<Value> {
         }
         (total, last.as_secs_f64())
     });
-    let keys = fleet.cli(&["DBSIZE"]).trim().parse::<u64>().unwrap_or(0);
+    // The sends return once the frames are in the socket; the fleet is done when Redis holds
+    // every channel (two keys each: the offset and the history), or stops growing.
+    let dbsize = || fleet.cli(&["DBSIZE"]).trim().parse::<u64>().unwrap_or(0);
+    let (mut keys, mut still) = (dbsize(), Instant::now());
+    let mut took = took.max(start.elapsed().as_secs_f64());
+    while keys < 2 * sent && still.elapsed() < Duration::from_secs(5) && start.elapsed() < Duration::from_secs(300) {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = dbsize();
+        if now != keys {
+            (keys, still, took) = (now, Instant::now(), start.elapsed().as_secs_f64());
+        }
+    }
     let redis_after = redis_used_mib(&fleet);
     let peak = memory.mib();
     let refused = refused.lock().unwrap_or_else(|e| e.into_inner()).clone();
