@@ -2,8 +2,8 @@
 //! reserved bits, opcodes, fragmentation, UTF-8 handling, close handling and limits.
 //!
 //! The client here is independent of the server's codec: it builds every frame byte by byte
-//! (masked, with any flags, lengths and fragmentation, including invalid ones) and reads the
-//! server's frames itself. The server runs in raw mode on the in-process bus, where a client is
+//! ([`support::masked_frame`]: masked, with any flags, lengths and fragmentation, including
+//! invalid ones) and reads the server's frames itself. The server runs in raw mode on the in-process bus, where a client is
 //! a subscriber of its own channel: every message it sends comes back to it, so a raw-mode
 //! connection is an echo endpoint, as the Autobahn cases expect.
 
@@ -12,7 +12,7 @@ mod support;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use support::{Server, TIMEOUT, upgrade_request};
+use support::{Server, TIMEOUT, masked_frame, raw_socket};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -44,37 +44,12 @@ impl Client {
     async fn open(server: &Server) -> Client {
         static N: AtomicUsize = AtomicUsize::new(0);
         let path = format!("/ws/case-{}", N.fetch_add(1, Ordering::Relaxed));
-        let mut s = TcpStream::connect(server.ws).await.unwrap();
-        s.set_nodelay(true).unwrap();
-        s.write_all(upgrade_request(&path, "").as_bytes()).await.unwrap();
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            let mut b = [0u8; 1];
-            s.read_exact(&mut b).await.unwrap();
-            head.push(b[0]);
-        }
-        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-        Client { s }
+        Client { s: raw_socket(server, &path).await }
     }
 
     /// The bytes of one masked client frame with the given first-byte flags.
     fn encode(fin: bool, rsv: u8, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut f = vec![(u8::from(fin) << 7) | (rsv << 4) | opcode];
-        match payload.len() {
-            n if n < 126 => f.push(0x80 | n as u8),
-            n if n <= 0xFFFF => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(0x80 | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        let mask = [0x37u8, 0xfa, 0x21, 0x3d];
-        f.extend_from_slice(&mask);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        f
+        masked_frame(fin, rsv, opcode, payload, [0x37, 0xfa, 0x21, 0x3d])
     }
 
     async fn send_frame(&mut self, fin: bool, rsv: u8, opcode: u8, payload: &[u8]) {

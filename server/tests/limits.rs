@@ -85,28 +85,9 @@ async fn an_oversized_message_is_closed_with_1009() {
     bystander_still_served(&server, &mut bystander).await;
 }
 
-/// Opens a WebSocket by hand, so a test can send bytes no well-behaved client library would.
-async fn raw_socket(server: &Server, path: &str) -> TcpStream {
-    let mut s = TcpStream::connect(server.ws).await.unwrap();
-    s.write_all(upgrade_request(path, "").as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
-    s
-}
-
 /// A masked client frame.
 fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    assert!(payload.len() < 126);
-    let mask = [0x12u8, 0x34, 0x56, 0x78];
-    let mut f = vec![0x80 | opcode, 0x80 | payload.len() as u8];
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
+    masked_frame(true, 0, opcode, payload, [0x12, 0x34, 0x56, 0x78])
 }
 
 /// Reads server frames until a close frame and returns its code.

@@ -3,8 +3,11 @@
 //! allocation beyond the configured limits, and an answer (a value or an error) for every
 //! input; for valid input, the same result however it is split across reads.
 
+mod support;
+
 use bytes::Bytes;
 use proptest::prelude::*;
+use support::masked_frame;
 use wsfleet_server::messaging::envelope::{Envelope, Payload, Sequenced};
 use wsfleet_server::protocol::parse_client_frame;
 use wsfleet_server::transport::frame::{FrameError, Incoming, Reader};
@@ -14,21 +17,7 @@ const MAX_MESSAGE: usize = 4096;
 
 /// A masked client frame.
 fn client_frame(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-    let mut f = vec![(u8::from(fin) << 7) | opcode];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n <= 0xFFFF => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
+    masked_frame(fin, 0, opcode, payload, mask)
 }
 
 /// Feeds `data` in the pieces `cuts` makes, checking the reader's memory after every read.

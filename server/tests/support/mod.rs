@@ -325,6 +325,43 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Opens a WebSocket by hand (upgrade on `path`, 101 checked), so a test can send bytes no
+/// well-behaved client library would.
+pub async fn raw_socket(server: &Server, path: &str) -> TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(server.ws).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(upgrade_request(path, "").as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    s
+}
+
+/// A client frame built byte by byte (independently of the server's codec): any flags, reserved
+/// bits, opcode and length form, masked with `mask`.
+pub fn masked_frame(fin: bool, rsv: u8, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![(u8::from(fin) << 7) | (rsv << 4) | opcode];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n <= 0xFFFF => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
 /// Sends a raw request and returns the whole HTTP answer head (for refused upgrades).
 pub async fn upgrade_answer(addr: SocketAddr, path: &str, extra_headers: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
