@@ -565,17 +565,7 @@ async fn refuse(
 ) -> Result<Action, Error> {
     warn!(reason = why, %message, "refused: nothing applied");
     publish(ctx, wsc, EventType::Warning, why, "Validate", message.clone(), None).await;
-    let cached = |name: String| ctx.stores.get::<Deployment>(ns, &name).map(|d| (*d).clone());
-    let seen = Observed {
-        server: cached(children::server_name(wsc)),
-        redis: cached(children::redis_name(wsc)),
-        tuning: ctx
-            .stores
-            .get::<DaemonSet>(&ctx.settings.tuning_namespace, &children::tuning_name(wsc))
-            .map(|d| (*d).clone()),
-        refused: Some((why, message.clone())),
-        ..Default::default()
-    };
+    let seen = Observed { refused: Some((why, message.clone())), ..cached_children(ctx, wsc, ns) };
     update_status(ctx, wsc, ns, &seen).await?;
     if why == reason::INVALID_SPEC {
         return Err(Error::InvalidSpec(message));
@@ -662,7 +652,6 @@ async fn apply_all(ctx: &Context, wsc: &WebSocketCluster, ns: &str, desired: Chi
 /// Step 3: what exists now. The apply's results when it went through; else what the caches
 /// hold, so the status still reports it.
 async fn observe(ctx: &Context, wsc: &WebSocketCluster, ns: &str, applied: &Result<Applied, Error>) -> Observed {
-    let cached = |name: String| ctx.stores.get::<Deployment>(ns, &name).map(|d| (*d).clone());
     let mut seen = match applied {
         Ok(a) => Observed {
             server: Some(a.server.clone()),
@@ -670,19 +659,25 @@ async fn observe(ctx: &Context, wsc: &WebSocketCluster, ns: &str, applied: &Resu
             tuning: a.tuning.clone(),
             ..Default::default()
         },
-        Err(e) => Observed {
-            server: cached(children::server_name(wsc)),
-            redis: cached(children::redis_name(wsc)),
-            tuning: ctx
-                .stores
-                .get::<DaemonSet>(&ctx.settings.tuning_namespace, &children::tuning_name(wsc))
-                .map(|d| (*d).clone()),
-            apply_error: Some(e.to_string()),
-            ..Default::default()
-        },
+        Err(e) => Observed { apply_error: Some(e.to_string()), ..cached_children(ctx, wsc, ns) },
     };
     seen.connections = Some(ctx.connections(wsc).await);
     seen
+}
+
+/// The children whose status feeds the cluster's, as the caches hold them (when no apply
+/// result is at hand).
+fn cached_children(ctx: &Context, wsc: &WebSocketCluster, ns: &str) -> Observed {
+    let cached = |name: String| ctx.stores.get::<Deployment>(ns, &name).map(|d| (*d).clone());
+    Observed {
+        server: cached(children::server_name(wsc)),
+        redis: cached(children::redis_name(wsc)),
+        tuning: ctx
+            .stores
+            .get::<DaemonSet>(&ctx.settings.tuning_namespace, &children::tuning_name(wsc))
+            .map(|d| (*d).clone()),
+        ..Default::default()
+    }
 }
 
 /// Step 4: computes the status (pure) and patches it when it changed; an event when readiness
