@@ -8,13 +8,18 @@
 #     the Helm chart installed: the operator runs as a pod;
 #  3. the sample WebSocketCluster (operator/examples/chat.yaml) in namespace wsfleet-demo: three
 #     server pods, a managed Redis pod and the node-tuning DaemonSet, all real containers;
-#  4. how to connect from this machine, `kubectl get wsc` and `kubectl describe wsc`; then it
-#     waits. Ctrl-C takes the node down and leaves the machine as it was found.
+#  4. how to connect from this machine (wscat, and the JavaScript client's chat demo page served
+#     on 127.0.0.1:DEMO_PORT (8090) against the fleet's Service; DEMO=0 leaves it out),
+#     `kubectl get wsc` and `kubectl describe wsc`; then it waits. Ctrl-C takes the node down and
+#     leaves the machine as it was found.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 NAMESPACE=${NAMESPACE:-wsfleet-demo}
 RUN_DIR=.run/main
+DEMO=${DEMO:-1}
+DEMO_PORT=${DEMO_PORT:-8090}
+demo_pid=
 mkdir -p "$RUN_DIR"
 say() { echo "[run] $*"; }
 
@@ -26,6 +31,7 @@ stop() {
   trap - INT TERM EXIT
   [ -n "$stopping" ] && exit 0
   stopping=1
+  [ -z "$demo_pid" ] || kill "$demo_pid" 2>/dev/null || true
   echo
   say "taking the node down (every process, container, interface and rule it made)"
   tests/cluster/node/down.sh || exit 1
@@ -46,6 +52,20 @@ say "Ready in $(( $(date +%s) - start ))s"
 ip=$(kubectl -n "$NAMESPACE" get service chat -o jsonpath='{.spec.clusterIP}')
 port=$(kubectl -n "$NAMESPACE" get service chat -o jsonpath='{.spec.ports[0].port}')
 
+demo=""
+if [ "$DEMO" = 1 ] && command -v node >/dev/null; then
+  if [ ! -f clients/js/dist/index.js ] && command -v npm >/dev/null; then
+    say "building the JavaScript client for the chat demo"
+    (cd clients/js && npm ci --no-audit --no-fund --loglevel=error >/dev/null && npm run --silent build) \
+      || echo "the chat demo is left out: building clients/js failed" >&2
+  fi
+  if [ -f clients/js/dist/index.js ]; then
+    node clients/js/examples/chat/serve.mjs --port "$DEMO_PORT" "ws://$ip:$port" > "$RUN_DIR/demo.log" 2>&1 &
+    demo_pid=$!
+    demo="http://127.0.0.1:$DEMO_PORT/examples/chat/"
+  fi
+fi
+
 echo
 echo "=== kubectl -n $NAMESPACE get pods -o wide ==="
 kubectl -n "$NAMESPACE" get pods -o wide
@@ -62,7 +82,9 @@ routes it to the server pods on the node's bridge). In other terminals:
 
   ./target/release/examples/wscat ws://$ip:$port/ws/lobby     # type a line: the other one sees it
   ./target/release/examples/wscat ws://$ip:$port/ws/lobby
-
+${demo:+
+  $demo    # the chat demo (the JavaScript client): open it in two browser tabs
+}
   eval "\$(make -s node-env)"                                   # KUBECONFIG and PATH for kubectl
   kubectl -n $NAMESPACE get wsc -w                               # Connections follows the clients
   kubectl -n $NAMESPACE scale wsc/chat --replicas=5
