@@ -264,6 +264,13 @@ fn server_env(wsc: &WebSocketCluster) -> Vec<EnvVar> {
                 value_from: Some(EnvVarSource { secret_key_ref: Some(secret.clone()), ..Default::default() }),
                 ..Default::default()
             });
+            // The server refuses an audience or issuer without a secret, so they go only with it.
+            if let Some(audience) = &auth.audience {
+                vars.push(env(server_env::JWT_AUDIENCE, audience));
+            }
+            if let Some(issuer) = &auth.issuer {
+                vars.push(env(server_env::JWT_ISSUER, issuer));
+            }
         }
     }
     vars
@@ -846,6 +853,13 @@ pub(crate) mod tests {
         assert_eq!(get("WSFLEET_ALLOWED_ORIGINS").value.as_deref(), Some("https://a.example,https://b.example"));
         let secret = get("WSFLEET_JWT_SECRET").value_from.unwrap().secret_key_ref.unwrap();
         assert_eq!((secret.name.as_str(), secret.key.as_str()), ("chat-jwt", "secret"));
+        assert!(env.iter().all(|e| e.name != "WSFLEET_JWT_AUDIENCE"), "no audience unless the spec names one");
+        wsc.spec.auth.as_mut().unwrap().audience = Some("chat".into());
+        wsc.spec.auth.as_mut().unwrap().issuer = Some("https://login.example".into());
+        let env = build_server_deployment(&wsc).spec.unwrap().template.spec.unwrap().containers[0].env.clone().unwrap();
+        let get = |n: &str| env.iter().find(|e| e.name == n).and_then(|e| e.value.clone());
+        assert_eq!(get("WSFLEET_JWT_AUDIENCE").as_deref(), Some("chat"));
+        assert_eq!(get("WSFLEET_JWT_ISSUER").as_deref(), Some("https://login.example"));
     }
 
     /// The server's own test checks that it accepts every name of the contract; this one checks
@@ -857,6 +871,8 @@ pub(crate) mod tests {
             serde_json::from_value(serde_json::json!({
                 "allowedOrigins": ["https://a.example"],
                 "jwtSecretRef": {"name": "chat-jwt", "key": "secret"},
+                "audience": "chat",
+                "issuer": "https://login.example",
             }))
             .unwrap(),
         );

@@ -389,6 +389,14 @@ pub struct AuthSpec {
     /// (`Authorization: Bearer <jwt>` or `?access_token=<jwt>`), else the server answers 401.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt_secret_ref: Option<SecretKeySelector>,
+    /// With `jwtSecretRef`: tokens must name this audience (`aud`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub audience: Option<String>,
+    /// With `jwtSecretRef`: tokens must come from this issuer (`iss`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub issuer: Option<String>,
 }
 
 /// What the operator observed, written only through the status subresource.
