@@ -288,9 +288,13 @@ pub async fn publisher(
     let mut log = PublisherLog::default();
     let mut n = 0u64;
     'connections: while !*stop.borrow() {
-        let Ok(mut ws) = connect(&url).await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
+        let mut ws = match connect(&url).await {
+            Ok(ws) => ws,
+            Err(e) => {
+                eprintln!("[publisher] after {n} publishes: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let mut tick = tokio::time::interval(interval);
         loop {
@@ -298,7 +302,8 @@ pub async fn publisher(
                 _ = tick.tick() => {
                     n += 1;
                     log.sent.push(n);
-                    if send(&mut ws, json!({"op": "publish", "channel": channel, "data": {"n": n}})).await.is_err() {
+                    if let Err(e) = send(&mut ws, json!({"op": "publish", "channel": channel, "data": {"n": n}})).await {
+                        eprintln!("[publisher] publish {n} failed: {e}");
                         log.unknown.push(n);
                         log.reconnects += 1;
                         continue 'connections;
@@ -310,7 +315,8 @@ pub async fn publisher(
                         assert_eq!(frame["type"], "error", "a publisher gets nothing but errors: {t}");
                         log.refused += 1;
                     }
-                    Some(Ok(Message::Close(_)) | Err(_)) | None => {
+                    end @ (Some(Ok(Message::Close(_)) | Err(_)) | None) => {
+                        eprintln!("[publisher] connection ended after publish {n}: {end:?}");
                         log.unknown.extend(log.sent.last());
                         log.reconnects += 1;
                         continue 'connections;

@@ -465,8 +465,13 @@ fn a_deleted_redis_pod_keeps_every_server_in_the_service_and_recovers_as_a_new_e
     let pods = server_pods(&ns.name, &obj);
     let mut traffic = Traffic::start(service_url(&ns.name, "chat"), &pods, 2);
     traffic.publish_every(Duration::from_millis(50));
-    std::thread::sleep(Duration::from_secs(1));
-    let (old_epoch, _) = traffic.head();
+    // The old epoch holds messages before Redis goes: the test is about what happens to them.
+    let started = Instant::now();
+    let (old_epoch, _) = wait_until("10 messages in the first epoch", WAIT, || {
+        let (epoch, offset) = traffic.head();
+        if offset >= 10 { Ok((epoch, offset)) } else { Err(format!("head {epoch}/{offset}")) }
+    });
+    eprintln!("[node-redis] 10 messages published in {:?}", started.elapsed());
 
     let redis = component_pods(&ns.name, "redis");
     eprintln!("[node-redis] deleting {}", redis[0].name);
