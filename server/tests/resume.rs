@@ -330,3 +330,45 @@ async fn fleet_stats_skips_dead_servers_and_forgets_drained_ones() {
     assert!(b.wait_exit(Duration::from_secs(10)).is_some(), "pod-b drains and exits");
     wait_until("the drained pod is gone", || (fleet_stats_json(&redis)?["pods"] == json!({"pod-a": 0})).then_some(()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_going_back_in_a_channels_order_is_a_new_epoch_not_a_silent_loss() {
+    let (redis, servers) = fleet(2, &[]);
+    let mut sub = subscriber(&servers[0], "news").await;
+    let mut publisher = connect(&servers[1].url("/ws")).await;
+    for n in 1..=5 {
+        publish(&mut publisher, "news", json!(n)).await;
+    }
+    let mut old_epoch = String::new();
+    for n in 1..=5 {
+        let m = next_json(&mut sub).await;
+        assert_eq!((&m["data"], &m["offset"]), (&json!(n), &json!(n)), "{m}");
+        old_epoch = m["epoch"].as_str().unwrap().to_owned();
+    }
+    // Redis goes back to offset 2 of the same epoch, as after a restore from an older snapshot or
+    // a failover to a replica that lagged; the servers' links drop, as they do then.
+    let meta = redis
+        .cli(&["--scan", "--pattern", "*news*"])
+        .lines()
+        .map(str::to_owned)
+        .find(|k| redis.cli(&["TYPE", k]).trim() == "hash")
+        .expect("the channel's meta hash");
+    assert_eq!(redis.cli(&["HGET", &meta, "epoch"]).trim(), old_epoch);
+    redis.cli(&["HSET", &meta, "offset", "2"]);
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    wait_until("the subscriber's server reconnected", || {
+        (servers[0].metric("wsfleet_bus_reconnects_total") >= 1.0).then_some(())
+    });
+    servers[0].wait_bus_up();
+
+    // The next publish is not dropped as one already delivered: it opens a new epoch, which the
+    // subscriber sees (and a resume from the old position is told `epoch_changed`).
+    publish(&mut publisher, "news", json!("after")).await;
+    let m = next_json(&mut sub).await;
+    assert_eq!(m["data"], "after", "{m}");
+    assert_ne!(m["epoch"], old_epoch.as_str(), "a new epoch: {m}");
+    assert_eq!(m["offset"], 1, "{m}");
+    let mut resumed = connect(&servers[1].url("/ws")).await;
+    let reply = subscribe_since(&mut resumed, "news", Some((&old_epoch, 5))).await;
+    assert_eq!((&reply["recovered"], &reply["reason"]), (&json!(false), &json!("epoch_changed")), "{reply}");
+}

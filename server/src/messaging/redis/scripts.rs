@@ -96,6 +96,21 @@ return out
 "
 );
 
+/// KEYS: meta hash, history stream. ARGV: the epoch a server delivered in, the offset it reached.
+/// Ends that epoch (its order and history are deleted, so the next read or publish starts a new
+/// one) only if Redis still has it and is behind that offset: Redis's state went back (a restore
+/// from an older snapshot, a failover to a replica that lagged), and the offsets it would hand
+/// out next were already delivered. Returns 1 when it ended the epoch.
+const END_REWOUND_SCRIPT: &str = r"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local head = tonumber(redis.call('HGET', KEYS[1], 'offset'))
+if epoch == ARGV[1] and head ~= nil and head < tonumber(ARGV[2]) then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  return 1
+end
+return 0
+";
+
 /// Order and history kept in Redis.
 #[derive(Clone)]
 pub struct RedisHistory {
@@ -104,6 +119,7 @@ pub struct RedisHistory {
     config: HistoryConfig,
     publish: Arc<redis::Script>,
     read: Arc<redis::Script>,
+    end_rewound: Arc<redis::Script>,
 }
 
 impl RedisHistory {
@@ -114,6 +130,7 @@ impl RedisHistory {
             config,
             publish: Arc::new(redis::Script::new(PUBLISH_SCRIPT)),
             read: Arc::new(redis::Script::new(READ_SCRIPT)),
+            end_rewound: Arc::new(redis::Script::new(END_REWOUND_SCRIPT)),
         }
     }
 
@@ -166,6 +183,20 @@ impl RedisHistory {
             })
             .await?;
         parse_read_reply(reply, since)
+    }
+
+    /// Ends the channel's epoch `epoch` if Redis is behind `delivered` in it (see
+    /// [`END_REWOUND_SCRIPT`]); true when it did. Only a server's own evidence may call this (an
+    /// offset its hub delivered, which Redis had vouched for), never a client's `since`.
+    pub async fn end_rewound_epoch(&self, channel: &str, epoch: &str, delivered: u64) -> Result<bool, CommandError> {
+        let (meta, stream) = (self.keys.meta(channel), self.keys.stream(channel));
+        self.call(true, |mut conn| {
+            let mut call = self.end_rewound.prepare_invoke();
+            call.key(&meta).key(&stream).arg(epoch).arg(delivered);
+            async move { call.invoke_async::<u8>(&mut conn).await }
+        })
+        .await
+        .map(|ended| ended == 1)
     }
 
     /// Checks that commands go through (the connection reconnects behind the scenes).

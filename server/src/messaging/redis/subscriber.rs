@@ -315,18 +315,39 @@ impl Subscriber {
                 // published after the loss is missed either.
                 self.metrics.bus_gaps_lost.inc();
                 warn!(%channel, epoch = %replay.epoch, "the channel's history was lost; continuing with its new epoch");
-                let fresh = Since { epoch: replay.epoch.to_string(), offset: 0 };
-                let replay = self.history.read(channel, Some(&fresh)).await?;
-                self.hub.learn_head(channel, &(replay.epoch.clone(), replay.head));
-                for msg in &replay.entries {
-                    self.hub.deliver(channel, msg);
-                }
+                self.deliver_from_start(channel, &replay.epoch).await?;
+            }
+            Some(Err(Lost::OffsetAhead)) => {
+                // Redis is behind what this server delivered in the same epoch: its state went
+                // back (a restore, a failover to a replica that lagged), and it would hand out
+                // offsets already delivered, which every hub would drop as duplicates. The epoch
+                // ends (in Redis, only if it is still this one and still behind), so clients are
+                // told of the loss instead of missing the next messages silently.
+                self.metrics.bus_gaps_lost.inc();
+                let ended = self.history.end_rewound_epoch(channel, &epoch, offset).await?;
+                let now = self.history.read(channel, None).await?;
+                warn!(
+                    %channel, %epoch, delivered = offset, head = replay.head, ended, new_epoch = %now.epoch,
+                    "Redis went back in the channel's order; continuing with a new epoch"
+                );
+                self.deliver_from_start(channel, &now.epoch).await?;
             }
             Some(Err(lost)) => {
                 self.metrics.bus_gaps_lost.inc();
                 warn!(%channel, reason = lost.as_str(), "messages missed during the outage cannot be refilled");
             }
             None => {}
+        }
+        Ok(())
+    }
+
+    /// Delivers the channel's epoch `epoch` from its first message (after the old one ended).
+    async fn deliver_from_start(&self, channel: &str, epoch: &str) -> Result<(), CommandError> {
+        let fresh = Since { epoch: epoch.to_owned(), offset: 0 };
+        let replay = self.history.read(channel, Some(&fresh)).await?;
+        self.hub.learn_head(channel, &(replay.epoch.clone(), replay.head));
+        for msg in &replay.entries {
+            self.hub.deliver(channel, msg);
         }
         Ok(())
     }
