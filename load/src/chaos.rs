@@ -7,7 +7,7 @@
 //! must deliver again; the run then stops the publisher and compares, per subscriber, the
 //! numbers it got with every number any subscriber got (what the bus delivered): a number
 //! missing is **announced** when the subscriber was told it could not recover (a `subscribed`
-//! reply with `recovered: false`), else **silent**. A number that no subscriber got and whose
+//! reply with `recovered: false`, or a message in a new epoch), else **silent**. A number that no subscriber got and whose
 //! publish was not refused is lost by the bus itself (silently, unless announced). A publish
 //! refused with an error frame that was delivered all the same is counted too (a lower bound:
 //! refusals do not say which number they answer). Duplicates and numbers out of order are
@@ -236,6 +236,8 @@ struct Seen {
     numbers: Vec<u64>,
     /// `subscribed` replies with `recovered: false`, and their reasons.
     announced: Vec<String>,
+    /// The epochs its messages came in: a second one tells the client the order started anew.
+    epochs: BTreeSet<String>,
     reconnects: u32,
 }
 
@@ -292,6 +294,7 @@ async fn subscriber(urls: Vec<String>, first: usize, stop: watch::Receiver<bool>
                 }
                 Some("message") => {
                     let epoch = frame["epoch"].as_str().unwrap_or_default().to_owned();
+                    seen.epochs.insert(epoch.clone());
                     position = Some((epoch, frame["offset"].as_u64().unwrap_or(0)));
                     if let Some(n) = frame["data"]["n"].as_u64() {
                         seen.numbers.push(n);
@@ -425,7 +428,7 @@ fn delivery_fault(args: &ChaosArgs, fault: Fault) -> anyhow::Result<Value> {
     let refused_yet_delivered = published.refused.saturating_sub(undelivered);
     let mut per_subscriber = Vec::new();
     let (mut silent, mut announced, mut duplicates, mut out_of_order) = (0u64, 0u64, 0u64, 0u64);
-    let told = seen.iter().any(|s| !s.announced.is_empty());
+    let told = seen.iter().any(|s| !s.announced.is_empty() || s.epochs.len() > 1);
     if told {
         announced += bus_lost;
     } else {
@@ -437,7 +440,7 @@ fn delivery_fault(args: &ChaosArgs, fault: Fault) -> anyhow::Result<Value> {
         let missing = accepted.iter().filter(|n| **n >= first && !got.contains(n)).count() as u64;
         let dup = (s.numbers.len() - got.len()) as u64;
         let disorder = s.numbers.windows(2).filter(|w| w[1] < w[0]).count() as u64;
-        if s.announced.is_empty() {
+        if s.announced.is_empty() && s.epochs.len() < 2 {
             silent += missing;
         } else {
             announced += missing;
@@ -445,7 +448,7 @@ fn delivery_fault(args: &ChaosArgs, fault: Fault) -> anyhow::Result<Value> {
         duplicates += dup;
         out_of_order += disorder;
         per_subscriber.push(json!({
-            "received": s.numbers.len(), "missing": missing, "announced": s.announced,
+            "received": s.numbers.len(), "missing": missing, "announced": s.announced, "epochs": s.epochs.len(),
             "reconnects": s.reconnects, "duplicates": dup,
         }));
     }
