@@ -34,7 +34,7 @@
 //! the servers' peak resident memory (sampled every 200 ms). Prints one JSON document.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -48,7 +48,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::scenario::{free_port, rss, wait_port};
+use crate::scenario::{free_port, metric_in, metrics_body, rss, wait_port};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -186,17 +186,9 @@ impl Drop for Fleet {
     }
 }
 
-/// A metric from one server's `/metrics` (the first line that starts with `name`).
+/// A metric from one server's `/metrics` (NaN when it does not answer).
 fn metric(http: SocketAddr, name: &str) -> f64 {
-    let Ok(mut s) = TcpStream::connect_timeout(&http, Duration::from_secs(2)) else { return f64::NAN };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    body.lines()
-        .find(|l| l.starts_with(name) && l.as_bytes().get(name.len()).is_some_and(|b| *b == b' ' || *b == b'{'))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(f64::NAN)
+    metric_in(&metrics_body(http), name).unwrap_or(f64::NAN)
 }
 
 /// Samples the servers' summed resident memory every 200 ms until dropped; keeps the peak.
@@ -230,6 +222,16 @@ impl MemoryPeak {
     }
 }
 
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket connection to `url`, or none when it did not open within 5 s.
+async fn connect(url: &str) -> Option<Ws> {
+    match tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(url)).await {
+        Ok(Ok((ws, _))) => Some(ws),
+        _ => None,
+    }
+}
+
 /// What one resuming subscriber saw.
 #[derive(Default)]
 struct Seen {
@@ -256,9 +258,7 @@ async fn subscriber(urls: Vec<String>, first: usize, stop: watch::Receiver<bool>
         }
         let url = &urls[at % urls.len()];
         at += 1;
-        let Ok(Ok((mut ws, _))) =
-            tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(url.as_str())).await
-        else {
+        let Some(mut ws) = connect(url).await else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
@@ -324,9 +324,7 @@ async fn publisher(urls: Vec<String>, interval: Duration, stop: watch::Receiver<
     while !*stop.borrow() {
         let url = &urls[at % urls.len()];
         at += 1;
-        let Ok(Ok((mut ws, _))) =
-            tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(url.as_str())).await
-        else {
+        let Some(mut ws) = connect(url).await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
@@ -516,7 +514,7 @@ fn stalled(args: &ChaosArgs) -> anyhow::Result<Value> {
     let start = Instant::now();
     let sent = rt.block_on(async {
         let mut sent = 0u64;
-        let Ok((mut ws, _)) = tokio_tungstenite::connect_async(fleet.urls("/ws/hot")[0].as_str()).await else {
+        let Some(mut ws) = connect(&fleet.urls("/ws/hot")[0]).await else {
             return sent;
         };
         while start.elapsed() < Duration::from_secs(15) && sent < 200_000 {
@@ -568,7 +566,7 @@ fn flood(args: &ChaosArgs) -> anyhow::Result<Value> {
         .map(|(i, url)| {
             let (url, refused) = (url.clone(), refused.clone());
             rt.spawn(async move {
-                let Ok((ws, _)) = tokio_tungstenite::connect_async(url.as_str()).await else {
+                let Some(ws) = connect(&url).await else {
                     return (0u64, Duration::ZERO);
                 };
                 let (mut tx, mut rx) = ws.split();

@@ -154,23 +154,31 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 /// Frames written to clients and write syscalls, summed over the wsfleet servers' metrics.
 fn write_counts(ports: &[u16]) -> (f64, f64) {
-    let metric = |body: &str, name: &str| {
-        body.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
     let mut totals = (0.0, 0.0);
     for port in ports {
-        let Ok(mut s) = TcpStream::connect(("127.0.0.1", *port)) else { continue };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        let mut body = String::new();
-        let _ = std::io::Read::read_to_string(&mut s, &mut body);
-        totals.0 += metric(&body, "wsfleet_messages_out_total");
-        totals.1 += metric(&body, "wsfleet_socket_writes_total");
+        let body = metrics_body(([127, 0, 0, 1], *port).into());
+        totals.0 += metric_in(&body, "wsfleet_messages_out_total").unwrap_or(0.0);
+        totals.1 += metric_in(&body, "wsfleet_socket_writes_total").unwrap_or(0.0);
     }
     totals
+}
+
+/// A wsfleet server's `/metrics` page (empty when it does not answer).
+pub(crate) fn metrics_body(http: SocketAddr) -> String {
+    let mut body = String::new();
+    if let Ok(mut s) = TcpStream::connect_timeout(&http, Duration::from_secs(2)) {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let _ = std::io::Read::read_to_string(&mut s, &mut body);
+    }
+    body
+}
+
+/// The value of the metric `name` in a `/metrics` page (its first sample).
+pub(crate) fn metric_in(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// Sends one raw-mode broadcast through server `addr` on a short-lived connection.

@@ -239,11 +239,7 @@ fn server_env(wsc: &WebSocketCluster) -> Vec<EnvVar> {
     ];
     match (redis_url(wsc), spec.redis.external.as_ref().and_then(|e| e.url_secret_ref.clone())) {
         (Some(url), _) => vars.push(env(server_env::REDIS_URL, url)),
-        (None, Some(secret)) => vars.push(EnvVar {
-            name: server_env::REDIS_URL.into(),
-            value_from: Some(EnvVarSource { secret_key_ref: Some(secret), ..Default::default() }),
-            ..Default::default()
-        }),
+        (None, Some(secret)) => vars.push(env_from_secret(server_env::REDIS_URL, secret)),
         (None, None) => {}
     }
     let password = match (&spec.redis.managed, &spec.redis.external) {
@@ -259,11 +255,7 @@ fn server_env(wsc: &WebSocketCluster) -> Vec<EnvVar> {
             vars.push(env(server_env::ALLOWED_ORIGINS, auth.allowed_origins.join(",")));
         }
         if let Some(secret) = &auth.jwt_secret_ref {
-            vars.push(EnvVar {
-                name: server_env::JWT_SECRET.into(),
-                value_from: Some(EnvVarSource { secret_key_ref: Some(secret.clone()), ..Default::default() }),
-                ..Default::default()
-            });
+            vars.push(env_from_secret(server_env::JWT_SECRET, secret.clone()));
             // The server refuses an audience or issuer without a secret, so they go only with it.
             if let Some(audience) = &auth.audience {
                 vars.push(env(server_env::JWT_AUDIENCE, audience));

@@ -58,13 +58,10 @@ pub fn compute(wsc: &WebSocketCluster, seen: &Observed, now: &Time) -> WebSocket
     let deadline = dstat.conditions.as_ref().and_then(|cs| {
         cs.iter().find(|c| c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded"))
     });
-    conds.push(match (&seen.apply_error, deadline) {
-        _ if seen.refused.is_some() => {
-            let (why, message) = seen.refused.clone().unwrap_or_default();
-            cond(condition::DEGRADED, true, why, message)
-        }
-        (Some(e), _) => cond(condition::DEGRADED, true, reason::APPLY_FAILED, e.clone()),
-        (None, Some(c)) => cond(
+    conds.push(match (&seen.refused, &seen.apply_error, deadline) {
+        (Some((why, message)), _, _) => cond(condition::DEGRADED, true, why, message.clone()),
+        (None, Some(e), _) => cond(condition::DEGRADED, true, reason::APPLY_FAILED, e.clone()),
+        (None, None, Some(c)) => cond(
             condition::DEGRADED,
             true,
             reason::PROGRESS_DEADLINE_EXCEEDED,
@@ -72,7 +69,7 @@ pub fn compute(wsc: &WebSocketCluster, seen: &Observed, now: &Time) -> WebSocket
         ),
         // The servers stay in their Service through a bus outage (it is everyone's); this says
         // the fleet is degraded meanwhile (a bus that has not come up yet is not an outage).
-        (None, None) if !redis_ok && bus_was_up(&previous) => cond(
+        (None, None, None) if !redis_ok && bus_was_up(&previous) => cond(
             condition::DEGRADED,
             true,
             reason::BUS_UNAVAILABLE,
@@ -80,7 +77,7 @@ pub fn compute(wsc: &WebSocketCluster, seen: &Observed, now: &Time) -> WebSocket
              subscriptions wait until it is back"
                 .into(),
         ),
-        (None, None) => cond(condition::DEGRADED, false, reason::AS_EXPECTED, "all children applied".into()),
+        (None, None, None) => cond(condition::DEGRADED, false, reason::AS_EXPECTED, "all children applied".into()),
     });
 
     conds.push(if let Some((why, message)) = &seen.refused {

@@ -88,12 +88,11 @@ impl Auth {
         let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| format!("invalid token: {}", describe(e.kind())))?
             .claims;
-        let now_ms = unix_millis(now);
-        if now_ms >= claims.exp.saturating_mul(1000) {
+        if time_left(claims.exp, now).is_zero() {
             return Err("invalid token: expired (`exp` has passed)".into());
         }
         if let Some(nbf) = claims.nbf
-            && nbf.saturating_mul(1000) > now_ms + NBF_LEEWAY.as_millis() as u64
+            && nbf.saturating_mul(1000) > unix_millis(now) + NBF_LEEWAY.as_millis() as u64
         {
             return Err(format!("invalid token: not valid before {nbf} (`nbf`)"));
         }

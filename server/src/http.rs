@@ -70,9 +70,8 @@ pub fn readiness(
     if full {
         return Err("not ready: at --max-connections\n".into());
     }
-    if bus != BusState::Up
-        && let Some(code) = refused
-    {
+    // Set only while the bus is not up (an up bus clears it).
+    if let Some(code) = refused {
         return Err(format!("not ready: message bus down: Redis refused this server's credentials ({code})\n"));
     }
     match (bus, policy) {

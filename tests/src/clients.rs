@@ -268,8 +268,6 @@ pub async fn resilient_subscriber(
 pub struct PublisherLog {
     /// Every `n` sent, in order.
     pub sent: Vec<u64>,
-    /// Connections that ended under it.
-    pub reconnects: u32,
     /// Publishes whose outcome is unknown: the one whose send failed, or the last one sent on a
     /// connection that then ended. Only these may be missing from the channel.
     pub unknown: Vec<u64>,
@@ -305,7 +303,6 @@ pub async fn publisher(
                     if let Err(e) = send(&mut ws, json!({"op": "publish", "channel": channel, "data": {"n": n}})).await {
                         eprintln!("[publisher] publish {n} failed: {e}");
                         log.unknown.push(n);
-                        log.reconnects += 1;
                         continue 'connections;
                     }
                 }
@@ -318,7 +315,6 @@ pub async fn publisher(
                     end @ (Some(Ok(Message::Close(_)) | Err(_)) | None) => {
                         eprintln!("[publisher] connection ended after publish {n}: {end:?}");
                         log.unknown.extend(log.sent.last());
-                        log.reconnects += 1;
                         continue 'connections;
                     }
                     Some(Ok(_)) => {}

@@ -218,9 +218,7 @@ impl Connection {
         let revoked: Vec<String> =
             self.subscriptions.iter().filter(|c| !grant.allows(Access::Subscribe, c)).cloned().collect();
         for channel in revoked {
-            self.subscriptions.remove(&channel);
-            self.shared.bus.hub().unsubscribe(&channel, self.id);
-            self.reply(protocol::revoked_frame(&channel));
+            self.leave(&channel, protocol::revoked_frame(&channel));
         }
         self.grant = Some(Box::new(grant));
     }
@@ -286,12 +284,18 @@ impl Connection {
     }
 
     fn unsubscribe(&mut self, channel: &str) {
-        if self.subscriptions.remove(channel) {
-            self.shared.bus.hub().unsubscribe(channel, self.id);
-            self.reply(protocol::unsubscribed_frame(channel));
+        if self.subscriptions.contains(channel) {
+            self.leave(channel, protocol::unsubscribed_frame(channel));
         } else {
             self.reply_error(&ProtocolError::new(ErrorCode::NotSubscribed, format!("not subscribed to {channel:?}")));
         }
+    }
+
+    /// Ends this connection's subscription to `channel` and tells the client with `frame`.
+    fn leave(&mut self, channel: &str, frame: String) {
+        self.subscriptions.remove(channel);
+        self.shared.bus.hub().unsubscribe(channel, self.id);
+        self.reply(frame);
     }
 
     /// Subscribes to `channel` with no gap and no duplicate at the seam: the hub holds live
