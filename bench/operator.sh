@@ -146,13 +146,17 @@ sleep "$BASELINE_SECONDS"
 scrape base1
 background=$(requests base0 base1 "$BASELINE_SECONDS")
 
-# Ramp: every manifest created at once (one kubectl per namespace, side by side), then once a
-# second one LIST of the clusters and one of their server Deployments, until every cluster
-# reports Ready.
+# Ramp: every manifest created at once (one kubectl per namespace, side by side); two watches
+# (bench/watch_ready.py) follow the clusters' Ready condition and their server Deployments until
+# every cluster reports Ready. Watches, not LISTs: a LIST of every object every two seconds took
+# most of a core from the machine the operator and the control plane share.
 log "creating $CLUSTERS WebSocketClusters in ${#namespaces[@]} namespaces (redis: $REDIS, $REPLICAS replica(s) each)"
 cpu0=$(cpu_seconds "$OP_PID")
 scrape ramp0
 t0=$(ms)
+python3 bench/watch_ready.py "$CLUSTERS" "$REPLICAS" "$NS_PREFIX" "$LABEL" "$READY_TIMEOUT" "$t0" > "$BENCH_DIR/ramp.json" &
+WATCH_PID=$!
+BENCH_PIDS+=("$WATCH_PID")
 creators=()
 for i in "${!namespaces[@]}"; do
   k create -f "$BENCH_DIR/wsc-$i.yaml" > /dev/null &
@@ -160,32 +164,11 @@ for i in "${!namespaces[@]}"; do
 done
 for pid in "${creators[@]}"; do wait "$pid" || die "kubectl create failed"; done
 created_s=$(secs "$t0" "$(ms)")
-status_s=null deployments_s=null ready_s=null timeline=() reported=$t0
-while :; do
-  lines=$(k get wsc -A -l "$LABEL" -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}') ||
-    lines=""
-  with_status=$(grep -c . <<< "$lines" || true)
-  ready=$(grep -c '^True$' <<< "$lines" || true)
-  # The control plane's side: server Deployments with every replica ready.
-  deployments=$(k get deployments -A -l app.kubernetes.io/managed-by=wsfleet-operator,app.kubernetes.io/component=server \
-      -o jsonpath='{range .items[*]}{.metadata.namespace} {.status.readyReplicas}{"\n"}{end}' |
-    awk -v p="$NS_PREFIX" -v r="$REPLICAS" 'index($1, p) == 1 && $2 + 0 >= r {n++} END {print n + 0}') || deployments=0
-  now=$(ms)
-  timeline+=("[$(secs "$t0" "$now"),$with_status,$deployments,$ready]")
-  if (( now - reported >= 10000 )); then
-    log "$(secs "$t0" "$now")s: $with_status with a status, $deployments server Deployments ready, $ready of $CLUSTERS Ready"
-    reported=$now
-  fi
-  [ "$status_s" = null ] && [ "$with_status" -ge "$CLUSTERS" ] && status_s=$(secs "$t0" "$now")
-  [ "$deployments_s" = null ] && [ "$deployments" -ge "$CLUSTERS" ] && deployments_s=$(secs "$t0" "$now")
-  if [ "$ready" -ge "$CLUSTERS" ]; then ready_s=$(secs "$t0" "$now"); break; fi
-  if (( now - t0 >= READY_TIMEOUT * 1000 )); then
-    log "timed out after ${READY_TIMEOUT}s: $ready of $CLUSTERS Ready, $with_status with a status"
-    break
-  fi
-  # kubectl decoding a thousand objects takes most of a core: look every 2 s, not every second.
-  sleep 2
-done
+wait "$WATCH_PID" || die "following the ramp failed"
+status_s=$(jq '.with_status' "$BENCH_DIR/ramp.json")
+deployments_s=$(jq '.deployments' "$BENCH_DIR/ramp.json")
+ready_s=$(jq '.ready' "$BENCH_DIR/ramp.json")
+[ "$ready_s" != null ] || log "timed out after ${READY_TIMEOUT}s: $(jq -c '.rows[-1]' "$BENCH_DIR/ramp.json") (seconds, with a status, Deployments ready, Ready)"
 ramp_ms=$(( $(ms) - t0 ))
 scrape ramp1
 cpu_ramp=$(awk -v a="$cpu0" -v b="$(cpu_seconds "$OP_PID")" 'BEGIN {printf "%.2f", b - a}')
@@ -245,7 +228,7 @@ jq -n \
   --argjson replicas "$REPLICAS" --arg redis "$REDIS" --argjson resync "$RESYNC_SECONDS" \
   --argjson created "$created_s" --argjson status "$status_s" --argjson deployments "$deployments_s" \
   --argjson ready "$ready_s" \
-  --argjson timeline "[$(IFS=,; echo "${timeline[*]}")]" \
+  --argjson timeline "$(jq -c '.rows' "$BENCH_DIR/ramp.json")" \
   --argjson rss_ramp "$rss_ramp" --argjson rss_quiet "$rss_quiet" --argjson rss_peak "$rss_peak" \
   --argjson cpu_ramp "$cpu_ramp" --argjson cpu_quiet "$cpu_quiet" --argjson cpu_delete "$cpu_delete" \
   --argjson cpu_total "$cpu_total" --argjson reconciles_quiet "$(( ${reconciles1:-0} - ${reconciles0:-0} ))" \

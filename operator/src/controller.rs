@@ -1,8 +1,8 @@
 //! Reconcile one `WebSocketCluster` as a pipeline of named steps:
 //!
-//! 0. **check** the spec ([`validate::spec`]) and the JWT Secret it names (one GET per
-//!    reconcile: Secrets are not watched, so the operator caches none); a refusal is a
-//!    condition and an event, and nothing is applied;
+//! 0. **check** the spec ([`validate::spec`]) and the JWT Secret it names (a GET, at most
+//!    once per half resync period once it passed: Secrets are not watched, so the operator
+//!    caches none); a refusal is a condition and an event, and nothing is applied;
 //! 1. **build** every child from the spec (pure, [`children::build_all`]);
 //! 2. **apply** them (server-side apply, one field manager), removing the optional ones the spec
 //!    no longer asks for; the managed Redis password Secret is created once, before them;
@@ -127,7 +127,8 @@ impl Error {
 }
 
 /// The children this operator manages, as its watches last saw them (labelled
-/// `app.kubernetes.io/managed-by`; managed fields stripped to save memory).
+/// `app.kubernetes.io/managed-by`), trimmed to save memory ([`Cached::trim`]: no managed
+/// fields, no pod templates).
 #[derive(Clone)]
 pub struct Stores {
     pub deployments: Store<Deployment>,
@@ -141,6 +142,13 @@ pub struct Stores {
 /// The kinds [`Stores`] holds, each with its store.
 pub trait Cached: Resource<DynamicType = ()> + Clone + 'static {
     fn store(stores: &Stores) -> &Store<Self>;
+
+    /// Drops what no reader of the cache needs, before the object is stored: its managed fields
+    /// always, and more where a kind overrides this. The cache answers "does it exist, is it as
+    /// applied, who owns it, how is it doing": metadata and status.
+    fn trim(&mut self) {
+        self.managed_fields_mut().clear();
+    }
 }
 
 macro_rules! cached {
@@ -152,13 +160,27 @@ macro_rules! cached {
         })*
     };
 }
-cached!(
-    Deployment => deployments,
-    Service => services,
-    PodDisruptionBudget => pdbs,
-    NetworkPolicy => network_policies,
-    DaemonSet => daemonsets,
-);
+cached!(Service => services, PodDisruptionBudget => pdbs, NetworkPolicy => network_policies);
+
+/// Workloads: the pod template is most of the object and nobody reads it from the cache (the
+/// apply's skip compares generations, the status reads `status`).
+macro_rules! cached_workload {
+    ($($kind:ty => $field:ident),* $(,)?) => {
+        $(impl Cached for $kind {
+            fn store(stores: &Stores) -> &Store<Self> {
+                &stores.$field
+            }
+
+            fn trim(&mut self) {
+                self.managed_fields_mut().clear();
+                if let Some(spec) = self.spec.as_mut() {
+                    spec.template = Default::default();
+                }
+            }
+        })*
+    };
+}
+cached_workload!(Deployment => deployments, DaemonSet => daemonsets);
 
 impl Stores {
     /// Resolves once every store holds its watch's first complete listing, so that "not cached"
@@ -275,13 +297,15 @@ pub struct Context {
     redis: Memory<ConnectionManager>,
     /// Consecutive failed reconciles per cluster, for the backoff.
     failures: Memory<u32>,
-    /// Per child: the hash of what was last applied and the resourceVersion the apply returned.
-    /// While both still hold, the child is as applied and the apply is skipped: a resync of an
-    /// unchanged cluster writes nothing.
-    applied: Memory<(u64, Option<String>)>,
+    /// Per child: the hash of what was last applied and the child's [`revision`] the apply
+    /// returned. While both still hold, the child is as applied and the apply is skipped: a
+    /// resync of an unchanged cluster writes nothing.
+    applied: Memory<(u64, String)>,
     /// Per cluster uid: the password of its managed Redis, its Secret's uid, and when the
     /// Secret was last created or read.
     redis_passwords: Memory<(String, String, Instant)>,
+    /// JWT Secrets that passed [`check`], per cluster uid, Secret name and key.
+    jwt_secrets_passed: Memory<()>,
 }
 
 impl Context {
@@ -303,6 +327,7 @@ impl Context {
             failures: Memory::new(forget_after),
             applied: Memory::new(forget_after),
             redis_passwords: Memory::new(forget_after),
+            jwt_secrets_passed: Memory::new(forget_after),
         }
     }
 
@@ -393,15 +418,11 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
         writer: reflector::store::Writer<K>,
     ) -> impl futures_util::Stream<Item = Result<K, watcher::Error>> + Send + 'static
     where
-        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+        K: Cached + DeserializeOwned + std::fmt::Debug + Send + Sync,
     {
         // Only the children this operator labelled are watched (and cached).
         let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
-        watcher(api, owned)
-            .default_backoff()
-            .modify(|child| child.managed_fields_mut().clear())
-            .reflect(writer)
-            .touched_objects()
+        watcher(api, owned).default_backoff().modify(K::trim).reflect(writer).touched_objects()
     }
     let Some(writers) = lock(&ctx.writers).take() else {
         error!("the controller of this context already ran");
@@ -410,7 +431,14 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: Cancell
     let client = ctx.client.clone();
     let config = controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES);
     let tuning = Api::<DaemonSet>::namespaced(client.clone(), &ctx.settings.tuning_namespace);
-    let controller = Controller::new(api::<WebSocketCluster>(&client, &namespace), watcher::Config::default());
+    // The clusters' own cache holds them without managed fields (they are read, never merged).
+    let (clusters, clusters_writer) = reflector::store();
+    let cluster_events = watcher(api::<WebSocketCluster>(&client, &namespace), watcher::Config::default())
+        .default_backoff()
+        .modify(|wsc| wsc.managed_fields_mut().clear())
+        .reflect(clusters_writer)
+        .touched_objects();
+    let controller = Controller::for_stream(cluster_events, clusters);
     let sweeper = tokio::spawn(sweep_tuning(ctx.clone(), controller.store(), namespace.clone(), shutdown.clone()));
     controller
         .with_config(config)
@@ -536,6 +564,12 @@ async fn check(ctx: &Context, wsc: &WebSocketCluster, ns: &str) -> Option<(&'sta
         return Some((reason::INVALID_SPEC, message));
     }
     let selector = wsc.spec.auth.as_ref()?.jwt_secret_ref.as_ref()?;
+    // A Secret that passed is trusted for half a resync period: the reconciles a rollout's child
+    // events cause share one GET, and every periodic resync looks again.
+    let checked = format!("{}/{}/{}", wsc.uid().unwrap_or_default(), selector.name, selector.key);
+    if ctx.jwt_secrets_passed.get(&checked, ctx.resync / 2).is_some() {
+        return None;
+    }
     let secret = match Api::<Secret>::namespaced(ctx.client.clone(), ns).get_opt(&selector.name).await {
         Ok(secret) => secret,
         Err(e) => {
@@ -543,7 +577,13 @@ async fn check(ctx: &Context, wsc: &WebSocketCluster, ns: &str) -> Option<(&'sta
             return Some((reason::JWT_SECRET_INVALID, message));
         }
     };
-    validate::jwt_secret(selector, secret.as_ref()).err().map(|message| (reason::JWT_SECRET_INVALID, message))
+    match validate::jwt_secret(selector, secret.as_ref()) {
+        Ok(()) => {
+            ctx.jwt_secrets_passed.set(&checked, ());
+            None
+        }
+        Err(message) => Some((reason::JWT_SECRET_INVALID, message)),
+    }
 }
 
 /// The API server's message of an error, without the Debug dump of its Status.
@@ -636,16 +676,22 @@ struct Applied {
 }
 
 /// Step 2: applies every child, one line per child, and removes the optional ones the spec no
-/// longer asks for. Stops at the first failure.
+/// longer asks for. The children do not depend on one another, so their requests go out
+/// together: a cluster's first reconcile waits for one round trip, not seven in a row. The
+/// first failure is the step's error (the others may still have been applied; the next
+/// reconcile finds them unchanged).
 async fn apply_all(ctx: &Context, wsc: &WebSocketCluster, ns: &str, desired: Children) -> Result<Applied, Error> {
-    let server = apply(ctx, wsc, ns, desired.server).await?;
-    apply(ctx, wsc, ns, desired.client_service).await?;
-    apply(ctx, wsc, ns, desired.pdb).await?;
-    let redis = apply_or_remove(ctx, wsc, ns, desired.redis, children::redis_name(wsc)).await?;
-    apply_or_remove(ctx, wsc, ns, desired.redis_service, children::redis_name(wsc)).await?;
-    apply_or_remove(ctx, wsc, ns, desired.redis_network_policy, children::redis_name(wsc)).await?;
+    let redis_name = children::redis_name(wsc);
     let tuning_ns = ctx.settings.tuning_namespace.as_str();
-    let tuning = apply_or_remove(ctx, wsc, tuning_ns, desired.tuning, children::tuning_name(wsc)).await?;
+    let (server, _, _, redis, _, _, tuning) = tokio::try_join!(
+        apply(ctx, wsc, ns, desired.server),
+        apply(ctx, wsc, ns, desired.client_service),
+        apply(ctx, wsc, ns, desired.pdb),
+        apply_or_remove(ctx, wsc, ns, desired.redis, redis_name.clone()),
+        apply_or_remove(ctx, wsc, ns, desired.redis_service, redis_name.clone()),
+        apply_or_remove(ctx, wsc, ns, desired.redis_network_policy, redis_name),
+        apply_or_remove(ctx, wsc, tuning_ns, desired.tuning, children::tuning_name(wsc)),
+    )?;
     Ok(Applied { server, redis, tuning })
 }
 
@@ -753,9 +799,15 @@ fn revision(meta: &kube::core::ObjectMeta) -> String {
 
 /// Server-side applies one child (force: this operator owns these fields) and publishes an event
 /// when the child was created or changed, judged against the cached copy. Returns the child as
-/// the API server has it now. Skipped when the cached child is still the one this operator last
-/// applied (same resourceVersion) and the desired child has not changed since: anyone's change to
-/// the child (a new resourceVersion) brings the apply back, so drift is still corrected.
+/// the API server has it now. Skipped when the cached child is still at the [`revision`] this
+/// operator's last apply returned and the desired child has not changed since: anyone's change
+/// to the child's spec (a new generation; for kinds without one, any new resourceVersion)
+/// brings the apply back, so drift is corrected. Status updates (a Deployment's, while it rolls
+/// out) do not: comparing resourceVersions instead re-applied most children two or three times
+/// in their first seconds, each apply a no-op. What this gives up: an edit of only the labels or
+/// annotations of a Deployment, PodDisruptionBudget, NetworkPolicy or DaemonSet is put back at
+/// the next change of the cluster, not at once (removing the `managed-by` label drops the child
+/// from the cache, which brings the apply back at once).
 async fn apply<K>(ctx: &Context, wsc: &WebSocketCluster, ns: &str, child: K) -> Result<K, Error>
 where
     K: Cached
@@ -771,10 +823,10 @@ where
     let desired = hash_of(&child);
     let cached = ctx.stores.get::<K>(ns, &name);
     if let Some(cached) = &cached
-        && ctx.applied.get(&key, Duration::MAX) == Some((desired, cached.meta().resource_version.clone()))
+        && ctx.applied.get(&key, Duration::MAX) == Some((desired, revision(cached.meta())))
     {
         // Nobody changed it since our apply, and we want the same: nothing to write.
-        ctx.applied.set(&key, (desired, cached.meta().resource_version.clone()));
+        ctx.applied.set(&key, (desired, revision(cached.meta())));
         return Ok(K::clone(cached));
     }
     let before = cached.map(|o| revision(o.meta()));
@@ -782,7 +834,7 @@ where
         .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&child))
         .await
         .map_err(|source| Error::Apply { kind, name: name.clone(), source })?;
-    ctx.applied.set(&key, (desired, after.meta().resource_version.clone()));
+    ctx.applied.set(&key, (desired, revision(after.meta())));
     let (reason, verb) = match before {
         // Not cached yet: new, unless it already has a history (the cache lags behind a create
         // of a moment ago).
