@@ -37,18 +37,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::scenario::{free_port, metric_in, metrics_body, rss, wait_port};
+use wsfleet_testkit::process::rss_bytes as rss;
+use wsfleet_testkit::{Redis, Server};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -85,87 +85,56 @@ pub struct ChaosArgs {
     server_bin: PathBuf,
 }
 
-/// One redis-server and the servers on it; every process is killed when this drops.
+/// One redis-server (its snapshots in `dir`) and the servers on it; every process is killed
+/// when this drops.
 struct Fleet {
-    redis: Option<Child>,
-    redis_port: u16,
+    redis: Redis,
     dir: PathBuf,
-    servers: Vec<(Child, SocketAddr, SocketAddr)>,
+    servers: Vec<Server>,
 }
 
 impl Fleet {
     fn start(args: &ChaosArgs, name: &str, server_flags: &[&str]) -> anyhow::Result<Fleet> {
         let dir = std::env::temp_dir().join(format!("wsfleet-chaos-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let mut fleet = Fleet { redis: None, redis_port: free_port()?, dir, servers: Vec::new() };
-        fleet.start_redis()?;
-        for _ in 0..args.servers {
-            let (ws, http) = (free_port()?, free_port()?);
-            let child = Command::new(&args.server_bin)
-                .args(["--listen", &format!("127.0.0.1:{ws}"), "--http-listen", &format!("127.0.0.1:{http}")])
-                .args(["--redis-url", &format!("redis://127.0.0.1:{}", fleet.redis_port)])
-                .args(["--worker-threads", "1", "--ping-interval", "300"])
-                .args(server_flags)
-                .env("WSFLEET_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .with_context(|| format!("start {}", args.server_bin.display()))?;
-            fleet.servers.push((child, ([127, 0, 0, 1], ws).into(), ([127, 0, 0, 1], http).into()));
-            wait_port(ws, Duration::from_secs(10))?;
-        }
+        let redis = Redis::start_in(&dir);
+        let mut flags: Vec<String> =
+            ["--redis-url", &redis.url(), "--worker-threads", "1", "--ping-interval", "300"].map(String::from).to_vec();
+        flags.extend(server_flags.iter().map(|f| f.to_string()));
+        let servers = (0..args.servers).map(|_| Server::spawn(&args.server_bin, &flags, "info", "")).collect();
+        let fleet = Fleet { redis, dir, servers };
         fleet.wait_bus_up(Duration::from_secs(20))?;
         Ok(fleet)
     }
 
-    /// Starts redis-server on its port, from the snapshot in its directory if there is one.
-    fn start_redis(&mut self) -> anyhow::Result<()> {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.redis_port.to_string(), "--bind", "127.0.0.1", "--appendonly", "no"])
-            .args(["--save", "", "--dir"])
-            .arg(&self.dir)
-            .args(["--dbfilename", "snapshot.rdb"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start redis-server")?;
-        self.redis = Some(child);
-        wait_port(self.redis_port, Duration::from_secs(10))
-    }
-
-    fn kill_redis(&mut self) {
-        if let Some(mut r) = self.redis.take() {
-            let _ = r.kill();
-            let _ = r.wait();
-        }
+    /// Kills Redis and starts it again on its port: from the snapshot in its directory if there
+    /// is one, else empty.
+    fn restart_redis(&mut self) {
+        self.redis.kill();
+        self.redis.restart();
     }
 
     fn cli(&self, args: &[&str]) -> String {
-        Command::new("redis-cli")
-            .args(["-p", &self.redis_port.to_string()])
-            .args(args)
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
+        self.redis.cli(args)
     }
 
     fn urls(&self, path: &str) -> Vec<String> {
-        self.servers.iter().map(|(_, ws, _)| format!("ws://{ws}{path}")).collect()
+        self.servers.iter().map(|s| s.url(path)).collect()
     }
 
     fn pids(&self) -> Vec<u32> {
-        self.servers.iter().map(|(c, _, _)| c.id()).collect()
+        self.servers.iter().map(Server::pid).collect()
     }
 
     /// A metric summed over the servers.
     fn metric(&self, name: &str) -> f64 {
-        self.servers.iter().map(|(_, _, http)| metric(*http, name)).sum()
+        self.servers.iter().map(|s| s.metric(name)).sum()
     }
 
     /// Waits until every server's bus is up; returns how long that took.
     fn wait_bus_up(&self, limit: Duration) -> anyhow::Result<Duration> {
         let start = Instant::now();
-        while !self.servers.iter().all(|(_, _, http)| metric(*http, "wsfleet_bus_up") == 1.0) {
+        while !self.servers.iter().all(Server::bus_up) {
             if start.elapsed() > limit {
                 bail!("the servers' bus was not up {limit:?} after the fault");
             }
@@ -177,18 +146,10 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        for (c, _, _) in &mut self.servers {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        self.kill_redis();
+        self.servers.clear();
+        self.redis.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// A metric from one server's `/metrics` (NaN when it does not answer).
-fn metric(http: SocketAddr, name: &str) -> f64 {
-    metric_in(&metrics_body(http), name).unwrap_or(f64::NAN)
 }
 
 /// Samples the servers' summed resident memory every 200 ms until dropped; keeps the peak.
@@ -372,10 +333,10 @@ fn delivery_fault(args: &ChaosArgs, fault: Fault) -> anyhow::Result<Value> {
     let started = Instant::now();
     match fault {
         Fault::Kill => {
-            fleet.kill_redis();
+            fleet.redis.kill();
             std::thread::sleep(Duration::from_secs(3));
             let _ = std::fs::remove_file(fleet.dir.join("snapshot.rdb"));
-            fleet.start_redis()?;
+            fleet.redis.restart();
         }
         Fault::Pause => {
             fleet.cli(&["CLIENT", "PAUSE", "20000", "ALL"]);
@@ -399,8 +360,7 @@ fn delivery_fault(args: &ChaosArgs, fault: Fault) -> anyhow::Result<Value> {
                 std::thread::sleep(Duration::from_millis(50));
             }
             std::thread::sleep(Duration::from_secs(5));
-            fleet.kill_redis();
-            fleet.start_redis()?;
+            fleet.restart_redis();
         }
         Fault::Stalled | Fault::Flood => unreachable!("not a delivery fault"),
     }
@@ -503,7 +463,7 @@ fn stalled(args: &ChaosArgs) -> anyhow::Result<Value> {
     let mut held = Vec::new();
     let mut refused = 0usize;
     for i in 0..args.stalled {
-        match stalled_client(fleet.servers[i % fleet.servers.len()].1, "/ws/hot") {
+        match stalled_client(fleet.servers[i % fleet.servers.len()].ws, "/ws/hot") {
             Ok(s) => held.push(s),
             Err(_) => refused += 1,
         }

@@ -11,15 +11,18 @@
 //! earlier when connections fail or memory runs low, and says why. Prints one JSON document.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::{self, Message};
+
+use wsfleet_testkit::process::{proc_bytes, rss_bytes as rss};
+use wsfleet_testkit::{free_port, http_get, metric_in, wait_port};
 
 use crate::now_micros;
 
@@ -108,36 +111,8 @@ struct Client {
     connections: usize,
 }
 
-pub(crate) fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-pub(crate) fn wait_port(port: u16, limit: Duration) -> anyhow::Result<()> {
-    let start = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if start.elapsed() > limit {
-            bail!("nothing listens on 127.0.0.1:{port} after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
-/// A `<field> <n> kB` line of a /proc file, in bytes (0 when missing).
-fn proc_kb(path: &str, field: &str) -> u64 {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
-        .map(|kb: u64| kb * 1024)
-        .unwrap_or(0)
-}
-
 fn meminfo(field: &str) -> u64 {
-    proc_kb("/proc/meminfo", field)
-}
-
-pub(crate) fn rss(pid: u32) -> u64 {
-    proc_kb(&format!("/proc/{pid}/status"), "VmRSS:")
+    proc_bytes("/proc/meminfo", field)
 }
 
 /// utime + stime in clock ticks (100 per second).
@@ -156,29 +131,11 @@ fn cpu_ticks(pid: u32) -> u64 {
 fn write_counts(ports: &[u16]) -> (f64, f64) {
     let mut totals = (0.0, 0.0);
     for port in ports {
-        let body = metrics_body(([127, 0, 0, 1], *port).into());
+        let body = http_get(([127, 0, 0, 1], *port).into(), "/metrics").1;
         totals.0 += metric_in(&body, "wsfleet_messages_out_total").unwrap_or(0.0);
         totals.1 += metric_in(&body, "wsfleet_socket_writes_total").unwrap_or(0.0);
     }
     totals
-}
-
-/// A wsfleet server's `/metrics` page (empty when it does not answer).
-pub(crate) fn metrics_body(http: SocketAddr) -> String {
-    let mut body = String::new();
-    if let Ok(mut s) = TcpStream::connect_timeout(&http, Duration::from_secs(2)) {
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        let _ = std::io::Read::read_to_string(&mut s, &mut body);
-    }
-    body
-}
-
-/// The value of the metric `name` in a `/metrics` page (its first sample).
-pub(crate) fn metric_in(body: &str, name: &str) -> Option<f64> {
-    body.lines()
-        .find(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// Sends one raw-mode broadcast through server `addr` on a short-lived connection.
@@ -225,7 +182,7 @@ fn close(publishers: Vec<Publisher>) {
 pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let mut procs = Procs(Vec::new());
-    let redis_port = free_port()?;
+    let redis_port = free_port();
     procs.0.push(
         Command::new("redis-server")
             .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -234,14 +191,14 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
             .spawn()
             .context("redis-server")?,
     );
-    wait_port(redis_port, Duration::from_secs(10))?;
+    wait_port(redis_port, Duration::from_secs(10));
 
     let mut servers = Vec::new();
     let mut server_pids = Vec::new();
     let mut metrics_ports = Vec::new();
     for i in 0..args.servers {
-        let port = free_port()?;
-        let http_port = free_port()?;
+        let port = free_port();
+        let http_port = free_port();
         let child = match args.stack {
             Stack::Wsfleet => Command::new(&args.server_bin)
                 .args(["--listen", &format!("127.0.0.1:{port}"), "--http-listen", &format!("127.0.0.1:{http_port}")])
@@ -265,7 +222,7 @@ pub fn run(args: ScenarioArgs) -> anyhow::Result<()> {
             metrics_ports.push(http_port);
         }
         procs.0.push(child);
-        wait_port(port, Duration::from_secs(15))?;
+        wait_port(port, Duration::from_secs(15));
         servers.push(SocketAddr::from(([127, 0, 0, 1], port)));
     }
     std::thread::sleep(Duration::from_secs(1));

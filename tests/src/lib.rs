@@ -10,7 +10,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use wsfleet_testkit::wait_until;
 
 /// The kubeconfig from `KUBECONFIG`. Panics with instructions when it is unset or missing, so a
 /// test can never pass without a control plane.
@@ -165,21 +167,6 @@ pub fn get_json(args: &[&str]) -> serde_json::Value {
     all.extend_from_slice(&["-o", "json"]);
     let out = kubectl(&all);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("kubectl {} printed invalid JSON: {e}", all.join(" ")))
-}
-
-/// Polls `check` every 250 ms until it returns `Some`, for at most `limit`; panics with `what`
-/// and the last observation otherwise.
-pub fn wait_until<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
-    let start = Instant::now();
-    loop {
-        match check() {
-            Ok(v) => return v,
-            Err(last) if start.elapsed() >= limit => {
-                panic!("timed out after {limit:?} waiting for {what}; last seen: {last}")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(250)),
-        }
-    }
 }
 
 /// One `kubectl get websocketcluster` read.

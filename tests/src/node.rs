@@ -150,16 +150,8 @@ pub fn service_url(ns: &str, name: &str) -> String {
     format!("ws://{}:{}/ws", svc["spec"]["clusterIP"].as_str().expect("clusterIP"), svc["spec"]["ports"][0]["port"])
 }
 
-/// A plain HTTP/1.1 GET from this machine: (status, body).
-pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("{addr}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
-    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| format!("no status in {out:?}"))?;
-    Ok((status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()))
-}
+/// A plain HTTP GET from this machine: (status, body), or why nothing answered.
+pub use wsfleet_testkit::http::get as http_get;
 
 /// A gauge or counter from a pod's `/metrics` (the sum over its label sets).
 pub fn pod_metric(pod: &Pod, name: &str) -> f64 {

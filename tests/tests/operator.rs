@@ -5,12 +5,12 @@
 //! reported instead of rolled out, the Redis password Secret is made once and kept, the fleet
 //! total comes from real servers' heartbeats, and only the Lease holder reconciles.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use wsfleet_e2e::processes::{Proc, TUNING_NAMESPACE, metric, operator, workspace_binary};
 use wsfleet_e2e::{TestNamespace, apply, condition, get_json, kubectl, kubectl_run, wait_until, wsc};
+use wsfleet_testkit::{Redis, Server};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -500,23 +500,11 @@ fn the_fleet_total_comes_from_the_servers_heartbeats() {
     install_crd();
     let ns = TestNamespace::new("conns");
     // A real Redis and a real server on loopback, keyed like the fleet's pods would be.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut redis = Command::new("redis-server");
-    redis.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
-    let _redis = Proc::spawn("redis", redis, false);
-    let url = format!("redis://127.0.0.1:{port}");
-    wait_until("redis to answer", WAIT, || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).map(drop).map_err(|e| e.to_string())
-    });
-    let mut server = Command::new(workspace_binary("wsfleet-server"));
-    server.args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--redis-url", &url]).args([
-        "--redis-prefix",
-        &format!("{}.live", ns.name),
-        "--pod-name",
-        "live-server-0",
-    ]);
-    let server = Proc::spawn("server", server, true);
-    let ws = server.addr("websocket");
+    let redis = Redis::start();
+    let url = redis.url();
+    let args = ["--redis-url", &url, "--redis-prefix", &format!("{}.live", ns.name), "--pod-name", "live-server-0"];
+    let server = Server::spawn(&workspace_binary("wsfleet-server"), &args.map(String::from), "info", "server");
+    let ws = server.ws;
     let mut clients = Vec::new();
     for _ in 0..3 {
         use std::io::{Read, Write};
