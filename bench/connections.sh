@@ -7,6 +7,7 @@
 # (connections-million.json); then a comparison table and a plot.
 #
 #   STEPS=10000,50000,100000,250000 MILLION_STEPS=500000,1000000 bench/connections.sh
+#   STEPS=10000,100000 MILLION_STEPS= bench/connections.sh     # no million run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +15,8 @@ STEPS=${STEPS:-10000,50000,100000,250000}
 NODE_STEPS=${NODE_STEPS:-$STEPS}
 SERVERS=${SERVERS:-16}
 NODE_SERVERS=${NODE_SERVERS:-16}
-MILLION_STEPS=${MILLION_STEPS:-500000,1000000}
+# Unset: the default steps; set and empty: no million run.
+MILLION_STEPS=${MILLION_STEPS-500000,1000000}
 MILLION_SERVERS=${MILLION_SERVERS:-56}
 
 scripts/install-deps.sh
