@@ -57,18 +57,12 @@ for i in $(seq 0 $((SERVERS - 1))); do
 done
 
 demo=""
-if [ "$DEMO" = 1 ] && command -v node >/dev/null; then
-  if [ ! -f clients/js/dist/index.js ] && command -v npm >/dev/null; then
-    (cd clients/js && npm ci --no-audit --no-fund --loglevel=error >/dev/null && npm run --silent build) \
-      || echo "the chat demo is left out: building clients/js failed" >&2
-  fi
-  if [ -f clients/js/dist/index.js ]; then
-    urls=()
-    for i in $(seq 0 $((SERVERS - 1))); do urls+=("ws://127.0.0.1:$((WS_PORT + i))"); done
-    node clients/js/examples/chat/serve.mjs --port "$DEMO_PORT" "${urls[@]}" > "$RUN_DIR/demo.log" 2>&1 &
-    pids+=($!)
-    demo="http://127.0.0.1:$DEMO_PORT/examples/chat/"
-  fi
+if [ "$DEMO" = 1 ]; then
+  urls=()
+  for i in $(seq 0 $((SERVERS - 1))); do urls+=("ws://127.0.0.1:$((WS_PORT + i))"); done
+  start_demo "${urls[@]}"
+  demo=$DEMO_URL
+  [ -z "$DEMO_PID" ] || pids+=("$DEMO_PID")
 fi
 
 if [ -n "${QUIET:-}" ]; then

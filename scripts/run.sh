@@ -22,6 +22,8 @@ DEMO_PORT=${DEMO_PORT:-8090}
 demo_pid=
 mkdir -p "$RUN_DIR"
 say() { echo "[run] $*"; }
+# shellcheck source=scripts/demo.sh
+. scripts/demo.sh
 
 say "building the release binaries and the wscat example"
 cargo build --release -q -p wsfleet-server -p wsfleet-operator --bins --example wscat
@@ -53,17 +55,9 @@ ip=$(kubectl -n "$NAMESPACE" get service chat -o jsonpath='{.spec.clusterIP}')
 port=$(kubectl -n "$NAMESPACE" get service chat -o jsonpath='{.spec.ports[0].port}')
 
 demo=""
-if [ "$DEMO" = 1 ] && command -v node >/dev/null; then
-  if [ ! -f clients/js/dist/index.js ] && command -v npm >/dev/null; then
-    say "building the JavaScript client for the chat demo"
-    (cd clients/js && npm ci --no-audit --no-fund --loglevel=error >/dev/null && npm run --silent build) \
-      || echo "the chat demo is left out: building clients/js failed" >&2
-  fi
-  if [ -f clients/js/dist/index.js ]; then
-    node clients/js/examples/chat/serve.mjs --port "$DEMO_PORT" "ws://$ip:$port" > "$RUN_DIR/demo.log" 2>&1 &
-    demo_pid=$!
-    demo="http://127.0.0.1:$DEMO_PORT/examples/chat/"
-  fi
+if [ "$DEMO" = 1 ]; then
+  start_demo "ws://$ip:$port"
+  demo=$DEMO_URL demo_pid=$DEMO_PID
 fi
 
 echo

@@ -207,6 +207,28 @@ impl Stores {
     }
 }
 
+/// A namespaced child kind this operator applies: cached, serializable for the apply, readable
+/// from its answer.
+pub trait Child:
+    Cached
+    + Resource<Scope = k8s_openapi::NamespaceResourceScope>
+    + k8s_openapi::Resource
+    + Serialize
+    + DeserializeOwned
+    + std::fmt::Debug
+{
+}
+
+impl<K> Child for K where
+    K: Cached
+        + Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + k8s_openapi::Resource
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug
+{
+}
+
 /// The writing ends of [`Stores`], fed by the controller's watches in [`run`].
 struct Writers {
     deployments: reflector::store::Writer<Deployment>,
@@ -808,15 +830,7 @@ fn revision(meta: &kube::core::ObjectMeta) -> String {
 /// annotations of a Deployment, PodDisruptionBudget, NetworkPolicy or DaemonSet is put back at
 /// the next change of the cluster, not at once (removing the `managed-by` label drops the child
 /// from the cache, which brings the apply back at once).
-async fn apply<K>(ctx: &Context, wsc: &WebSocketCluster, ns: &str, child: K) -> Result<K, Error>
-where
-    K: Cached
-        + Resource<Scope = k8s_openapi::NamespaceResourceScope>
-        + k8s_openapi::Resource
-        + Serialize
-        + DeserializeOwned
-        + std::fmt::Debug,
-{
+async fn apply<K: Child>(ctx: &Context, wsc: &WebSocketCluster, ns: &str, child: K) -> Result<K, Error> {
     let name = child.meta().name.clone().unwrap_or_default();
     let kind = <K as k8s_openapi::Resource>::KIND;
     let key = format!("{kind}/{ns}/{name}");
@@ -850,21 +864,13 @@ where
 
 /// Applies an optional child, or deletes it (when this cluster owns it) once the spec no
 /// longer asks for it.
-async fn apply_or_remove<K>(
+async fn apply_or_remove<K: Child>(
     ctx: &Context,
     wsc: &WebSocketCluster,
     ns: &str,
     child: Option<K>,
     name: String,
-) -> Result<Option<K>, Error>
-where
-    K: Cached
-        + Resource<Scope = k8s_openapi::NamespaceResourceScope>
-        + k8s_openapi::Resource
-        + Serialize
-        + DeserializeOwned
-        + std::fmt::Debug,
-{
+) -> Result<Option<K>, Error> {
     if let Some(child) = child {
         return apply(ctx, wsc, ns, child).await.map(Some);
     }

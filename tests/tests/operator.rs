@@ -14,6 +14,11 @@ use wsfleet_testkit::{Redis, Server};
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// `kubectl patch` with a JSON merge patch.
+fn patch(ns: &str, kind: &str, name: &str, merge: &str) {
+    kubectl(&["-n", ns, "patch", kind, name, "--type", "merge", "-p", merge]);
+}
+
 fn install_crd() {
     let crd = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../crds/websocketcluster.yaml")).unwrap();
     wsfleet_e2e::install_crd(&crd, "websocketclusters.wsfleet.dev");
@@ -135,17 +140,7 @@ fn a_sample_manifest_becomes_a_ready_fleet_with_every_child() {
         });
     }
     // An edited child is put back.
-    kubectl(&[
-        "-n",
-        &ns.name,
-        "patch",
-        "service",
-        "chat",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"sessionAffinity":"None"}}"#,
-    ]);
+    patch(&ns.name, "service", "chat", r#"{"spec":{"sessionAffinity":"None"}}"#);
     kubectl(&["-n", &ns.name, "annotate", "wsc", "chat", "e2e/poke=1"]);
     wait_until("the Service's affinity to be restored", WAIT, || {
         let a = get_json(&["-n", &ns.name, "service", "chat"])["spec"]["sessionAffinity"].clone();
@@ -160,7 +155,7 @@ fn scaling_reaches_the_deployment_and_the_status() {
     kubectl(&["-n", &ns.name, "scale", "wsc/chat", "--replicas=5"]);
     for (how, replicas) in [("kubectl scale", 5), ("editing spec.replicas", 2)] {
         if replicas == 2 {
-            kubectl(&["-n", &ns.name, "patch", "wsc", "chat", "--type", "merge", "-p", r#"{"spec":{"replicas":2}}"#]);
+            patch(&ns.name, "wsc", "chat", r#"{"spec":{"replicas":2}}"#);
         }
         wait_until(&format!("{how} to reach the Deployment and the status"), WAIT, || {
             let d = get_json(&["-n", &ns.name, "deployment", "chat-server"]);
@@ -192,17 +187,7 @@ fn an_image_change_rolls_the_servers_and_progressing_reports_it() {
     assert_eq!(progressing["status"], "False");
     let edited_at = Instant::now();
     std::thread::sleep(Duration::from_millis(1100)); // transition times have 1 s resolution
-    kubectl(&[
-        "-n",
-        &ns.name,
-        "patch",
-        "wsc",
-        "chat",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"image":"ghcr.io/wsfleet/wsfleet-server:0.1.1"}}"#,
-    ]);
+    patch(&ns.name, "wsc", "chat", r#"{"spec":{"image":"ghcr.io/wsfleet/wsfleet-server:0.1.1"}}"#);
 
     let mut saw_rolling = false;
     let after = wait_until("the rollout to finish", WAIT, || {
@@ -358,34 +343,19 @@ fn the_tuner_is_the_operators_whatever_the_tenant_asks() {
     let server = get_json(&["-n", &ns.name, "deployment", "chat-server"]);
     assert_eq!(server["spec"]["template"]["spec"]["containers"][0]["image"], "evil.example/root-shell:latest");
     // The tuner's own tolerations, and only those, reach it.
-    kubectl(&[
-        "-n",
+    patch(
         &ns.name,
-        "patch",
         "wsc",
         "chat",
-        "--type",
-        "merge",
-        "-p",
         r#"{"spec":{"nodeTuning":{"tolerations":[{"key":"dedicated","value":"ws","effect":"NoSchedule"}]}}}"#,
-    ]);
+    );
     wait_until("the tuner's tolerations", WAIT, || {
         let t =
             get_json(&["-n", TUNING_NAMESPACE, "daemonset", &tuner])["spec"]["template"]["spec"]["tolerations"].clone();
         if t[0]["key"] == "dedicated" && t.as_array().map(Vec::len) == Some(1) { Ok(()) } else { Err(t.to_string()) }
     });
     // Turning tuning off removes it.
-    kubectl(&[
-        "-n",
-        &ns.name,
-        "patch",
-        "wsc",
-        "chat",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"nodeTuning":{"enabled":false}}}"#,
-    ]);
+    patch(&ns.name, "wsc", "chat", r#"{"spec":{"nodeTuning":{"enabled":false}}}"#);
     wait_until("the tuner's removal", WAIT, || {
         let left = kubectl(&["-n", TUNING_NAMESPACE, "get", "daemonset", &tuner, "--ignore-not-found", "-o", "name"]);
         if left.trim().is_empty() { Ok(()) } else { Err(left) }
