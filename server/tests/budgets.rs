@@ -257,3 +257,51 @@ async fn a_resume_larger_than_its_share_of_the_budget_is_a_history_gap() {
     // Nobody was closed for it.
     assert_eq!(server.metric("wsfleet_slow_client_closes_total"), 0.0);
 }
+
+/// The server's peak resident memory so far (`VmHWM`), in bytes.
+fn peak_rss(server: &Server) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_cost_the_server_no_more_than_their_budget() {
+    // Each client on a channel of its own (no frame shared), 75 messages of 60 KB each: 4.5 MB,
+    // more than its socket buffers (about 2.8 MB on loopback) and its 256 KiB budget together,
+    // yet far below the 1024-frame cap. No history, so the in-process bus keeps nothing.
+    const CLIENTS: usize = 40;
+    const BUDGET: u64 = 256 * 1024;
+    let server = Server::start(None, &["--client-queue-bytes", &BUDGET.to_string(), "--history-size", "0"]);
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        clients.push(stalling_client(&server, &format!("own-{c}")).await);
+    }
+    let before = server.rss_bytes();
+    let mut publisher = connect(&server.url("/ws")).await;
+    let filler = "m".repeat(60_000);
+    for i in 0..75 {
+        for c in 0..CLIENTS {
+            publish(&mut publisher, &format!("own-{c}"), json!({"i": i, "filler": filler})).await;
+        }
+    }
+    wait_until("every client is closed as too slow", || {
+        (server.metric("wsfleet_slow_client_closes_total") == CLIENTS as f64).then_some(())
+    });
+    let grown = peak_rss(&server).saturating_sub(before);
+    eprintln!(
+        "{CLIENTS} clients that never read, {} KiB budget each: peak RSS grew {:.1} MiB ({:.0} KiB per client)",
+        BUDGET / 1024,
+        grown as f64 / 1048576.0,
+        grown as f64 / 1024.0 / CLIENTS as f64
+    );
+    // Their queues (up to one budget each) and what the publisher's frames cost on the way; a
+    // count cap alone let each hold every message past its socket buffers (1.7 MB).
+    assert!(grown < CLIENTS as u64 * 2 * BUDGET, "peak RSS grew {grown} bytes for {CLIENTS} budgets of {BUDGET}");
+    drop(clients);
+}
