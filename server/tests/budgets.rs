@@ -305,3 +305,57 @@ async fn clients_that_never_read_cost_the_server_no_more_than_their_budget() {
     assert!(grown < CLIENTS as u64 * 2 * BUDGET, "peak RSS grew {grown} bytes for {CLIENTS} budgets of {BUDGET}");
     drop(clients);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stops_a_history_read_at_its_byte_cap() {
+    use wsfleet_server::messaging::envelope::Payload;
+    use wsfleet_server::messaging::history::{HistoryConfig, Lost, Since};
+    use wsfleet_server::messaging::redis::{keys::Keys, scripts::RedisHistory};
+    let redis = Redis::start();
+    let server = Server::start(Some(&redis), &[]);
+    let (epoch, mut watcher) = watch(&server, "capped").await;
+    let mut publisher = connect(&server.url("/ws")).await;
+    let filler = "r".repeat(8000);
+    for i in 0..10 {
+        publish(&mut publisher, "capped", json!({"i": i, "filler": filler})).await;
+        next_json(&mut watcher).await;
+    }
+    let conn = redis::Client::open(redis.url()).unwrap().get_connection_manager().await.unwrap();
+    // What the server reads from the start of `channel`'s epoch with a budget whose replay
+    // share is `bytes`.
+    let since_epoch = std::sync::Mutex::new(epoch);
+    let read = |channel: &'static str, bytes: u64| {
+        let config =
+            HistoryConfig { size: 1000, ttl: Duration::from_secs(300), max_replay: 768, max_replay_bytes: bytes };
+        let history = RedisHistory::new(conn.clone(), Keys::new("wsfleet"), config);
+        let since = Since { epoch: since_epoch.lock().unwrap().clone(), offset: 0 };
+        async move { history.read(channel, Some(&since)).await.unwrap() }
+    };
+    // Ten entries of about 8 KB: 80 KB is too much for 48 KiB, not for 96 KiB.
+    let capped = read("capped", 49_152).await;
+    assert_eq!((capped.recovery, capped.entries.len()), (Some(Err(Lost::HistoryGap)), 0));
+    let whole = read("capped", 98_304).await;
+    assert_eq!((whole.recovery, whole.entries.len()), (Some(Ok(())), 10));
+
+    // 150 entries of about 1 KB: read in pages, whole and in order when they fit.
+    let (epoch, mut watcher) = watch(&server, "paged").await;
+    let filler = "p".repeat(1000);
+    for i in 0..150 {
+        publish(&mut publisher, "paged", json!({"i": i, "filler": filler})).await;
+        next_json(&mut watcher).await;
+    }
+    *since_epoch.lock().unwrap() = epoch;
+    assert_eq!(read("paged", 120_000).await.recovery, Some(Err(Lost::HistoryGap)));
+    let whole = read("paged", 200_000).await;
+    assert_eq!(whole.recovery, Some(Ok(())));
+    let order: Vec<(u64, Value)> = whole
+        .entries
+        .iter()
+        .map(|e| {
+            let Payload::Json(json) = &e.envelope.payload else { panic!("not JSON: {:?}", e.envelope.payload) };
+            (e.offset, serde_json::from_slice::<Value>(json).unwrap()["i"].clone())
+        })
+        .collect();
+    let expected: Vec<(u64, Value)> = (0..150u64).map(|i| (i + 1, json!(i))).collect();
+    assert_eq!(order, expected);
+}
