@@ -18,10 +18,10 @@ for size in 0 1000; do
   redis-cli -p "$REDIS_PORT" flushall >/dev/null
   urls=()
   for i in 0 1 2; do
-    # A queue that holds a whole run: the subscribers parse every message as JSON and fall
+    # A queue that holds a whole run (in frames and in bytes): the subscribers parse every message as JSON and fall
     # behind unpaced publishers; with the default (1,024) a server closes such a subscriber as
     # too slow (1013), as it should, but this run measures throughput, not that.
-    bench_start_server "h$size-$i" --redis-url "$REDIS_URL" --history-size "$size" --client-queue 65536
+    bench_start_server "h$size-$i" --redis-url "$REDIS_URL" --history-size "$size" --client-queue 65536 --client-queue-bytes 134217728
     urls+=("ws://$SERVER_WS/ws")
   done
   joined=$(IFS=,; echo "${urls[*]}")

@@ -317,7 +317,7 @@ async fn publisher(urls: Vec<String>, interval: Duration, stop: watch::Receiver<
 /// Runs one delivery fault under traffic and compares what the subscribers got.
 fn delivery_fault(args: &ChaosArgs, fault: Fault) -> anyhow::Result<Value> {
     // Room for the whole run in history and in one resume.
-    let roomy = ["--history-size", "20000", "--client-queue", "32768"];
+    let roomy = ["--history-size", "20000", "--client-queue", "32768", "--client-queue-bytes", "67108864"];
     let mut fleet = Fleet::start(args, &format!("{fault:?}").to_lowercase(), &roomy)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let (stop_tx, stop) = watch::channel(false);

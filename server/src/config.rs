@@ -182,7 +182,8 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_subscriptions: u32,
 
-    /// Messages queued for one client before it counts as too slow and is closed with 1013.
+    /// Messages queued for one client before it counts as too slow and is closed with 1013
+    /// (see also `--client-queue-bytes`).
     #[arg(long, env = "WSFLEET_CLIENT_QUEUE", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub client_queue: u32,
@@ -233,6 +234,19 @@ pub struct Config {
     /// including one the whole fleet shares (which takes every server out of its Service).
     #[arg(long, env = "WSFLEET_READINESS", value_enum, default_value_t = Readiness::Pod)]
     pub readiness: Readiness,
+
+    /// Bytes one client may have queued and not yet written to its socket (frames as sent, so a
+    /// protocol-mode message counts its JSON rendering); past it the client is closed as too
+    /// slow with 1013. A resume replays at most three quarters of it (more is a `history_gap`).
+    #[arg(long, env = "WSFLEET_CLIENT_QUEUE_BYTES", default_value_t = 1_048_576,
+          value_parser = clap::value_parser!(u32).range(1024..=1024 * 1024 * 1024))]
+    pub client_queue_bytes: u32,
+
+    /// Seconds a client's socket may take no byte while the server has something to write to it;
+    /// then the client is closed with 1013 "client not reading", whatever it still sends.
+    #[arg(long, env = "WSFLEET_WRITE_STALL_TIMEOUT", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub write_stall_timeout: u64,
 }
 
 /// See [`Config::readiness`].
@@ -244,12 +258,20 @@ pub enum Readiness {
 
 impl Config {
     pub fn history(&self) -> crate::messaging::history::HistoryConfig {
+        let budget = self.client_budget();
         crate::messaging::history::HistoryConfig {
             size: self.history_size,
             ttl: Duration::from_secs(self.history_ttl),
-            // Room in the client's queue for the `subscribed` reply and live messages.
-            max_replay: (self.client_queue as u64 * 3 / 4).max(1),
+            max_replay: budget.replay_frames() as u64,
+            max_replay_bytes: budget.replay_bytes() as u64,
         }
+    }
+    /// What one client may have waiting: `--client-queue` frames, `--client-queue-bytes` bytes.
+    pub fn client_budget(&self) -> crate::transport::outbox::Budget {
+        crate::transport::outbox::Budget { frames: self.client_queue as usize, bytes: self.client_queue_bytes as usize }
+    }
+    pub fn write_stall_timeout(&self) -> Duration {
+        Duration::from_secs(self.write_stall_timeout)
     }
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout)
@@ -338,6 +360,17 @@ mod tests {
         assert!(err.to_string().contains("--max-connections"), "{err}");
         let err = Cli::try_parse_from(["wsfleet-server", "--redis-prefix", "a b"]).unwrap_err();
         assert!(err.to_string().contains("--redis-prefix"), "{err}");
+        let err = Cli::try_parse_from(["wsfleet-server", "--client-queue-bytes", "100"]).unwrap_err();
+        assert!(err.to_string().contains("--client-queue-bytes"), "{err}");
+        let err = Cli::try_parse_from(["wsfleet-server", "--write-stall-timeout", "0"]).unwrap_err();
+        assert!(err.to_string().contains("--write-stall-timeout"), "{err}");
+    }
+
+    #[test]
+    fn a_resume_replays_at_most_three_quarters_of_a_client_budget() {
+        let c = Cli::parse_from(["wsfleet-server", "--client-queue", "100", "--client-queue-bytes", "4096"]).serve;
+        let h = c.history();
+        assert_eq!((h.max_replay, h.max_replay_bytes), (75, 3072));
     }
 
     #[test]

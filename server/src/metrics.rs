@@ -35,6 +35,7 @@ pub struct Metrics {
     pub socket_writes: Counter,
     pub bytes_out: Counter,
     pub slow_client_closes: Counter,
+    pub write_stall_closes: Counter,
     pub protocol_errors: Family<CodeLabel, Counter>,
     pub publish_failures: Counter,
     pub subscribe_failures: Counter,
@@ -89,7 +90,12 @@ impl Metrics {
             bytes_out: reg!("bytes_out", "Bytes written to clients, frame headers included", Counter::default()),
             slow_client_closes: reg!(
                 "slow_client_closes",
-                "Clients closed with 1013 because their outbound queue filled up",
+                "Clients closed with 1013 because their outbound queue passed --client-queue or --client-queue-bytes",
+                Counter::default()
+            ),
+            write_stall_closes: reg!(
+                "write_stall_closes",
+                "Clients closed with 1013 because their socket took no byte for --write-stall-timeout",
                 Counter::default()
             ),
             protocol_errors: reg!(

@@ -58,7 +58,7 @@ pub async fn run(
         config.redis_url.as_deref().map(|url| config.redis_auth.target(url)),
         &config.redis_prefix,
         config.history(),
-        config.client_queue as usize,
+        config.client_budget(),
         metrics.clone(),
         &tracker,
         stop.clone(),

@@ -157,8 +157,8 @@ pub trait Backend: Send + Sync {
 /// What every backend is started with, besides its own address.
 pub struct Start<'a> {
     pub history: HistoryConfig,
-    /// Most messages the hub holds for one resuming subscriber.
-    pub hold_limit: usize,
+    /// Most the hub holds for one resuming subscriber.
+    pub hold_limit: crate::transport::outbox::Budget,
     pub metrics: Arc<Metrics>,
     /// Where the backend's tasks run...
     pub tracker: &'a TaskTracker,

@@ -29,6 +29,11 @@ pub struct HistoryConfig {
     /// Most messages one resume (or one gap refill) replays; a longer gap is reported as
     /// `history_gap`. Below the per-client queue, so a replay never overflows it.
     pub max_replay: u64,
+    /// Most bytes of entries (as stored) one read returns; a gap of more is reported as
+    /// `history_gap` too. Below the per-client byte budget, so a backend never builds a reply
+    /// no client could take. (What a replay renders to is checked again against the client's
+    /// budget by the hub: rendering only grows it.)
+    pub max_replay_bytes: u64,
 }
 
 /// Where a client left off.

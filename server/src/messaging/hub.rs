@@ -14,9 +14,12 @@
 //!   it against the cursor and the highest head Redis reported ([`admission`]) before it can move
 //!   the cursor; history entries and the in-process bus go through [`Hub::deliver`].
 //! * The seam of a resume: a protocol subscriber starts *gated*; live messages are held for it
-//!   while its connection reads history. [`Hub::open_gate`] then queues, under the channel lock,
-//!   the `subscribed` reply, the replayed entries and the held messages after the replay's head,
-//!   and from then on skips anything at or before that head. No gap, no duplicate.
+//!   while its connection reads history. The connection renders the replay
+//!   ([`Hub::render_replay`], outside any lock, within the replay's share of the client's
+//!   [`Budget`]); [`Hub::open_gate`] then queues, under the channel lock, the `subscribed` reply,
+//!   the replayed frames and the held messages after the replay's head, and from then on skips
+//!   anything at or before that head. No gap, no duplicate. What is held for a gated subscriber
+//!   is bounded by the same budget as its outbox; past it the client is closed as slow.
 //!
 //! * Locks: `deliver` holds a channel's lock for a whole fan-out, so nothing waits for a
 //!   channel's lock while holding the channel map. A channel whose last subscriber left is
@@ -37,10 +40,11 @@ use wsfleet_contract::sync::{lock, read, write};
 
 use crate::messaging::admission::{self, Refusal, Verdict};
 use crate::messaging::envelope::{Sequenced, now_micros};
+use crate::messaging::history::{Lost, Replay};
 use crate::metrics::Metrics;
 use crate::protocol::{self, RawFrame};
 use crate::transport::frame::{self, Frame};
-use crate::transport::outbox::{Outbox, Push};
+use crate::transport::outbox::{Budget, Outbox, Push};
 
 /// How long a subscribe waits for the bus to confirm before it fails with `bus_unavailable`.
 pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -75,6 +79,8 @@ struct Subscriber {
     skip_through: Option<Position>,
     /// While gated: live messages held back until the replay is queued.
     held: Option<Vec<(Position, Frame)>>,
+    /// Bytes of `held`.
+    held_bytes: usize,
 }
 
 #[derive(Default)]
@@ -121,13 +127,13 @@ pub struct Hub {
     /// `None`: in-process bus, where every subscription is confirmed at once.
     bus: Option<mpsc::Sender<BusCommand>>,
     next_generation: AtomicU64,
-    /// Most messages held for one gated subscriber (its outbox limit).
-    hold_limit: usize,
+    /// Most held for one gated subscriber (its outbox's budget).
+    hold_limit: Budget,
     metrics: Arc<Metrics>,
 }
 
 impl Hub {
-    pub fn new(bus: Option<mpsc::Sender<BusCommand>>, hold_limit: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn new(bus: Option<mpsc::Sender<BusCommand>>, hold_limit: Budget, metrics: Arc<Metrics>) -> Self {
         Hub { channels: RwLock::default(), bus, next_generation: AtomicU64::new(1), hold_limit, metrics }
     }
 
@@ -141,7 +147,7 @@ impl Hub {
         mode: Mode,
         gated: bool,
     ) -> Result<(), SubscribeError> {
-        let sub = Subscriber { outbox, mode, skip_through: None, held: gated.then(Vec::new) };
+        let sub = Subscriber { outbox, mode, skip_through: None, held: gated.then(Vec::new), held_bytes: 0 };
         // The map lock is never held while waiting for a channel's lock, which `deliver` holds
         // for a whole fan-out: every other channel's delivery needs the map too.
         let (entry, created) = loop {
@@ -196,10 +202,32 @@ impl Hub {
         Ok(())
     }
 
-    /// Ends a subscriber's gate: queues `first` (the reply), then `replay`, then the messages
-    /// held meanwhile that come after `head`; later messages at or before `head` are skipped.
-    /// Also gives the channel its starting cursor, so a bus reconnect knows where to refill from.
-    pub fn open_gate(&self, channel: &str, conn: ConnId, first: Option<Frame>, replay: &[Sequenced], head: Position) {
+    /// Renders a resume's entries as a subscriber of `mode` receives them, without any lock held.
+    /// When they come to more bytes than a client's budget leaves a replay
+    /// ([`Budget::replay_bytes`]), nothing is replayed and `replay` says `history_gap`, as for a
+    /// resume too far back: the client learns it missed messages instead of being closed as slow.
+    pub fn render_replay(&self, channel: &str, mode: Mode, replay: &mut Replay) -> Vec<Frame> {
+        let room = self.hold_limit.replay_bytes();
+        let mut bytes = 0usize;
+        let mut frames = Vec::with_capacity(replay.entries.len());
+        for entry in &replay.entries {
+            let frame = render(channel, mode, entry);
+            bytes += frame.len();
+            if bytes > room {
+                replay.recovery = Some(Err(Lost::HistoryGap));
+                replay.entries = Vec::new();
+                return Vec::new();
+            }
+            frames.push(frame);
+        }
+        frames
+    }
+
+    /// Ends a subscriber's gate: queues `first` (the reply), then `replay` (rendered by
+    /// [`Hub::render_replay`]), then the messages held meanwhile that come after `head`; later
+    /// messages at or before `head` are skipped. Also gives the channel its starting cursor, so a
+    /// bus reconnect knows where to refill from.
+    pub fn open_gate(&self, channel: &str, conn: ConnId, first: Option<Frame>, replay: Vec<Frame>, head: Position) {
         let Some(entry) = read(&self.channels).get(channel).cloned() else { return };
         let mut state = lock(&entry.state);
         if state.cursor.is_none() {
@@ -208,7 +236,8 @@ impl Hub {
         raise(&mut state.head, &head);
         let Some(sub) = state.subscribers.get_mut(&conn) else { return };
         let held = sub.held.take().unwrap_or_default();
-        let mut frames = first.into_iter().chain(replay.iter().map(|m| render(channel, sub.mode, m)));
+        sub.held_bytes = 0;
+        let mut frames = first.into_iter().chain(replay);
         // Pushing stops at an overflow: the outbox has closed the client (and counted it).
         if !frames.any(|f| sub.outbox.push(f) == Push::Overflow) {
             // Held messages of the replay's epoch after its head; older epochs are history.
@@ -330,7 +359,10 @@ impl Hub {
             }
             let frame = rendered[sub.mode as usize].get_or_insert_with(|| render(channel, sub.mode, msg)).clone();
             match &mut sub.held {
-                Some(held) if held.len() < self.hold_limit => held.push((pos.clone(), frame)),
+                Some(held) if self.hold_limit.admits(held.len(), sub.held_bytes, frame.len()) => {
+                    sub.held_bytes += frame.len();
+                    held.push((pos.clone(), frame));
+                }
                 Some(_) => sub.outbox.close_slow(),
                 // A full outbox closes its client and counts it.
                 None => {
@@ -380,12 +412,16 @@ mod tests {
     use prometheus_client::metrics::counter::Counter;
     use std::collections::VecDeque;
 
-    fn outbox(limit: usize) -> Arc<Outbox> {
-        Arc::new(Outbox::new(limit, Counter::default()))
+    fn budget(frames: usize) -> Budget {
+        Budget { frames, bytes: usize::MAX }
+    }
+
+    fn outbox(frames: usize) -> Arc<Outbox> {
+        Arc::new(Outbox::new(budget(frames), Counter::default()))
     }
 
     fn local_hub() -> Hub {
-        Hub::new(None, 16, Arc::new(Metrics::new()))
+        Hub::new(None, budget(16), Arc::new(Metrics::new()))
     }
 
     fn seq(epoch: &str, offset: u64, text: &str) -> Sequenced {
@@ -431,7 +467,7 @@ mod tests {
     #[tokio::test]
     async fn a_slow_subscriber_is_closed_and_the_others_keep_receiving() {
         let hub = local_hub();
-        let (slow, fast) = (Arc::new(Outbox::new(2, hub.metrics.slow_client_closes.clone())), outbox(100));
+        let (slow, fast) = (Arc::new(Outbox::new(budget(2), hub.metrics.slow_client_closes.clone())), outbox(100));
         hub.subscribe("c", 1, slow.clone(), Mode::Raw, false).await.unwrap();
         hub.subscribe("c", 2, fast.clone(), Mode::Raw, false).await.unwrap();
         for i in 1..=10 {
@@ -459,7 +495,7 @@ mod tests {
         let hub = local_hub();
         let o = outbox(100);
         hub.subscribe("c", 1, o.clone(), Mode::Protocol, true).await.unwrap();
-        hub.open_gate("c", 1, None, &[], (Arc::from("e"), 4));
+        hub.open_gate("c", 1, None, vec![], (Arc::from("e"), 4));
         let now = Instant::now();
         assert_eq!(hub.admit("c", &seq("e", 5, "real"), true, now), Admission::Taken);
         // Far ahead: checked once (the caller reads Redis's head: 5), then refused.
@@ -488,8 +524,14 @@ mod tests {
         for off in [4, 5, 6, 7] {
             hub.deliver("c", &seq("e", off, "live"));
         }
-        let replay: Vec<_> = (3..=5).map(|o| seq("e", o, "replayed")).collect();
-        hub.open_gate("c", 1, Some(frame::text(b"subscribed")), &replay, (Arc::from("e"), 5));
+        let mut replay = Replay {
+            epoch: Arc::from("e"),
+            head: 5,
+            recovery: Some(Ok(())),
+            entries: (3..=5).map(|o| seq("e", o, "replayed")).collect(),
+        };
+        let replay = hub.render_replay("c", Mode::Protocol, &mut replay);
+        hub.open_gate("c", 1, Some(frame::text(b"subscribed")), replay, (Arc::from("e"), 5));
         hub.deliver("c", &seq("e", 8, "live"));
         let frames = drain(&o).await;
         assert_eq!(payload(&frames[0]), "subscribed");
@@ -498,7 +540,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_gated_subscriber_that_falls_too_far_behind_is_closed() {
-        let hub = Hub::new(None, 3, Arc::new(Metrics::new()));
+        let hub = Hub::new(None, budget(3), Arc::new(Metrics::new()));
         let o = outbox(100);
         hub.subscribe("c", 1, o.clone(), Mode::Protocol, true).await.unwrap();
         for off in 1..=5 {
@@ -508,9 +550,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn held_messages_and_replays_are_bounded_in_rendered_bytes() {
+        let hub = Hub::new(None, Budget { frames: 100, bytes: 400 }, Arc::new(Metrics::new()));
+        let o = outbox(100);
+        hub.subscribe("c", 1, o.clone(), Mode::Protocol, true).await.unwrap();
+        // A replay of 3 short messages fits three quarters of 400 bytes; 3 messages of 20
+        // control characters (6 bytes each once escaped as JSON) do not.
+        let entries = |text: &str| (1..=3).map(|off| seq("e", off, text)).collect::<Vec<_>>();
+        let mut fits = Replay { epoch: Arc::from("e"), head: 3, recovery: Some(Ok(())), entries: entries("x") };
+        assert_eq!(hub.render_replay("c", Mode::Protocol, &mut fits).len(), 3);
+        assert!(fits.recovered());
+        let escaped = "\u{1}".repeat(20);
+        let mut too_big = Replay { epoch: Arc::from("e"), head: 3, recovery: Some(Ok(())), entries: entries(&escaped) };
+        assert!(hub.render_replay("c", Mode::Protocol, &mut too_big).is_empty());
+        assert_eq!((too_big.recovery, too_big.entries.len()), (Some(Err(Lost::HistoryGap)), 0));
+        // Held live messages of about 72 bytes: five fit 400, the sixth does not.
+        for off in 4..=8 {
+            hub.deliver("c", &seq("e", off, "live"));
+        }
+        assert!(!o.is_closing());
+        hub.deliver("c", &seq("e", 9, "live"));
+        assert!(o.is_closing());
+    }
+
+    #[tokio::test]
     async fn channels_come_and_go_with_their_subscribers() {
         let (tx, mut rx) = mpsc::channel(8);
-        let hub = Arc::new(Hub::new(Some(tx), 16, Arc::new(Metrics::new())));
+        let hub = Arc::new(Hub::new(Some(tx), budget(16), Arc::new(Metrics::new())));
         let h = hub.clone();
         let sub = tokio::spawn(async move { h.subscribe("c", 1, outbox(4), Mode::Raw, false).await });
         let Some(BusCommand::Subscribe { channel, generation }) = rx.recv().await else { panic!() };
@@ -530,7 +596,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_unconfirmed_subscribe_fails_and_leaves_nothing_behind() {
         let (tx, _rx) = mpsc::channel(8);
-        let hub = Hub::new(Some(tx), 16, Arc::new(Metrics::new()));
+        let hub = Hub::new(Some(tx), budget(16), Arc::new(Metrics::new()));
         let r = hub.subscribe("c", 1, outbox(4), Mode::Raw, false).await;
         assert!(matches!(r, Err(SubscribeError::BusUnavailable)));
         assert!(hub.channels().is_empty());
@@ -578,7 +644,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn churn_on_one_channel_keeps_the_bus_in_step() {
         let (tx, mut rx) = mpsc::channel(1024);
-        let hub = Arc::new(Hub::new(Some(tx), 16, Arc::new(Metrics::new())));
+        let hub = Arc::new(Hub::new(Some(tx), budget(16), Arc::new(Metrics::new())));
         // The bus: confirms every Subscribe and records what it was asked, until the hub is gone.
         let h = Arc::downgrade(&hub);
         let bus = tokio::spawn(async move {

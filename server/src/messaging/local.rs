@@ -97,7 +97,10 @@ impl LocalHistory {
             Err(Lost::EpochChanged)
         } else if since.offset > head {
             Err(Lost::OffsetAhead)
-        } else if since.offset + 1 < first_kept || head - since.offset > self.config.max_replay {
+        } else if since.offset + 1 < first_kept
+            || head - since.offset > self.config.max_replay
+            || Self::bytes_after(c, since.offset, first_kept) > self.config.max_replay_bytes
+        {
             Err(Lost::HistoryGap)
         } else {
             Ok(())
@@ -117,6 +120,12 @@ impl LocalHistory {
             Err(_) => vec![],
         };
         Replay { epoch, head, recovery: Some(outcome), entries }
+    }
+
+    /// Bytes of the entries after `offset`, as the Redis script counts them (encoded envelopes).
+    fn bytes_after(c: &LocalChannel, offset: u64, first_kept: u64) -> u64 {
+        let skip = offset.saturating_add(1).saturating_sub(first_kept) as usize;
+        c.entries.iter().skip(skip).map(|e| e.encode().len() as u64).sum()
     }
 
     /// The channel's state, replaced by a fresh epoch when it outlived its TTL. Channels past
@@ -152,7 +161,12 @@ mod tests {
     }
 
     fn local(size: u64) -> LocalHistory {
-        LocalHistory::new(HistoryConfig { size, ttl: Duration::from_secs(60), max_replay: 100 })
+        LocalHistory::new(HistoryConfig {
+            size,
+            ttl: Duration::from_secs(60),
+            max_replay: 100,
+            max_replay_bytes: 1 << 20,
+        })
     }
 
     fn publish_all(h: &LocalHistory, msgs: &[&'static str]) -> Vec<u64> {
@@ -211,6 +225,20 @@ mod tests {
     }
 
     #[test]
+    fn a_resume_never_replays_more_than_max_replay_bytes() {
+        let config = HistoryConfig { size: 100, ttl: Duration::from_secs(60), max_replay: 100, max_replay_bytes: 0 };
+        let envelope_len = env("0123456789").encode().len() as u64;
+        let h = LocalHistory::new(HistoryConfig { max_replay_bytes: 3 * envelope_len, ..config });
+        let epoch = h.read("c", None).epoch.to_string();
+        for _ in 0..5 {
+            h.publish("c", vec![env("0123456789")], |_| {});
+        }
+        let lost = |offset| h.read("c", Some(&Since { epoch: epoch.clone(), offset })).recovery;
+        assert_eq!(lost(1), Some(Err(Lost::HistoryGap)), "4 entries, room for 3");
+        assert_eq!(lost(2), Some(Ok(())));
+    }
+
+    #[test]
     fn no_history_still_orders_and_knows_when_nothing_was_missed() {
         let h = local(0);
         let epoch = h.read("c", None).epoch.to_string();
@@ -221,7 +249,12 @@ mod tests {
 
     #[test]
     fn an_idle_channel_past_its_ttl_starts_a_new_epoch() {
-        let h = LocalHistory::new(HistoryConfig { size: 10, ttl: Duration::from_millis(1), max_replay: 100 });
+        let h = LocalHistory::new(HistoryConfig {
+            size: 10,
+            ttl: Duration::from_millis(1),
+            max_replay: 100,
+            max_replay_bytes: 1 << 20,
+        });
         let first = h.read("c", None).epoch;
         publish_all(&h, &["a"]);
         std::thread::sleep(Duration::from_millis(5));

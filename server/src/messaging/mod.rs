@@ -33,17 +33,18 @@ use tokio_util::task::TaskTracker;
 use self::bus::{Bus, BusError, Start};
 use self::history::HistoryConfig;
 use crate::metrics::Metrics;
+use crate::transport::outbox::Budget;
 
 impl Bus {
     /// Builds the hub and the bus: Redis with a URL, in-process without. A backend's tasks are
     /// spawned on `tracker` and stop on `shutdown`. Fails only on invalid settings: an
     /// unreachable Redis is retried. `hold_limit` bounds what the hub holds for one resuming
-    /// subscriber.
+    /// subscriber (a client's outbox budget).
     pub fn start(
         redis: Option<self::redis::Target<'_>>,
         prefix: &str,
         history: HistoryConfig,
-        hold_limit: usize,
+        hold_limit: Budget,
         metrics: Arc<Metrics>,
         tracker: &TaskTracker,
         shutdown: CancellationToken,
@@ -64,10 +65,11 @@ mod tests {
     #[test]
     fn an_invalid_url_is_refused_up_front() {
         let tracker = TaskTracker::new();
-        let history = HistoryConfig { size: 10, ttl: Duration::from_secs(10), max_replay: 10 };
+        let history = HistoryConfig { size: 10, ttl: Duration::from_secs(10), max_replay: 10, max_replay_bytes: 1000 };
+        let hold = Budget { frames: 10, bytes: 1000 };
         let metrics = Arc::new(Metrics::new());
         let target = redis::Target { url: "http://nope", ..Default::default() };
-        let r = Bus::start(Some(target), "p", history, 10, metrics, &tracker, CancellationToken::new());
+        let r = Bus::start(Some(target), "p", history, hold, metrics, &tracker, CancellationToken::new());
         assert!(matches!(r, Err(BusError::InvalidUrl(_))));
     }
 

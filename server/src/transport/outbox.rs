@@ -1,11 +1,14 @@
 //! One client's outbound queue: bounded, lock-light, and where a slow client is caught.
 //!
 //! Producers (the hub's fan-out, the connection's own replies) [`Outbox::push`] frames; the
-//! connection's write loop takes them in batches. When a push finds the queue full, the client
-//! is too slow: its queue is dropped and the write loop closes it with 1013 (Try Again Later).
-//! A slow client therefore costs at most `limit` queued frames and never delays the producer.
-//! The outbox counts its own slow verdict (`slow_client_closes`), once per client, whoever
-//! pushed: callers need not.
+//! connection's write loop takes them in batches. The outbox holds the client to a [`Budget`]:
+//! frames queued, and bytes not yet written to the socket (queued, or taken by the write loop
+//! and still waiting for the kernel). When a push would pass either, the client is too slow:
+//! its queue is dropped and the write loop closes it with 1013 (Try Again Later). A slow client
+//! therefore costs at most its budget (or one frame, when a single frame is larger) and never
+//! delays the producer. Bytes are the frames as sent: a protocol-mode frame counts what its
+//! JSON rendering made of the payload. The outbox counts its own slow verdict
+//! (`slow_client_closes`), once per client, whoever pushed: callers need not.
 //!
 //! The queue is a `VecDeque` that allocates only when frames are waiting, and the write loop
 //! waits on a single waker slot rather than a `Notify`, so an idle connection pays for a mutex,
@@ -24,6 +27,9 @@ use crate::transport::frame::{self, Frame};
 pub enum CloseReason {
     /// The outbound queue overflowed: 1013.
     Slow,
+    /// The socket took no byte for `--write-stall-timeout`: 1013 too (the client is slow, or
+    /// its network stalled; either way it should come back later and resume).
+    WriteStalled,
     /// The server drains: 1012 (Service Restart), reconnect elsewhere.
     Draining,
     /// A message or frame over `--max-message-size`: 1009.
@@ -47,6 +53,7 @@ impl CloseReason {
     pub fn frame(self) -> Frame {
         let (code, reason) = match self {
             CloseReason::Slow => (1013, "client too slow"),
+            CloseReason::WriteStalled => (1013, "client not reading"),
             CloseReason::Draining => (1012, "server draining"),
             CloseReason::TooLarge => (1009, "message too large"),
             CloseReason::InvalidUtf8 => (1007, "text frame is not valid UTF-8"),
@@ -69,9 +76,38 @@ pub enum Push {
     Closed,
 }
 
+/// What one client may have waiting: frames queued, and bytes not yet written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub frames: usize,
+    pub bytes: usize,
+}
+
+impl Budget {
+    /// Whether `frames` frames and `bytes` bytes already waiting leave room for one more frame of
+    /// `len` bytes. Nothing waiting always leaves room for one frame, whatever its size, so a
+    /// budget below the largest frame delays nobody's messages forever.
+    pub fn admits(&self, frames: usize, bytes: usize, len: usize) -> bool {
+        frames < self.frames && (bytes == 0 || bytes.saturating_add(len) <= self.bytes)
+    }
+
+    /// Most messages one resume replays: three quarters of the budget, which leaves room in the
+    /// client's queue for the `subscribed` reply and the live messages held meanwhile.
+    pub fn replay_frames(&self) -> usize {
+        (self.frames * 3 / 4).max(1)
+    }
+
+    /// Most bytes one resume replays, rendered as sent (the same three quarters).
+    pub fn replay_bytes(&self) -> usize {
+        (self.bytes / 4 * 3).max(1)
+    }
+}
+
 #[derive(Default)]
 struct State {
     queue: VecDeque<Frame>,
+    /// Bytes queued or taken by the write loop and not yet written to the socket.
+    unwritten: usize,
     close: Option<CloseReason>,
     /// The write loop, when it waits for frames or for a slow verdict. One connection has one
     /// writer, so one slot is enough.
@@ -99,14 +135,14 @@ fn wake(mut state: MutexGuard<'_, State>) {
 
 pub struct Outbox {
     state: Mutex<State>,
-    limit: usize,
+    budget: Budget,
     /// Clients closed as too slow (the server's `slow_client_closes`).
     slow_closes: Counter,
 }
 
 impl Outbox {
-    pub fn new(limit: usize, slow_closes: Counter) -> Self {
-        Outbox { state: Mutex::new(State::default()), limit, slow_closes }
+    pub fn new(budget: Budget, slow_closes: Counter) -> Self {
+        Outbox { state: Mutex::new(State::default()), budget, slow_closes }
     }
 
     pub fn push(&self, msg: Frame) -> Push {
@@ -114,16 +150,37 @@ impl Outbox {
         if state.close.is_some() {
             return Push::Closed;
         }
-        if state.queue.len() >= self.limit {
+        if !self.budget.admits(state.queue.len(), state.unwritten, msg.len()) {
             state.queue = VecDeque::new();
             state.close = Some(CloseReason::Slow);
             wake(state);
             self.slow_closes.inc();
             return Push::Overflow;
         }
+        state.unwritten += msg.len();
         state.queue.push_back(msg);
         wake(state);
         Push::Queued
+    }
+
+    /// The write loop wrote `bytes` of the frames it took: they no longer count.
+    pub fn written(&self, bytes: usize) {
+        let mut state = self.lock();
+        state.unwritten = state.unwritten.saturating_sub(bytes);
+    }
+
+    /// The socket took nothing for the write stall timeout: what is queued is dropped, nothing
+    /// more is taken, and the write loop sends the close of [`CloseReason::WriteStalled`] if the
+    /// peer ever reads again. Returns whether this closed it (so the caller counts it once).
+    pub fn close_stalled(&self) -> bool {
+        let mut state = self.lock();
+        if state.close.is_some() {
+            return false;
+        }
+        state.queue = VecDeque::new();
+        state.close = Some(CloseReason::WriteStalled);
+        wake(state);
+        true
     }
 
     /// Asks the write loop to close the connection after the frames already queued.
@@ -207,8 +264,8 @@ mod tests {
         assert_eq!(batch, [text("a"), text("b")]);
     }
 
-    fn outbox(limit: usize) -> Outbox {
-        Outbox::new(limit, Counter::default())
+    fn outbox(frames: usize) -> Outbox {
+        Outbox::new(Budget { frames, bytes: usize::MAX }, Counter::default())
     }
 
     #[tokio::test]
@@ -223,6 +280,44 @@ mod tests {
         assert!(batch.is_empty());
         o.close_slow();
         assert_eq!(o.slow_closes.get(), 1, "one slow client, counted once");
+    }
+
+    #[tokio::test]
+    async fn bytes_not_yet_written_count_against_the_budget() {
+        let o = Outbox::new(Budget { frames: 100, bytes: 100 }, Counter::default());
+        let kib = frame::text(&[b'x'; 40]);
+        assert_eq!(o.push(kib.clone()), Push::Queued);
+        assert_eq!(o.push(kib.clone()), Push::Queued);
+        // The write loop takes both; until they are written they still count.
+        let mut batch = VecDeque::new();
+        assert_eq!(o.next_batch(&mut batch).await, None);
+        o.written(kib.len());
+        assert_eq!(o.push(kib.clone()), Push::Queued, "one written, room for one more");
+        assert_eq!(o.push(kib), Push::Overflow, "three unwritten frames pass 100 bytes");
+        assert_eq!(o.slow_closes.get(), 1);
+    }
+
+    #[test]
+    fn an_empty_queue_takes_one_frame_of_any_size() {
+        let budget = Budget { frames: 10, bytes: 100 };
+        assert!(budget.admits(0, 0, 1000));
+        assert!(!budget.admits(1, 1, 100));
+        assert!(budget.admits(1, 1, 99));
+        assert!(!budget.admits(10, 10, 1), "the frame count still caps");
+        assert_eq!((budget.replay_frames(), budget.replay_bytes()), (7, 75));
+    }
+
+    #[tokio::test]
+    async fn a_stalled_writer_drops_the_queue_and_closes_once() {
+        let o = outbox(10);
+        o.push(text("a"));
+        assert!(o.close_stalled());
+        assert!(!o.close_stalled());
+        assert_eq!(o.push(text("b")), Push::Closed);
+        let mut batch = VecDeque::new();
+        assert_eq!(o.next_batch(&mut batch).await, Some(CloseReason::WriteStalled));
+        assert!(batch.is_empty());
+        assert_eq!(o.slow_closes.get(), 0, "a stall is not counted as an overflow");
     }
 
     #[tokio::test]

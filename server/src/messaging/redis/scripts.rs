@@ -74,8 +74,10 @@ return last
 );
 
 /// KEYS: meta hash, history stream. ARGV: since epoch ('' for none), since offset, epoch to use
-/// if the channel has none, ttl seconds, most entries to replay (a longer gap is a history_gap:
-/// one client must not make Redis build an unbounded reply). Returns {epoch, head, status,
+/// if the channel has none, ttl seconds, most entries to replay, most bytes of entries to replay
+/// (a longer or larger gap is a history_gap: one client must not make Redis build an unbounded
+/// reply). The entries are read a page at a time and the read stops at the byte cap, so a gap
+/// of large entries costs Redis no more than the cap. Returns {epoch, head, status,
 /// envelope...}.
 const READ_SCRIPT: &str = concat!(
     epoch_or_new!(3),
@@ -88,10 +90,19 @@ local since = tonumber(ARGV[2])
 if since > head then return {epoch, head, 'offset_ahead'} end
 if since == head then return {epoch, head, 'ok'} end
 if head - since > tonumber(ARGV[5]) then return {epoch, head, 'history_gap'} end
-local entries = redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+', 'COUNT', ARGV[5])
-if #entries == 0 or entries[1][1] ~= (since + 1) .. '-0' then return {epoch, head, 'history_gap'} end
+local room = tonumber(ARGV[6])
 local out = {epoch, head, 'ok'}
-for _, e in ipairs(entries) do out[#out + 1] = e[2][2] end
+local from = since + 1
+while from <= head do
+  local entries = redis.call('XRANGE', KEYS[2], from .. '-0', '+', 'COUNT', 64)
+  if #entries == 0 or entries[1][1] ~= from .. '-0' then return {epoch, head, 'history_gap'} end
+  for _, e in ipairs(entries) do
+    room = room - #e[2][2]
+    if room < 0 then return {epoch, head, 'history_gap'} end
+    out[#out + 1] = e[2][2]
+  end
+  from = from + #entries
+end
 return out
 "
 );
@@ -178,7 +189,8 @@ impl RedisHistory {
                     .arg(since.map(|s| s.offset).unwrap_or(0))
                     .arg(new_epoch())
                     .arg(self.config.ttl.as_secs().max(1))
-                    .arg(self.config.max_replay);
+                    .arg(self.config.max_replay)
+                    .arg(self.config.max_replay_bytes);
                 async move { call.invoke_async::<Vec<redis::Value>>(&mut conn).await }
             })
             .await?;

@@ -46,7 +46,7 @@ use crate::config::Config;
 use crate::messaging::bus::Bus;
 use crate::messaging::hub::{ConnId, Mode};
 use crate::metrics::Metrics;
-use crate::transport::outbox::{CloseReason, Outbox};
+use crate::transport::outbox::{Budget, CloseReason, Outbox};
 
 /// How long a closing connection waits for its close frame to go out and the peer's reply.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -68,7 +68,8 @@ pub struct Shared {
     ping_interval: Duration,
     silence_limit: Duration,
     max_subscriptions: usize,
-    client_queue: usize,
+    budget: Budget,
+    write_stall: Duration,
 }
 
 impl Shared {
@@ -93,7 +94,8 @@ impl Shared {
             ping_interval: config.ping_interval(),
             silence_limit: config.ping_interval() + config.ping_timeout(),
             max_subscriptions: config.max_subscriptions as usize,
-            client_queue: config.client_queue as usize,
+            budget: config.client_budget(),
+            write_stall: config.write_stall_timeout(),
         })
     }
 }
@@ -150,7 +152,7 @@ pub async fn serve(
     };
     shared.metrics.upgrade(Outcome::Accepted.metric_label());
     shared.metrics.connections.inc();
-    let outbox = Arc::new(Outbox::new(shared.client_queue, shared.metrics.slow_client_closes.clone()));
+    let outbox = Arc::new(Outbox::new(shared.budget, shared.metrics.slow_client_closes.clone()));
     let id = shared.connections.register(outbox.clone());
     // A drain that started during the handshake has already taken its snapshot.
     if shared.draining.load(Ordering::Acquire) {
@@ -312,7 +314,9 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let tracker = tokio_util::task::TaskTracker::new();
         let stop = tokio_util::sync::CancellationToken::new();
-        let bus = Bus::start(None, "t", config.history(), 16, metrics.clone(), &tracker, stop.clone()).unwrap();
+        let bus =
+            Bus::start(None, "t", config.history(), config.client_budget(), metrics.clone(), &tracker, stop.clone())
+                .unwrap();
         let shared = Arc::new(Shared::new(&config, bus, metrics).unwrap());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();

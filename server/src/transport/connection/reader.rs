@@ -316,16 +316,19 @@ impl Connection {
     async fn join_now(&self, channel: &str, mode: Mode, since: Option<&Since>) -> Result<(), BusError> {
         let hub = self.shared.bus.hub();
         hub.subscribe(channel, self.id, self.outbox.clone(), mode, true).await?;
-        let replay = match self.shared.bus.read(channel, since).await {
+        let mut replay = match self.shared.bus.read(channel, since).await {
             Ok(replay) => replay,
             Err(e) => {
                 hub.unsubscribe(channel, self.id);
                 return Err(e);
             }
         };
+        // Rendered here, outside the channel's lock; a replay too large for the client's budget
+        // turns into `history_gap` before the reply is written.
+        let frames = hub.render_replay(channel, mode, &mut replay);
         let first =
             (mode == Mode::Protocol).then(|| frame::text(protocol::subscribed_frame(channel, &replay).as_bytes()));
-        hub.open_gate(channel, self.id, first, &replay.entries, (replay.epoch.clone(), replay.head));
+        hub.open_gate(channel, self.id, first, frames, (replay.epoch.clone(), replay.head));
         Ok(())
     }
 

@@ -3,7 +3,11 @@
 //! shared by every recipient, so a burst costs one syscall per client and no copy), queues the
 //! keepalive ping, drops a peer silent past `ping interval + ping timeout`, closes the
 //! connection when its token expires (4001; all on one timer), and abandons a write that blocks
-//! while the outbox overflows for a 1013 close.
+//! while the outbox overflows for a 1013 close. It tells the outbox of every byte the socket
+//! takes (the outbox's byte budget counts bytes until they are written), and closes a client
+//! whose socket takes no byte for `--write-stall-timeout` while something waits to be written
+//! (1013 "client not reading", counted in `write_stall_closes`): a client that never reads
+//! holds its queue no longer than that, whatever it sends meanwhile.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -70,7 +74,7 @@ pub(super) async fn write_loop(stream: &TcpStream, outbox: &Outbox, shared: &Sha
         // scheduler first, to let more arrive, measured no better in the burst benchmark.)
         let (frames, bytes) = (batch.len() as u64, batch.iter().map(|f| f.len() as u64).sum::<u64>());
         // Boxed, like everything a connection only needs while it writes.
-        match Box::pin(write_batch(stream, &mut batch, outbox, heard, shared.silence_limit)).await {
+        match Box::pin(write_batch(stream, &mut batch, outbox, heard, shared)).await {
             Some(writes) => {
                 shared.metrics.socket_writes.inc_by(writes);
                 shared.metrics.messages_out.inc_by(frames);
@@ -94,23 +98,35 @@ fn or_expiry(deadline: tokio::time::Instant, heard: &Heard) -> tokio::time::Inst
 
 /// Writes one batch; returns the number of write syscalls. `None`: the connection is over (the
 /// socket failed, the peer fell silent while the write was blocked, or the client turned out
-/// too slow and got its 1013).
+/// too slow, or its socket stalled, and got its 1013).
 async fn write_batch(
     stream: &TcpStream,
     batch: &mut VecDeque<Frame>,
     outbox: &Outbox,
     heard: &Heard,
-    silence_limit: Duration,
+    shared: &Shared,
 ) -> Option<u64> {
+    let silence_limit = shared.silence_limit;
     let mut mid_frame = false;
-    {
-        let write = write_frames(stream, batch, &mut mid_frame);
+    let progress = Progress { outbox, stall: shared.write_stall };
+    let reason = {
+        let write = write_frames(stream, batch, &mut mid_frame, Some(&progress));
         let silence = tokio::time::sleep_until(heard.deadline(silence_limit));
         tokio::pin!(write, silence);
         loop {
             tokio::select! {
-                r = &mut write => return r.ok(),
-                _ = outbox.slow() => break,
+                r = &mut write => match r {
+                    Ok(writes) => return Some(writes),
+                    Err(WriteError::Stalled) => {
+                        debug!("the socket took no byte for the write stall timeout; closing");
+                        if outbox.close_stalled() {
+                            shared.metrics.write_stall_closes.inc();
+                        }
+                        break CloseReason::WriteStalled;
+                    }
+                    Err(WriteError::Io) => return None,
+                },
+                _ = outbox.slow() => break CloseReason::Slow,
                 _ = &mut silence => {
                     let silent_at = heard.deadline(silence_limit);
                     if tokio::time::Instant::now() >= silent_at {
@@ -121,21 +137,48 @@ async fn write_batch(
                 }
             }
         }
-    }
-    // Too slow: finish the frame under way (a close frame cannot follow half a frame), drop
-    // the rest, then close.
+    };
+    // Too slow, or stalled: finish the frame under way (a close frame cannot follow half a
+    // frame), drop the rest, then close (the close reaches a stalled peer only if it reads again
+    // within the close timeout).
     batch.truncate(usize::from(mid_frame));
-    finish(stream, std::mem::take(batch), CloseReason::Slow).await;
+    finish(stream, std::mem::take(batch), reason).await;
     None
+}
+
+/// What a write of queued frames reports as it goes: bytes written to the outbox that counts
+/// them, and a socket that takes nothing for `stall`.
+struct Progress<'a> {
+    outbox: &'a Outbox,
+    stall: Duration,
+}
+
+enum WriteError {
+    /// The socket failed (the peer is gone).
+    Io,
+    /// The socket took no byte for the stall timeout.
+    Stalled,
 }
 
 /// Writes every frame of `frames`, as many per syscall as the kernel takes; returns the number
 /// of syscalls that wrote. `mid_frame` tells whether the socket has seen only part of the front
-/// frame.
-async fn write_frames(stream: &TcpStream, frames: &mut VecDeque<Frame>, mid_frame: &mut bool) -> io::Result<u64> {
+/// frame. With `progress`, every byte written is reported to its outbox, and a socket that stays
+/// unwritable for its stall timeout ends the write.
+async fn write_frames(
+    stream: &TcpStream,
+    frames: &mut VecDeque<Frame>,
+    mid_frame: &mut bool,
+    progress: Option<&Progress<'_>>,
+) -> Result<u64, WriteError> {
     let mut writes = 0;
     while !frames.is_empty() {
-        std::future::poll_fn(|cx| stream.poll_write_ready(cx)).await?;
+        let writable = std::future::poll_fn(|cx| stream.poll_write_ready(cx));
+        let ready = match progress {
+            // Only a socket that is not writable at once arms the timer.
+            Some(p) => tokio::time::timeout(p.stall, writable).await.map_err(|_| WriteError::Stalled)?,
+            None => writable.await,
+        };
+        ready.map_err(|_| WriteError::Io)?;
         let result = {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
             let n = frames.len().min(MAX_IOV);
@@ -147,10 +190,13 @@ async fn write_frames(stream: &TcpStream, frames: &mut VecDeque<Frame>, mid_fram
         let mut written = match result {
             Ok(n) => {
                 writes += 1;
+                if let Some(p) = progress {
+                    p.outbox.written(n);
+                }
                 n
             }
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
-            Err(e) => return Err(e),
+            Err(_) => return Err(WriteError::Io),
         };
         while written > 0 {
             let Some(front) = frames.front_mut() else { break };
@@ -172,5 +218,5 @@ async fn write_frames(stream: &TcpStream, frames: &mut VecDeque<Frame>, mid_fram
 /// [`CLOSE_TIMEOUT`].
 async fn finish(stream: &TcpStream, mut rest: VecDeque<Frame>, reason: CloseReason) {
     rest.push_back(reason.frame());
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, write_frames(stream, &mut rest, &mut false)).await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, write_frames(stream, &mut rest, &mut false, None)).await;
 }
