@@ -256,7 +256,7 @@ async fn one_client_s_subscribes_do_not_hold_up_another_s() {
         Some(&redis),
         &["--subscribe-burst", "1000", "--max-subscriptions", "1000", "--max-channels", "2000"],
     );
-    const MANY: usize = 300;
+    const MANY: usize = 1000;
     let mut busy = connect(&server.url("/ws")).await;
     for c in 0..MANY {
         send_json(&mut busy, json!({"op": "subscribe", "channel": format!("busy-{c}")})).await;
