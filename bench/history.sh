@@ -20,8 +20,10 @@ for size in 0 1000; do
   for i in 0 1 2; do
     # A queue that holds a whole run (in frames and in bytes): the subscribers parse every message as JSON and fall
     # behind unpaced publishers; with the default (1,024) a server closes such a subscriber as
-    # too slow (1013), as it should, but this run measures throughput, not that.
-    bench_start_server "h$size-$i" --redis-url "$REDIS_URL" --history-size "$size" --client-queue 65536 --client-queue-bytes 134217728
+    # too slow (1013), as it should, but this run measures throughput, not that. Likewise no
+    # publish rate limit: unpaced publishers would otherwise meet --publish-rate past its burst.
+    bench_start_server "h$size-$i" --redis-url "$REDIS_URL" --history-size "$size" --client-queue 65536 \
+      --client-queue-bytes 134217728 --publish-rate 0
     urls+=("ws://$SERVER_WS/ws")
   done
   joined=$(IFS=,; echo "${urls[*]}")

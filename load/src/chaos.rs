@@ -29,6 +29,8 @@
 //!   resident memory, and how many of those clients they closed as too slow (1013).
 //! * `flood` — one publish on each of `--flood-channels` distinct channels, as fast as the
 //!   fleet takes them: the servers' peak memory, Redis's memory before and after, the time.
+//!   The servers' `--publish-rate` refuses what one connection sends past its burst
+//!   (`rate_limited`, in `refused`), so Redis holds only what the limit lets through.
 //!
 //! For every fault: the time until every server's bus is up again after the fault ended, and
 //! the servers' peak resident memory (sampled every 200 ms). Prints one JSON document.
@@ -456,8 +458,9 @@ fn stalled_client(addr: SocketAddr, path: &str) -> anyhow::Result<TcpStream> {
 }
 
 fn stalled(args: &ChaosArgs) -> anyhow::Result<Value> {
-    // The default client queue: a client that does not read is closed once it is full.
-    let fleet = Fleet::start(args, "stalled", &[])?;
+    // The default client queue: a client that does not read is closed once it is full. No
+    // publish rate limit: the flood below is this fault's load, not a client to refuse.
+    let fleet = Fleet::start(args, "stalled", &["--publish-rate", "0"])?;
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let memory = MemoryPeak::start(fleet.pids());
     let mut held = Vec::new();

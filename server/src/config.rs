@@ -247,6 +247,57 @@ pub struct Config {
     #[arg(long, env = "WSFLEET_WRITE_STALL_TIMEOUT", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub write_stall_timeout: u64,
+
+    /// Upgrade requests being read and answered at once (connections not yet upgraded). Past
+    /// it, the oldest handshake in progress is dropped for the new one, so sockets that connect
+    /// and send nothing cannot keep real clients out; established connections do not count.
+    #[arg(long, env = "WSFLEET_MAX_HANDSHAKES", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_handshakes: u32,
+
+    /// Messages one connection may publish per second, on average (a token bucket refilled at
+    /// this rate; 0: no limit). Past it, protocol mode answers `rate_limited` and drops the
+    /// message; raw mode closes with 1008.
+    #[arg(long, env = "WSFLEET_PUBLISH_RATE", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
+    pub publish_rate: u32,
+
+    /// Messages one connection may publish at once above `--publish-rate` (the bucket's size).
+    #[arg(long, env = "WSFLEET_PUBLISH_BURST", default_value_t = 5000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub publish_burst: u32,
+
+    /// Channels one protocol-mode connection may newly subscribe to per second, on average (a
+    /// token bucket; 0: no limit). Past it, the subscribe is answered `rate_limited`.
+    #[arg(long, env = "WSFLEET_SUBSCRIBE_RATE", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub subscribe_rate: u32,
+
+    /// Subscribes one connection may make at once above `--subscribe-rate` (the bucket's size;
+    /// keep it at `--max-subscriptions` or above so a reconnecting client resubscribes at once).
+    #[arg(long, env = "WSFLEET_SUBSCRIBE_BURST", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub subscribe_burst: u32,
+
+    /// Distinct channels this server holds (with at least one local subscriber). Past it, a
+    /// subscribe to a channel it does not hold yet is answered `channel_limit` (raw mode: 1013).
+    #[arg(long, env = "WSFLEET_MAX_CHANNELS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_channels: u32,
+
+    /// Seconds a subscribe may take, waiting for its turn, the bus and the replay included; a
+    /// slower one is answered `timeout` (raw mode: 1013) and leaves nothing behind.
+    #[arg(long, env = "WSFLEET_SUBSCRIBE_TIMEOUT", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub subscribe_timeout: u64,
+}
+
+/// A token bucket's settings: `per_second` tokens added per second up to `burst`; a
+/// `per_second` of 0 takes no tokens at all (no limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub per_second: u32,
+    pub burst: u32,
 }
 
 /// See [`Config::readiness`].
@@ -284,6 +335,15 @@ impl Config {
     }
     pub fn ping_timeout(&self) -> Duration {
         Duration::from_secs(self.ping_timeout)
+    }
+    pub fn subscribe_timeout(&self) -> Duration {
+        Duration::from_secs(self.subscribe_timeout)
+    }
+    pub fn publish_rate(&self) -> Rate {
+        Rate { per_second: self.publish_rate, burst: self.publish_burst }
+    }
+    pub fn subscribe_rate(&self) -> Rate {
+        Rate { per_second: self.subscribe_rate, burst: self.subscribe_burst }
     }
 }
 
@@ -429,6 +489,19 @@ mod tests {
         assert!(!debug.contains("s3cret-pw") && debug.contains("app"), "{debug}");
         let err = Cli::try_parse_from(["wsfleet-server", "--redis-password", ""]).unwrap_err();
         assert!(err.to_string().contains("--redis-password"), "{err}");
+    }
+
+    #[test]
+    fn client_limits_parse_into_rates_and_bad_values_name_their_flag() {
+        let c = Cli::parse_from(["wsfleet-server", "--publish-rate", "0", "--subscribe-burst", "7"]).serve;
+        assert_eq!(c.publish_rate(), Rate { per_second: 0, burst: 5000 }, "0: no limit");
+        assert_eq!(c.subscribe_rate(), Rate { per_second: 10, burst: 7 });
+        for (flag, value) in
+            [("--max-handshakes", "0"), ("--publish-burst", "0"), ("--max-channels", "0"), ("--subscribe-timeout", "0")]
+        {
+            let err = Cli::try_parse_from(["wsfleet-server", flag, value]).unwrap_err();
+            assert!(err.to_string().contains(flag), "{err}");
+        }
     }
 
     #[test]

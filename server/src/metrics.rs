@@ -25,6 +25,11 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    pub limit: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub connections: Gauge,
@@ -50,6 +55,8 @@ pub struct Metrics {
     pub bus_gaps_lost: Counter,
     pub deliver_latency: Histogram,
     pub draining: Gauge,
+    pub limit_refusals: Family<LimitLabel, Counter>,
+    pub handshakes: Gauge,
 }
 
 impl Default for Metrics {
@@ -72,7 +79,7 @@ impl Metrics {
             connections: reg!("connections", "Open WebSocket connections", Gauge::default()),
             upgrades: reg!(
                 "upgrades",
-                "WebSocket upgrade attempts by result (accepted, full, draining, forbidden_origin, not_found, failed, timeout)",
+                "WebSocket upgrade attempts by result (accepted, full, draining, forbidden_origin, not_found, failed, timeout, evicted)",
                 Family::<ResultLabel, Counter>::default()
             ),
             messages_in: reg!("messages_in", "Data frames received from clients", Counter::default()),
@@ -148,6 +155,16 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.000_05, 2.0, 18))
             ),
             draining: reg!("draining", "1 while the server drains", Gauge::default()),
+            limit_refusals: reg!(
+                "limit_refusals",
+                "Client operations refused by a limit, by limit (publish_rate, subscribe_rate, max_channels, subscribe_timeout)",
+                Family::<LimitLabel, Counter>::default()
+            ),
+            handshakes: reg!(
+                "handshakes",
+                "Connections in their handshake (at most --max-handshakes; not yet connections)",
+                Gauge::default()
+            ),
             registry,
         }
     }
@@ -158,6 +175,10 @@ impl Metrics {
 
     pub fn bus_refused(&self, reason: &'static str) {
         self.bus_envelopes_refused.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn limit_refused(&self, limit: &'static str) {
+        self.limit_refusals.get_or_create(&LimitLabel { limit }).inc();
     }
 
     pub fn protocol_error(&self, code: &'static str) {

@@ -86,6 +86,14 @@ pub enum ErrorCode {
     Forbidden,
     /// A `refresh` whose token was refused; the connection's token stays in force.
     InvalidToken,
+    /// The connection publishes faster than `--publish-rate`, or subscribes to new channels
+    /// faster than `--subscribe-rate`: the operation did not happen. Slow down.
+    RateLimited,
+    /// The server holds `--max-channels` channels and this one is not among them: not
+    /// subscribed. Retry later (or on another server).
+    ChannelLimit,
+    /// The subscribe took longer than `--subscribe-timeout`: not subscribed. Retry.
+    Timeout,
 }
 
 impl ErrorCode {
@@ -102,6 +110,9 @@ impl ErrorCode {
             ErrorCode::BusUnavailable => "bus_unavailable",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::ChannelLimit => "channel_limit",
+            ErrorCode::Timeout => "timeout",
         }
     }
 }

@@ -1,9 +1,12 @@
 //! The server's lifecycle: accept -> serve -> drain -> exit.
 //!
 //! [`run`] takes bound listeners and a shutdown token, so tests bind port 0 and trigger the
-//! drain themselves. The accept loop never dies on one error. Admission is a semaphore of
-//! `--max-connections` permits; a client that finds none still gets a proper HTTP 503 (at most
-//! [`REFUSALS_IN_FLIGHT`] such answers at once, further sockets are closed at once).
+//! drain themselves. The accept loop never dies on one error. Every accepted socket takes a
+//! place among the handshakes in progress (`--max-handshakes`, the oldest evicted past it); a
+//! place among the established connections (`--max-connections`) is taken only once its request
+//! has been read, and a client that finds none gets a proper HTTP 503. Sockets that connect and
+//! send nothing therefore never make the server answer 503 to anyone; `/readyz` says "full"
+//! from the same places the handshakes take.
 //!
 //! Drain (the shutdown token fires): readiness goes 503 and new upgrades are refused at once;
 //! the open connections are closed with 1012 in equal batches spread over the first three
@@ -16,7 +19,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,11 +28,9 @@ use crate::config::Config;
 use crate::http::Health;
 use crate::messaging::bus::{Bus, BusError};
 use crate::metrics::Metrics;
-use crate::transport::connection::{self, Outcome, Refusal, Shared};
+use crate::transport::connection::{self, Shared};
 use crate::transport::outbox::CloseReason;
 
-/// Sockets that may be in the middle of being refused (503) at once.
-pub const REFUSALS_IN_FLIGHT: usize = 1024;
 /// The drain closes a batch at most this often.
 const MIN_DRAIN_TICK: Duration = Duration::from_millis(100);
 
@@ -67,13 +67,12 @@ pub async fn run(
 
     let http_task = {
         let stop = stop.clone();
-        let counted = shared.clone();
-        let max_connections = config.max_connections as usize;
+        let admission = shared.admission.clone();
         let app = crate::http::router(Health {
             draining: shared.draining.clone(),
             bus: shared.bus.health.clone(),
             metrics: shared.metrics.clone(),
-            full: Arc::new(move || counted.connections.len() >= max_connections),
+            full: Arc::new(move || admission.available_permits() == 0),
             readiness: config.readiness,
         });
         tokio::spawn(async move { axum::serve(http, app).with_graceful_shutdown(stop.cancelled_owned()).await })
@@ -83,8 +82,7 @@ pub async fn run(
         let connections = move || counted.connections.len() as u64;
         tracker.spawn(crate::messaging::presence::heartbeat(store, config.pod_name.clone(), connections, stop.clone()));
     }
-    let accept_task =
-        tokio::spawn(accept_loop(ws, shared.clone(), config.max_connections as usize, tracker.clone(), stop.clone()));
+    let accept_task = tokio::spawn(accept_loop(ws, shared.clone(), tracker.clone(), stop.clone()));
     info!(pod = %config.pod_name, bus = shared.bus.backend_name(), "serving");
 
     shutdown.cancelled().await;
@@ -112,36 +110,16 @@ pub async fn run(
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    max_connections: usize,
-    tracker: TaskTracker,
-    stop: CancellationToken,
-) {
-    let admission = Arc::new(Semaphore::new(max_connections));
-    let refusals = Arc::new(Semaphore::new(REFUSALS_IN_FLIGHT));
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: TaskTracker, stop: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             r = listener.accept() => r,
         };
         match accepted {
-            Ok((stream, peer)) => match admission.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    tracker.spawn(connection::serve(stream, peer, shared.clone(), Some(permit)));
-                }
-                Err(_) => match refusals.clone().try_acquire_owned() {
-                    Ok(refusal) => {
-                        let shared = shared.clone();
-                        tracker.spawn(async move {
-                            connection::serve(stream, peer, shared, None).await;
-                            drop(refusal);
-                        });
-                    }
-                    Err(_) => shared.metrics.upgrade(Outcome::Refused(Refusal::Full).metric_label()),
-                },
-            },
+            Ok((stream, peer)) => {
+                tracker.spawn(connection::serve(stream, peer, shared.clone()));
+            }
             Err(e) => {
                 // EMFILE, ENFILE, ENOBUFS...: back off briefly instead of spinning; the
                 // listener itself stays usable.

@@ -19,7 +19,13 @@ export type ServerErrorCode =
   /** The connection's token does not allow this operation on this channel. */
   | "forbidden"
   /** A `refresh` was refused; the old token stays in force until it expires. */
-  | "invalid_token";
+  | "invalid_token"
+  /** Over the server's `--publish-rate` or `--subscribe-rate`: not published / not subscribed. */
+  | "rate_limited"
+  /** The server holds `--max-channels` channels and this one is new: not subscribed. */
+  | "channel_limit"
+  /** The subscribe took longer than the server's `--subscribe-timeout`: not subscribed. */
+  | "timeout";
 
 /** Codes the client raises itself. */
 export type ClientErrorCode =

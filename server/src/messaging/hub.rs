@@ -30,7 +30,7 @@
 //! No I/O here: the hub talks to the bus only through a bounded command queue.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -120,6 +120,9 @@ pub enum Admission {
 pub enum SubscribeError {
     #[error("the message bus did not confirm the subscription in time")]
     BusUnavailable,
+    /// The server already holds its limit of channels (`--max-channels`), and this is a new one.
+    #[error("this server holds {0} channels, its limit (--max-channels)")]
+    ChannelLimit(usize),
 }
 
 pub struct Hub {
@@ -130,11 +133,27 @@ pub struct Hub {
     /// Most held for one gated subscriber (its outbox's budget).
     hold_limit: Budget,
     metrics: Arc<Metrics>,
+    /// Most channels at once ([`Hub::limit_channels`]); unlimited until set.
+    channel_limit: AtomicUsize,
 }
 
 impl Hub {
     pub fn new(bus: Option<mpsc::Sender<BusCommand>>, hold_limit: Budget, metrics: Arc<Metrics>) -> Self {
-        Hub { channels: RwLock::default(), bus, next_generation: AtomicU64::new(1), hold_limit, metrics }
+        Hub {
+            channels: RwLock::default(),
+            bus,
+            next_generation: AtomicU64::new(1),
+            hold_limit,
+            metrics,
+            channel_limit: AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    /// Caps the channels this hub holds: past `limit`, a subscribe that would add a channel
+    /// fails with [`SubscribeError::ChannelLimit`] and changes nothing (checked under the map
+    /// lock, so concurrent subscribes never overshoot).
+    pub fn limit_channels(&self, limit: usize) {
+        self.channel_limit.store(limit, Ordering::Relaxed);
     }
 
     /// Adds a local subscriber and waits until the bus delivers the channel to this server. A
@@ -153,6 +172,10 @@ impl Hub {
         let (entry, created) = loop {
             let mut channels = write(&self.channels);
             let Some(entry) = channels.get(channel).cloned() else {
+                let limit = self.channel_limit.load(Ordering::Relaxed);
+                if channels.len() >= limit {
+                    return Err(SubscribeError::ChannelLimit(limit));
+                }
                 // A new entry holds its creator before anyone else can see it, so it cannot be
                 // closed before the creator has asked the bus for the channel.
                 let subscribers = HashMap::from([(conn, sub)]);
@@ -600,6 +623,20 @@ mod tests {
         let r = hub.subscribe("c", 1, outbox(4), Mode::Raw, false).await;
         assert!(matches!(r, Err(SubscribeError::BusUnavailable)));
         assert!(hub.channels().is_empty());
+    }
+
+    #[tokio::test]
+    async fn past_the_channel_limit_only_held_channels_take_subscribers() {
+        let hub = local_hub();
+        hub.limit_channels(2);
+        hub.subscribe("a", 1, outbox(4), Mode::Raw, false).await.unwrap();
+        hub.subscribe("b", 1, outbox(4), Mode::Raw, false).await.unwrap();
+        let refused = hub.subscribe("c", 2, outbox(4), Mode::Raw, false).await;
+        assert!(matches!(refused, Err(SubscribeError::ChannelLimit(2))), "{refused:?}");
+        assert_eq!(hub.channels().len(), 2, "nothing half-added");
+        hub.subscribe("a", 2, outbox(4), Mode::Raw, false).await.expect("a held channel takes more subscribers");
+        assert!(hub.unsubscribe("b", 1));
+        hub.subscribe("c", 2, outbox(4), Mode::Raw, false).await.expect("room again once one is gone");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -46,6 +46,13 @@ pub enum CloseReason {
     PublishForbidden,
     /// The peer sent a close frame (with this code); only the reply remains to be flushed.
     PeerClosed(Option<u16>),
+    /// A raw-mode client published faster than `--publish-rate` allows: 1008.
+    RateLimited,
+    /// The server holds `--max-channels` channels and the raw-mode channel is not one of them:
+    /// 1013 with its own reason.
+    ChannelLimit,
+    /// The raw-mode subscribe took longer than `--subscribe-timeout`: 1013 with its own reason.
+    SubscribeTimeout,
 }
 
 impl CloseReason {
@@ -61,6 +68,9 @@ impl CloseReason {
             CloseReason::BusUnavailable => (1013, "message bus unavailable"),
             CloseReason::TokenExpired => (4001, "token expired"),
             CloseReason::PublishForbidden => (1008, "token does not allow publishing on this channel"),
+            CloseReason::RateLimited => (1008, "publish rate limit exceeded (--publish-rate)"),
+            CloseReason::ChannelLimit => (1013, "server at its channel limit"),
+            CloseReason::SubscribeTimeout => (1013, "subscribe timed out"),
             CloseReason::PeerClosed(code) => return frame::close(code.filter(|c| frame::is_valid_close_code(*c)), ""),
         };
         frame::close(Some(code), reason)

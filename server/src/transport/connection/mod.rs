@@ -5,6 +5,7 @@
 //! | this one | what connections share, the registry a drain closes, one connection's lifecycle |
 //! | [`admission`] | pure: where an upgrade request goes, or why it is refused |
 //! | [`handshake`] | reading the request and answering it, within `--handshake-timeout` |
+//! | [`rate`] | pure: the token bucket of `--publish-rate` and `--subscribe-rate` |
 //! | [`reader`] | client frames in; publishes, subscribes, unsubscribes, replies |
 //! | [`writer`] | the outbox out to the socket; keepalive and silence |
 //!
@@ -25,6 +26,7 @@
 
 pub mod admission;
 pub mod handshake;
+pub mod rate;
 pub mod reader;
 pub mod writer;
 
@@ -35,14 +37,14 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::Semaphore;
 use tracing::debug;
 use wsfleet_contract::sync::lock;
 
 pub use self::admission::{Refusal, Route, admit};
-pub use self::handshake::Outcome;
+pub use self::handshake::{Handshakes, Outcome};
 use crate::auth::{Auth, Grant};
-use crate::config::Config;
+use crate::config::{Config, Rate};
 use crate::messaging::bus::Bus;
 use crate::messaging::hub::{ConnId, Mode};
 use crate::metrics::Metrics;
@@ -59,6 +61,11 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub draining: Arc<AtomicBool>,
     pub connections: Connections,
+    /// Places among the established connections (`--max-connections`): taken once a request
+    /// has been read, held until the connection ends. Readiness reads it too.
+    pub admission: Arc<Semaphore>,
+    /// Handshakes in progress (`--max-handshakes`).
+    pub handshakes: Arc<Handshakes>,
     max_message: usize,
     read_buffer: usize,
     joins: tokio::sync::Semaphore,
@@ -70,6 +77,9 @@ pub struct Shared {
     max_subscriptions: usize,
     budget: Budget,
     write_stall: Duration,
+    publish_rate: Rate,
+    subscribe_rate: Rate,
+    subscribe_timeout: Duration,
 }
 
 impl Shared {
@@ -80,12 +90,16 @@ impl Shared {
             .as_ref()
             .map(|s| Auth::new(s.as_bytes(), config.jwt_audience.as_deref(), config.jwt_issuer.as_deref()))
             .transpose()?;
+        bus.hub().limit_channels(config.max_channels as usize);
+        let handshakes = Arc::new(Handshakes::new(config.max_handshakes as usize, metrics.handshakes.clone()));
         Ok(Shared {
             bus,
             metrics,
             auth,
             draining: Arc::new(AtomicBool::new(false)),
             connections: Connections::default(),
+            admission: Arc::new(Semaphore::new(config.max_connections as usize)),
+            handshakes,
             max_message: config.max_message_size as usize,
             joins: tokio::sync::Semaphore::new(MAX_JOINS),
             read_buffer: config.read_buffer_size as usize,
@@ -96,6 +110,9 @@ impl Shared {
             max_subscriptions: config.max_subscriptions as usize,
             budget: config.client_budget(),
             write_stall: config.write_stall_timeout(),
+            publish_rate: config.publish_rate(),
+            subscribe_rate: config.subscribe_rate(),
+            subscribe_timeout: config.subscribe_timeout(),
         })
     }
 }
@@ -131,21 +148,15 @@ impl Connections {
     }
 }
 
-/// Serves one accepted TCP connection. `permit` is `None` when the server is full, in which case
-/// the client gets its 503 and nothing else.
-pub async fn serve(
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    shared: Arc<Shared>,
-    mut permit: Option<OwnedSemaphorePermit>,
-) {
+/// Serves one accepted TCP connection.
+pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     // Boxed: the request buffer and parse state are only needed until the upgrade (memory per
     // idle connection).
-    let handshake = Box::pin(handshake::handshake(&mut stream, &shared, &mut permit));
+    let handshake = Box::pin(handshake::handshake(&mut stream, &shared));
     // Matched as a temporary: a named result would keep its storage in the task (memory per
     // connection) after the upgrade.
-    let (route, grant, leftover) = match tokio::time::timeout(shared.handshake_timeout, handshake).await {
+    let (route, grant, leftover, permit) = match tokio::time::timeout(shared.handshake_timeout, handshake).await {
         Ok(Ok(upgraded)) => upgraded,
         Ok(Err(outcome)) => return not_upgraded(&shared, peer, outcome),
         Err(_) => return not_upgraded(&shared, peer, Outcome::TimedOut),
@@ -158,7 +169,7 @@ pub async fn serve(
     if shared.draining.load(Ordering::Acquire) {
         outbox.close(CloseReason::Draining);
     }
-    let conn = Connection { id, shared: shared.clone(), outbox, subscriptions: HashSet::new(), grant };
+    let conn = Connection { id, shared: shared.clone(), outbox, subscriptions: HashSet::new(), grant, buckets: None };
     // No tracing span around the connection: even disabled, it would double the size of every
     // connection's task. Its log lines carry `conn` instead.
     debug!(conn = id, %peer, "upgraded");
@@ -184,6 +195,15 @@ struct Connection {
     subscriptions: HashSet<String>,
     /// `None`: the server checks no tokens and every channel is open.
     grant: Option<Box<Grant>>,
+    /// The rate limits' buckets, made at the first publish or subscribe (an idle connection
+    /// holds none).
+    buckets: Option<Box<Buckets>>,
+}
+
+/// A connection's token buckets (see [`rate`]).
+struct Buckets {
+    publish: rate::TokenBucket,
+    subscribe: rate::TokenBucket,
 }
 
 /// How the read loop ended.
@@ -205,9 +225,9 @@ impl Connection {
             Route::Raw(channel) => {
                 // Recorded before the join, so the cleanup below covers a join cut short.
                 self.subscriptions.insert(channel.clone());
-                if Box::pin(self.join(&channel, Mode::Raw, None)).await.is_err() {
+                if let Err(e) = Box::pin(self.join(&channel, Mode::Raw, None)).await {
                     self.subscriptions.remove(&channel);
-                    self.outbox.close(CloseReason::BusUnavailable);
+                    self.outbox.close(e.close_reason());
                 }
                 Some(channel)
             }
@@ -321,7 +341,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
-        let task = serve(stream, peer, shared, None);
+        let task = serve(stream, peer, shared);
         let size = std::mem::size_of_val(&task);
         assert!(size <= 1152, "a connection's task future takes {size} bytes");
         stop.cancel();

@@ -5,30 +5,92 @@
 //! a refusal is a `forbidden` error frame in protocol mode, a 1008 close in raw mode (which has
 //! no error frame).
 //!
+//! Limits, each a refusal that changes nothing: publishes per second (`--publish-rate`, a token
+//! bucket: `rate_limited` and the message is dropped in protocol mode; raw mode closes with
+//! 1008, since a message it cannot refuse must not vanish silently), new channels per second
+//! (`--subscribe-rate`: `rate_limited`), channels per connection (`--max-subscriptions`:
+//! `subscription_limit`) and per server (`--max-channels`: `channel_limit`; raw mode 1013).
+//!
+//! Subscribe fairness: a connection handles its frames one at a time, so it waits for one
+//! subscribe at a time; subscribes wait for a turn among [`MAX_JOINS`](super::MAX_JOINS) in a
+//! first-come, first-served queue, so a client with many subscribes rejoins the back of the
+//! queue after each and never holds more than one turn. A subscribe that takes longer than
+//! `--subscribe-timeout` in all (turn, bus, replay) is answered `timeout` (raw mode: 1013) and
+//! leaves nothing in the hub.
+//!
 //! The socket is read with the worker thread's buffer and bytes are kept only while a frame is
 //! incomplete: an idle connection holds no buffer. Time spent handling the peer's requests is
 //! not counted as its silence. Nothing here writes to the socket.
 
 use std::cell::RefCell;
 use std::io;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::{Connection, Heard, ReadEnd};
+use super::rate::TokenBucket;
+use super::{Buckets, Connection, Heard, ReadEnd};
 use crate::auth::{Access, Denied};
 use crate::messaging::bus::BusError;
 use crate::messaging::envelope::{Envelope, Payload};
 use crate::messaging::history::{MAX_PUBLISH_BATCH, Since};
-use crate::messaging::hub::Mode;
+use crate::messaging::hub::{Mode, SubscribeError};
 use crate::protocol::{self, ClientOp, ErrorCode, ProtocolError};
 use crate::transport::frame::{self, Frame, FrameError, Incoming};
 use crate::transport::outbox::CloseReason;
 
 /// Reads from one socket before its queued messages are handled.
 const MAX_READS: usize = 8;
+
+/// Why a subscribe (a raw-mode connection's included) did not happen.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum JoinError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("this server holds {0} channels, its limit (--max-channels); retry later")]
+    ChannelLimit(usize),
+    #[error("the subscribe took longer than --subscribe-timeout ({0:?}); retry")]
+    TimedOut(Duration),
+}
+
+impl From<SubscribeError> for JoinError {
+    fn from(e: SubscribeError) -> Self {
+        match e {
+            SubscribeError::ChannelLimit(limit) => JoinError::ChannelLimit(limit),
+            e => JoinError::Bus(e.into()),
+        }
+    }
+}
+
+impl JoinError {
+    /// How a raw-mode connection, which has no error frame, ends on it.
+    pub(super) fn close_reason(&self) -> CloseReason {
+        match self {
+            JoinError::Bus(_) => CloseReason::BusUnavailable,
+            JoinError::ChannelLimit(_) => CloseReason::ChannelLimit,
+            JoinError::TimedOut(_) => CloseReason::SubscribeTimeout,
+        }
+    }
+
+    /// The error frame a protocol-mode subscribe gets.
+    fn protocol_error(&self, channel: &str) -> ProtocolError {
+        match self {
+            JoinError::Bus(e) => {
+                ProtocolError::new(ErrorCode::BusUnavailable, format!("could not subscribe to {channel:?}: {e}; retry"))
+            }
+            JoinError::ChannelLimit(_) => {
+                ProtocolError::new(ErrorCode::ChannelLimit, format!("not subscribed to {channel:?}: {self}"))
+                    .on_channel(channel)
+            }
+            JoinError::TimedOut(_) => {
+                ProtocolError::new(ErrorCode::Timeout, format!("not subscribed to {channel:?}: {self}"))
+                    .on_channel(channel)
+            }
+        }
+    }
+}
 
 /// Consecutive publishes to one channel, gathered from one read to go to the bus together.
 #[derive(Default)]
@@ -119,6 +181,17 @@ impl Connection {
                     Denied::NotGranted { .. } => CloseReason::PublishForbidden,
                 })));
             }
+            if matches!(msg, Incoming::Text(_) | Incoming::Binary(_))
+                && let Some(channel) = raw_channel
+                && !self.may_publish()
+            {
+                // Raw mode has no error frame, and a message must not vanish silently: what came
+                // before goes out, then the connection ends with 1008.
+                debug!(conn = self.id, %channel, "raw-mode publish over --publish-rate; closing");
+                self.shared.metrics.protocol_error(ErrorCode::RateLimited.as_str());
+                let end = self.publish_run(&mut run, raw_channel).await;
+                return Some(ReadEnd::Close(end.unwrap_or(CloseReason::RateLimited)));
+            }
             match msg {
                 Incoming::Ping(data) => self.push(frame::pong(&data)),
                 Incoming::Pong => {}
@@ -175,6 +248,21 @@ impl Connection {
                 .map_err(|denied| ProtocolError::new(ErrorCode::Forbidden, denied.to_string()).on_channel(channel))?;
             Ok(op)
         });
+        let op = op.and_then(|op| match op {
+            ClientOp::Publish { channel, .. } if !self.may_publish() => {
+                let rate = self.shared.publish_rate;
+                Err(ProtocolError::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "not published to {channel:?}: this connection publishes faster than --publish-rate ({}/s, \
+                         bursts of {}); slow down",
+                        rate.per_second, rate.burst
+                    ),
+                )
+                .on_channel(channel))
+            }
+            op => Ok(op),
+        });
         if !matches!(&op, Ok(ClientOp::Publish { channel, .. }) if run.channel == *channel) {
             self.publish_run(run, None).await;
         }
@@ -187,6 +275,35 @@ impl Connection {
             Ok(ClientOp::Refresh { token }) => self.refresh(token, heard),
             Err(e) => self.reply_error(&e),
         }
+    }
+
+    /// Takes a token from the publish bucket; false (counted) when it is empty.
+    fn may_publish(&mut self) -> bool {
+        let rate = self.shared.publish_rate;
+        let taken = rate.per_second == 0 || self.buckets().publish.take(rate, Instant::now());
+        if !taken {
+            self.shared.metrics.limit_refused("publish_rate");
+        }
+        taken
+    }
+
+    /// Takes a token from the new-channel bucket; false (counted) when it is empty.
+    fn may_subscribe(&mut self) -> bool {
+        let rate = self.shared.subscribe_rate;
+        let taken = rate.per_second == 0 || self.buckets().subscribe.take(rate, Instant::now());
+        if !taken {
+            self.shared.metrics.limit_refused("subscribe_rate");
+        }
+        taken
+    }
+
+    /// The connection's buckets, full when first needed.
+    fn buckets(&mut self) -> &mut Buckets {
+        let (publish, subscribe) = (self.shared.publish_rate, self.shared.subscribe_rate);
+        self.buckets.get_or_insert_with(|| {
+            let now = Instant::now();
+            Box::new(Buckets { publish: TokenBucket::full(publish, now), subscribe: TokenBucket::full(subscribe, now) })
+        })
     }
 
     /// Whether the connection's token allows `access` to `channel` now (always, without
@@ -271,15 +388,26 @@ impl Connection {
                 format!("this connection already has {} subscriptions (the limit)", self.subscriptions.len()),
             ));
         }
+        if !self.may_subscribe() {
+            let rate = self.shared.subscribe_rate;
+            return self.reply_error(
+                &ProtocolError::new(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "not subscribed to {channel:?}: this connection subscribes to new channels faster than \
+                         --subscribe-rate ({}/s, bursts of {}); slow down",
+                        rate.per_second, rate.burst
+                    ),
+                )
+                .on_channel(channel),
+            );
+        }
         // Recorded before the join, so the connection's cleanup covers a join cut short (the
         // connection closing while the bus is slow to confirm).
         self.subscriptions.insert(channel.to_owned());
         if let Err(e) = Box::pin(self.join(channel, Mode::Protocol, since.as_ref())).await {
             self.subscriptions.remove(channel);
-            self.reply_error(&ProtocolError::new(
-                ErrorCode::BusUnavailable,
-                format!("could not subscribe to {channel:?}: {e}; retry"),
-            ));
+            self.reply_error(&e.protocol_error(channel));
         }
     }
 
@@ -301,26 +429,47 @@ impl Connection {
     /// Subscribes to `channel` with no gap and no duplicate at the seam: the hub holds live
     /// messages while the channel's position (and, with `since`, what was missed) is read, then
     /// queues the `subscribed` reply (protocol mode), the replay and the held messages in order.
-    pub(super) async fn join(&self, channel: &str, mode: Mode, since: Option<&Since>) -> Result<(), BusError> {
-        // A bounded number of joins run at once: under a connection storm the rest wait their
-        // turn here, before their Redis deadline starts, rather than all time out together.
-        let _turn = self.shared.joins.acquire().await.map_err(|_| BusError::ShuttingDown)?;
-        let r = self.join_now(channel, mode, since).await;
+    /// All of it within `--subscribe-timeout`; cut short, it leaves nothing in the hub.
+    pub(super) async fn join(&self, channel: &str, mode: Mode, since: Option<&Since>) -> Result<(), JoinError> {
+        let limit = self.shared.subscribe_timeout;
+        let r = match tokio::time::timeout(limit, self.join_in_turn(channel, mode, since)).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.shared.bus.hub().unsubscribe(channel, self.id);
+                Err(JoinError::TimedOut(limit))
+            }
+        };
+        match &r {
+            Ok(()) => {}
+            Err(JoinError::ChannelLimit(_)) => self.shared.metrics.limit_refused("max_channels"),
+            Err(e) => {
+                if matches!(e, JoinError::TimedOut(_)) {
+                    self.shared.metrics.limit_refused("subscribe_timeout");
+                }
+                self.shared.metrics.subscribe_failures.inc();
+            }
+        }
         if let Err(e) = &r {
-            self.shared.metrics.subscribe_failures.inc();
             debug!(conn = self.id, %channel, error = %e, "subscribe failed");
         }
         r
     }
 
-    async fn join_now(&self, channel: &str, mode: Mode, since: Option<&Since>) -> Result<(), BusError> {
+    async fn join_in_turn(&self, channel: &str, mode: Mode, since: Option<&Since>) -> Result<(), JoinError> {
+        // A bounded number of joins run at once: under a connection storm the rest wait their
+        // turn here, before their Redis deadline starts, rather than all time out together.
+        let _turn = self.shared.joins.acquire().await.map_err(|_| BusError::ShuttingDown)?;
+        self.join_now(channel, mode, since).await
+    }
+
+    async fn join_now(&self, channel: &str, mode: Mode, since: Option<&Since>) -> Result<(), JoinError> {
         let hub = self.shared.bus.hub();
         hub.subscribe(channel, self.id, self.outbox.clone(), mode, true).await?;
         let mut replay = match self.shared.bus.read(channel, since).await {
             Ok(replay) => replay,
             Err(e) => {
                 hub.unsubscribe(channel, self.id);
-                return Err(e);
+                return Err(e.into());
             }
         };
         // Rendered here, outside the channel's lock; a replay too large for the client's budget
