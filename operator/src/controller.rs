@@ -62,6 +62,7 @@ use wsfleet_contract::sync::lock;
 use crate::FIELD_MANAGER;
 use crate::children::{self, Children, Settings};
 use crate::crd::{WebSocketCluster, condition, reason};
+use crate::events::Events;
 use crate::status::{self, Observed};
 use crate::telemetry::Metrics;
 use crate::validate;
@@ -301,7 +302,7 @@ type Connections = Result<i64, String>;
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
+    pub events: Events,
     pub metrics: Arc<Metrics>,
     /// How often a healthy cluster is looked at again (connections, child status).
     pub resync: Duration,
@@ -336,7 +337,7 @@ impl Context {
         let (stores, writers) = stores();
         let forget_after = resync * FORGET_AFTER_RESYNCS;
         Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: Events::start(Recorder::new(client.clone(), reporter), metrics.events_dropped.clone()),
             client,
             metrics,
             resync,
@@ -571,7 +572,7 @@ async fn reconcile_steps(wsc: &WebSocketCluster, ctx: &Context) -> Result<Action
     }
     .await;
     if let Err(e) = &applied {
-        publish(ctx, wsc, EventType::Warning, "ApplyFailed", "Apply", e.to_string(), None).await;
+        publish(ctx, wsc, EventType::Warning, "ApplyFailed", "Apply", e.to_string(), None);
     }
     let seen = observe(ctx, wsc, &ns, &applied).await;
     update_status(ctx, wsc, &ns, &seen).await?;
@@ -626,7 +627,7 @@ async fn refuse(
     message: String,
 ) -> Result<Action, Error> {
     warn!(reason = why, %message, "refused: nothing applied");
-    publish(ctx, wsc, EventType::Warning, why, "Validate", message.clone(), None).await;
+    publish(ctx, wsc, EventType::Warning, why, "Validate", message.clone(), None);
     let seen = Observed { refused: Some((why, message.clone())), ..cached_children(ctx, wsc, ns) };
     update_status(ctx, wsc, ns, &seen).await?;
     if why == reason::INVALID_SPEC {
@@ -663,7 +664,7 @@ async fn ensure_redis_secret(ctx: &Context, wsc: &WebSocketCluster, ns: &str) ->
         Ok(created) => {
             info!(kind = "Secret", %name, "created");
             let note = format!("Secret {name} created (the managed Redis password)");
-            publish(ctx, wsc, EventType::Normal, "Created", "Apply", note, Some(created.object_ref(&()))).await;
+            publish(ctx, wsc, EventType::Normal, "Created", "Apply", note, Some(created.object_ref(&())));
             (password, created.uid().unwrap_or_default())
         }
         Err(kube::Error::Api(s)) if s.code == 409 => {
@@ -770,7 +771,7 @@ async fn update_status(ctx: &Context, wsc: &WebSocketCluster, ns: &str, seen: &O
     {
         let kind = if ready.status == "True" { EventType::Normal } else { EventType::Warning };
         let reason = if ready.status == "True" { "Ready" } else { "NotReady" };
-        publish(ctx, wsc, kind, reason, "Observe", format!("{}: {}", ready.reason, ready.message), None).await;
+        publish(ctx, wsc, kind, reason, "Observe", format!("{}: {}", ready.reason, ready.message), None);
     }
     Ok(())
 }
@@ -858,7 +859,7 @@ async fn apply<K: Child>(ctx: &Context, wsc: &WebSocketCluster, ns: &str, child:
     };
     info!(kind, %name, "{verb}");
     let related = after.object_ref(&());
-    publish(ctx, wsc, EventType::Normal, reason, "Apply", format!("{kind} {name} {verb}"), Some(related)).await;
+    publish(ctx, wsc, EventType::Normal, reason, "Apply", format!("{kind} {name} {verb}"), Some(related));
     Ok(after)
 }
 
@@ -896,14 +897,15 @@ async fn apply_or_remove<K: Child>(
             ..Default::default()
         };
         let note = format!("{kind} {name} removed: no longer in the spec");
-        publish(ctx, wsc, EventType::Normal, "Deleted", "Delete", note, Some(related)).await;
+        publish(ctx, wsc, EventType::Normal, "Deleted", "Delete", note, Some(related));
     }
     Ok(None)
 }
 
-/// Publishes an event about `wsc`; `related` is the child it concerns (events about different
-/// children are separate series, not one aggregated line).
-async fn publish(
+/// Publishes an event about `wsc` (queued: the reconcile does not wait for it); `related` is the
+/// child it concerns (events about different children are separate series, not one aggregated
+/// line).
+fn publish(
     ctx: &Context,
     wsc: &WebSocketCluster,
     type_: EventType,
@@ -914,9 +916,7 @@ async fn publish(
 ) {
     let reference: ObjectReference = wsc.object_ref(&());
     let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: related };
-    if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-        warn!(error = %e, "could not publish an event");
-    }
+    ctx.events.publish(event, reference);
 }
 
 #[cfg(test)]

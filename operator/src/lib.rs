@@ -8,17 +8,19 @@
 //! | [`children`] | pure: one `build_<kind>` per child object, from the spec |
 //! | [`status`] | pure: status and conditions from what the children report |
 //! | [`validate`] | pure: what the operator refuses before building (sysctl bounds, the JWT Secret) |
-//! | [`controller`] | reconcile = build -> apply (server-side) -> observe -> status; events, errors, backoff, caches |
+//! | [`controller`] | reconcile = build -> apply (server-side) -> observe -> status; errors, backoff, caches |
+//! | [`events`] | events queued by the reconciles and published beside them, bounded |
 //! | [`leader`] | Lease-based leader election: only the leader reconciles |
 //! | [`telemetry`] | metrics and the `/healthz`, `/readyz`, `/metrics` endpoints |
 //!
-//! Only [`controller`] and [`leader`] talk to the API server. What the operator and the server
+//! Only [`controller`], [`events`] and [`leader`] talk to the API server. What the operator and the server
 //! must agree on (environment names, the tuning command, presence keys) comes from the
 //! `wsfleet-contract` crate; the operator does not depend on the server.
 
 pub mod children;
 pub mod controller;
 pub mod crd;
+pub mod events;
 pub mod leader;
 pub mod status;
 pub mod telemetry;

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub reconcile_errors: Family<ErrorLabel, Counter>,
     pub reconcile_duration: Histogram,
     pub leader: Gauge,
+    /// Events not published because too many waited ([`crate::events::QUEUE`]).
+    pub events_dropped: Counter,
     pub ready: AtomicBool,
 }
 
@@ -43,11 +45,21 @@ impl Metrics {
         let reconcile_errors = Family::<ErrorLabel, Counter>::default();
         let reconcile_duration = Histogram::new(exponential_buckets(0.005, 2.0, 12));
         let leader = Gauge::default();
+        let events_dropped = Counter::default();
         registry.register("reconciles", "Reconciles run by this replica", reconciles.clone());
         registry.register("reconcile_errors", "Failed reconciles, by error kind", reconcile_errors.clone());
         registry.register("reconcile_duration_seconds", "Time per reconcile", reconcile_duration.clone());
         registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
-        Metrics { registry, reconciles, reconcile_errors, reconcile_duration, leader, ready: AtomicBool::new(false) }
+        registry.register("events_dropped", "Events not published: too many were waiting", events_dropped.clone());
+        Metrics {
+            registry,
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            leader,
+            events_dropped,
+            ready: AtomicBool::new(false),
+        }
     }
 
     pub fn reconcile_error(&self, error: &'static str) {
