@@ -12,8 +12,8 @@
 //! "last_us":L,"first_at_us":F,"last_at_us":A}` when every connection got broadcast N (or
 //! `--seq-timeout` seconds after its first copy): L is the slowest publish-to-deliver latency, F
 //! and A the wall clock of the first and the last delivery.
-//! On stdin: `report` prints `{"event":"latency",...}` (percentiles since the last report) and
-//! resets; `exit` ends the process. It also ends by itself after `--hold-seconds`.
+//! On stdin: `report` prints `{"event":"latency",...}` (the latency histogram since the last
+//! report) and resets; `exit` ends the process. It also ends by itself after `--hold-seconds`.
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -27,6 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 
+use crate::hist::Histogram;
 use crate::now_micros;
 
 #[derive(clap::Args)]
@@ -55,12 +56,11 @@ pub struct HoldArgs {
     seq_timeout: u64,
 }
 
-/// Latencies in log2 buckets of microseconds (bucket i holds [2^i, 2^(i+1)) µs).
+/// Deliveries per broadcast, and publish-to-deliver latencies (µs) since the last report.
 #[derive(Default)]
 struct Stats {
     per_seq: BTreeMap<u64, SeqStats>,
-    buckets: [u64; 32],
-    count: u64,
+    latency: Histogram,
 }
 
 struct SeqStats {
@@ -86,21 +86,7 @@ impl Stats {
         s.received += 1;
         s.last_us = s.last_us.max(latency_us);
         s.last_at_us = s.last_at_us.max(now_us);
-        self.buckets[(64 - latency_us.max(1).leading_zeros() as usize - 1).min(31)] += 1;
-        self.count += 1;
-    }
-
-    /// The upper bound (µs) of the bucket holding quantile `q`.
-    fn quantile(&self, q: f64) -> u64 {
-        let target = (self.count as f64 * q).ceil() as u64;
-        let mut seen = 0;
-        for (i, n) in self.buckets.iter().enumerate() {
-            seen += n;
-            if seen >= target.max(1) {
-                return 1 << (i + 1);
-            }
-        }
-        0
+        self.latency.record(latency_us);
     }
 }
 
@@ -177,11 +163,9 @@ async fn hold(args: HoldArgs) -> anyhow::Result<()> {
                 Some("report") => {
                     let mut s = stats.lock().unwrap();
                     println!("{}", json!({
-                        "event": "latency", "count": s.count,
-                        "p50_us": s.quantile(0.5), "p99_us": s.quantile(0.99), "p999_us": s.quantile(0.999),
+                        "event": "latency", "count": s.latency.count(), "histogram_us": s.latency.to_json(),
                     }));
-                    s.buckets = [0; 32];
-                    s.count = 0;
+                    s.latency.clear();
                 }
                 Some("exit") | None => return Ok(()),
                 Some(_) => {}
@@ -338,7 +322,7 @@ mod tests {
         }
         assert!(pending.is_empty());
         let stats = stats.lock().unwrap();
-        assert_eq!(stats.count, 3);
+        assert_eq!(stats.latency.count(), 3);
         assert_eq!(stats.per_seq.keys().copied().collect::<Vec<_>>(), [1, 2, 3]);
         assert_eq!(pongs, [b"p".to_vec()]);
         assert_eq!(number_after(br#"{"t":123,"seq":9}"#, b"\"t\":"), Some(123));

@@ -16,6 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::{Parser, Subcommand};
 
 mod chaos;
+mod hist;
 mod hold;
 mod publish;
 mod scenario;

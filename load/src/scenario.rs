@@ -24,6 +24,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use wsfleet_testkit::process::{proc_bytes, rss_bytes as rss};
 use wsfleet_testkit::{free_port, http_get, metric_in, wait_port};
 
+use crate::hist::Histogram;
 use crate::now_micros;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -478,22 +479,18 @@ fn collect_seqs(
     Ok(Delivered { received, slowest_us: last, first_at_us, last_at_us: last_at, arrival_spread_us })
 }
 
-/// Collects one `latency` line from every client: count-weighted p50, worst p99 and p99.9 (ms;
-/// the clients' histograms have power-of-two buckets, so these are upper bounds).
+/// Collects one `latency` line from every client and merges their histograms: the fleet's
+/// p50, p99 and p99.9 publish-to-deliver latency (ms, within 3 %: see [`crate::hist`]).
 fn drain_latency(events: &mpsc::Receiver<(usize, Value)>, clients: usize) -> anyhow::Result<Value> {
-    let (mut n, mut total, mut p50w, mut p99, mut p999) = (0, 0u64, 0f64, 0u64, 0u64);
+    let mut all = Histogram::default();
+    let mut n = 0;
     while n < clients {
         let (_, v) = events.recv_timeout(Duration::from_secs(30)).context("latency report")?;
         if v["event"] == "latency" {
             n += 1;
-            let count = v["count"].as_u64().unwrap_or(0);
-            total += count;
-            p50w += count as f64 * v["p50_us"].as_u64().unwrap_or(0) as f64;
-            p99 = p99.max(v["p99_us"].as_u64().unwrap_or(0));
-            p999 = p999.max(v["p999_us"].as_u64().unwrap_or(0));
+            all.merge_json(&v["histogram_us"]);
         }
     }
-    Ok(
-        json!({"count": total, "p50": p50w / total.max(1) as f64 / 1000.0, "p99": p99 as f64 / 1000.0, "p999": p999 as f64 / 1000.0}),
-    )
+    let ms = |q: f64| all.quantile(q) as f64 / 1000.0;
+    Ok(json!({"count": all.count(), "p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999), "max": ms(1.0)}))
 }
