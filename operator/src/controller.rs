@@ -820,17 +820,28 @@ fn revision(meta: &kube::core::ObjectMeta) -> String {
     }
 }
 
+/// Whether `cached` still carries the labels, annotations and owner references of `desired`:
+/// what an edit of a child's metadata changes without a new generation.
+fn metadata_holds(desired: &kube::core::ObjectMeta, cached: &kube::core::ObjectMeta) -> bool {
+    let holds = |want: &Option<std::collections::BTreeMap<String, String>>,
+                 have: &Option<std::collections::BTreeMap<String, String>>| {
+        want.iter().flatten().all(|(k, v)| have.as_ref().and_then(|h| h.get(k)) == Some(v))
+    };
+    let owners = cached.owner_references.iter().flatten();
+    holds(&desired.labels, &cached.labels)
+        && holds(&desired.annotations, &cached.annotations)
+        && desired.owner_references.iter().flatten().all(|r| owners.clone().any(|o| o.uid == r.uid))
+}
+
 /// Server-side applies one child (force: this operator owns these fields) and publishes an event
 /// when the child was created or changed, judged against the cached copy. Returns the child as
 /// the API server has it now. Skipped when the cached child is still at the [`revision`] this
-/// operator's last apply returned and the desired child has not changed since: anyone's change
-/// to the child's spec (a new generation; for kinds without one, any new resourceVersion)
-/// brings the apply back, so drift is corrected. Status updates (a Deployment's, while it rolls
-/// out) do not: comparing resourceVersions instead re-applied most children two or three times
-/// in their first seconds, each apply a no-op. What this gives up: an edit of only the labels or
-/// annotations of a Deployment, PodDisruptionBudget, NetworkPolicy or DaemonSet is put back at
-/// the next change of the cluster, not at once (removing the `managed-by` label drops the child
-/// from the cache, which brings the apply back at once).
+/// operator's last apply returned, still carries the labels, annotations and owners it was
+/// given, and the desired child has not changed since: anyone's change to the child's spec (a
+/// new generation; for kinds without one, any new resourceVersion) or to that metadata brings
+/// the apply back, so drift is corrected. Status updates (a Deployment's, while it rolls out) do
+/// not: comparing resourceVersions instead re-applied most children two or three times in their
+/// first seconds, each apply a no-op.
 async fn apply<K: Child>(ctx: &Context, wsc: &WebSocketCluster, ns: &str, child: K) -> Result<K, Error> {
     let name = child.meta().name.clone().unwrap_or_default();
     let kind = <K as k8s_openapi::Resource>::KIND;
@@ -839,6 +850,7 @@ async fn apply<K: Child>(ctx: &Context, wsc: &WebSocketCluster, ns: &str, child:
     let cached = ctx.stores.get::<K>(ns, &name);
     if let Some(cached) = &cached
         && ctx.applied.get(&key, Duration::MAX) == Some((desired, revision(cached.meta())))
+        && metadata_holds(child.meta(), cached.meta())
     {
         // Nobody changed it since our apply, and we want the same: nothing to write.
         ctx.applied.set(&key, (desired, revision(cached.meta())));
@@ -947,6 +959,26 @@ mod tests {
         memory.set("ns/b", 2);
         assert!(!lock(&memory.entries).0.contains_key("ns/a"), "forgotten, not just stale");
         assert_eq!(memory.get("ns/b", Duration::MAX), Some(2));
+    }
+
+    #[test]
+    fn a_child_whose_labels_or_owners_were_edited_is_applied_again() {
+        let meta = |labels: &[(&str, &str)], owner: Option<&str>| kube::core::ObjectMeta {
+            labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            owner_references: owner.map(|uid| {
+                vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                    uid: uid.into(),
+                    ..Default::default()
+                }]
+            }),
+            ..Default::default()
+        };
+        let desired = meta(&[("app", "chat"), ("component", "server")], Some("u1"));
+        let extra = meta(&[("app", "chat"), ("component", "server"), ("team", "a")], Some("u1"));
+        assert!(metadata_holds(&desired, &extra), "labels added by others are theirs");
+        assert!(!metadata_holds(&desired, &meta(&[("app", "chat"), ("component", "edited")], Some("u1"))));
+        assert!(!metadata_holds(&desired, &meta(&[("app", "chat")], Some("u1"))), "a label removed");
+        assert!(!metadata_holds(&desired, &meta(&[("app", "chat"), ("component", "server")], None)), "owner gone");
     }
 
     #[test]
