@@ -771,8 +771,9 @@ export class Client {
       const i = this.expected.findIndex((e) => e.op === "subscribe" && e.channel === f.channel);
       this.expected.unshift(...this.expected.splice(i, 1));
     }
-    // A refused publish: the frame names no message (see `publish`).
-    if (message.startsWith("not published")) {
+    // A refused publish, or one whose outcome is unknown: the frame names no message of this
+    // client (it sends no publish ids; see `publish`).
+    if (message.startsWith("not published") || f.code === "outcome_unknown") {
       this.emit("error", new WsfleetError(f.code, message, { fromServer: true, op: "publish" }));
       return;
     }

@@ -19,7 +19,9 @@ export type ServerErrorCode =
   /** The connection's token does not allow this operation on this channel. */
   | "forbidden"
   /** A `refresh` was refused; the old token stays in force until it expires. */
-  | "invalid_token";
+  | "invalid_token"
+  /** A publish reached the server's bus but its answer never came: it may or may not have been published. */
+  | "outcome_unknown";
 
 /** Codes the client raises itself. */
 export type ClientErrorCode =

@@ -37,6 +37,7 @@ use wsfleet_contract::sync::{lock, read, write};
 
 use crate::messaging::admission::{self, Refusal, Verdict};
 use crate::messaging::envelope::{Sequenced, now_micros};
+use crate::messaging::history::Lost;
 use crate::metrics::Metrics;
 use crate::protocol::{self, RawFrame};
 use crate::transport::frame::{self, Frame};
@@ -300,6 +301,28 @@ impl Hub {
             Verdict::Check(refusal) => return Admission::Refused(refusal),
         }
         Admission::Taken
+    }
+
+    /// Tells the channel's protocol-mode subscribers, in order with its messages, that offsets
+    /// from `from` to `to` (inclusive; `None`: to the end of that epoch) will not reach them
+    /// (a `gap` frame, see [`protocol::gap_frame`]). Subscribers that joined after the gap, or
+    /// are still reading history for their own resume, are not told. Returns how many were.
+    pub fn announce_gap(&self, channel: &str, from: Position, to: Option<u64>, lost: Lost) -> usize {
+        let Some(entry) = read(&self.channels).get(channel).cloned() else { return 0 };
+        let mut state = lock(&entry.state);
+        let frame = frame::text(protocol::gap_frame(channel, &from.0, from.1, to, lost.as_str()).as_bytes());
+        let mut told = 0;
+        for sub in state.subscribers.values_mut() {
+            // Joined in another epoch, or after the gap's last offset.
+            let joined_after =
+                sub.skip_through.as_ref().is_some_and(|skip| skip.0 != from.0 || to.is_some_and(|to| to <= skip.1));
+            if sub.mode != Mode::Protocol || sub.held.is_some() || joined_after {
+                continue;
+            }
+            sub.outbox.push(frame.clone());
+            told += 1;
+        }
+        told
     }
 
     /// Fans one message out to the channel's local subscribers. Messages at or before the

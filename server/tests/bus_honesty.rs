@@ -1,0 +1,163 @@
+//! The bus never lies and never buffers without bound, with real processes: a publish whose
+//! outcome is unknown (Redis paused past the command timeout) says so, and its retry with the
+//! same id is delivered once; messages that history can no longer repair reach subscribers as a
+//! `gap` frame; a server whose delivery falls behind its `--bus-buffer` drops its pub/sub
+//! connection and repairs from history, losing nothing.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+
+/// The next frame of `ws` that is not a `message` of another channel, within [`TIMEOUT`].
+async fn next_frame(ws: &mut Ws) -> Value {
+    next_json(ws).await
+}
+
+/// Text frames that arrive within `quiet` of each other (none expected after the last).
+async fn frames_until_quiet(ws: &mut Ws, quiet: Duration) -> Vec<Value> {
+    let mut frames = Vec::new();
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(quiet, ws.next()).await {
+        if let Message::Text(t) = m {
+            frames.push(serde_json::from_str(&t).unwrap());
+        }
+    }
+    frames
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_retried_with_its_id_after_an_unknown_outcome_is_delivered_once() {
+    let redis = Redis::start();
+    let server = Server::start(Some(&redis), &[]);
+    let mut sub = subscriber(&server, "orders").await;
+    let mut publisher = connect(&server.url("/ws")).await;
+    let op = |data: &str, id: &str| json!({"op": "publish", "channel": "orders", "data": data, "id": id});
+
+    send_json(&mut publisher, op("first", "order-1")).await;
+    let ack = next_frame(&mut publisher).await;
+    assert_eq!(
+        (ack["type"].as_str(), ack["id"].as_str(), ack["offset"].as_u64()),
+        (Some("published"), Some("order-1"), Some(1)),
+        "{ack}"
+    );
+    assert_eq!(ack["duplicate"], false);
+    assert_eq!(next_frame(&mut sub).await["data"], "first");
+
+    // Redis takes commands but runs none for 7 s: the publish times out (5 s) and runs later.
+    assert!(redis.cli(&["CLIENT", "PAUSE", "7000", "ALL"]).contains("OK"));
+    let sent = Instant::now();
+    send_json(&mut publisher, op("second", "order-2")).await;
+    let unknown = next_frame(&mut publisher).await;
+    assert_eq!(unknown["type"], "error", "{unknown}");
+    assert_eq!(unknown["code"], "outcome_unknown", "not `bus_unavailable`: it may well run: {unknown}");
+    assert_eq!((unknown["id"].as_str(), unknown["channel"].as_str()), (Some("order-2"), Some("orders")));
+    assert!(sent.elapsed() < Duration::from_secs(7), "answered before Redis resumed");
+
+    // The retry the README tells a client to make: same id.
+    send_json(&mut publisher, op("second", "order-2")).await;
+    let ack = next_frame(&mut publisher).await;
+    assert_eq!((ack["type"].as_str(), ack["id"].as_str()), (Some("published"), Some("order-2")), "{ack}");
+    let offset = ack["offset"].as_u64().unwrap();
+
+    let delivered = next_frame(&mut sub).await;
+    assert_eq!(
+        (delivered["data"].as_str(), delivered["offset"].as_u64()),
+        (Some("second"), Some(offset)),
+        "{delivered}"
+    );
+    // Nothing else: the next message the subscriber gets is the next one published.
+    send_json(&mut publisher, op("third", "order-3")).await;
+    assert_eq!(next_frame(&mut publisher).await["offset"], offset + 1);
+    let next = next_frame(&mut sub).await;
+    assert_eq!(
+        (next["data"].as_str(), next["offset"].as_u64()),
+        (Some("third"), Some(offset + 1)),
+        "a duplicate: {next}"
+    );
+    assert_eq!(server.metric("wsfleet_publish_outcomes_unknown_total"), 1.0);
+    assert_eq!(server.metric("wsfleet_publish_retries_deduplicated_total"), f64::from(ack["duplicate"] == true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_history_can_no_longer_repair_reach_subscribers_as_a_gap_frame() {
+    let redis = Redis::start();
+    let (a, b) =
+        (Server::start(Some(&redis), &["--history-size", "3"]), Server::start(Some(&redis), &["--history-size", "3"]));
+    let mut sub = subscriber(&a, "feed").await;
+    let mut publisher = connect(&b.url("/ws")).await;
+    publish(&mut publisher, "feed", json!(1)).await;
+    let first = next_frame(&mut sub).await;
+    let epoch = first["epoch"].as_str().unwrap().to_owned();
+
+    // Cut every pub/sub connection and keep them from subscribing again while ten messages are
+    // published: server A misses them, and history keeps only the last three.
+    assert!(redis.cli(&["ACL", "SETUSER", "default", "-subscribe"]).contains("OK"));
+    assert!(!redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).contains("ERR"));
+    a.wait_for_log("redis bus down");
+    for n in 2..=11 {
+        send_json(&mut publisher, json!({"op": "publish", "channel": "feed", "data": n, "id": format!("m{n}")})).await;
+    }
+    for n in 2..=11u64 {
+        assert_eq!(next_frame(&mut publisher).await["offset"], n);
+    }
+    assert!(redis.cli(&["ACL", "SETUSER", "default", "+subscribe"]).contains("OK"));
+
+    let gap = next_frame(&mut sub).await;
+    assert_eq!(
+        gap,
+        json!({"type": "gap", "channel": "feed", "epoch": epoch, "from": 2, "to": 8, "reason": "history_gap"}),
+        "what history still holds (9-11) is delivered, the rest announced"
+    );
+    for n in 9..=11u64 {
+        let m = next_frame(&mut sub).await;
+        assert_eq!((m["type"].as_str(), m["offset"].as_u64()), (Some("message"), Some(n)), "{m}");
+    }
+    publish(&mut publisher, "feed", json!(12)).await;
+    assert_eq!(next_frame(&mut sub).await["offset"], 12);
+    assert_eq!(a.metric("wsfleet_bus_gap_notices_total"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_falls_behind_the_bus_resubscribes_and_repairs_from_history() {
+    const BURSTS: u64 = 6;
+    const PER_BURST: u64 = 64;
+    let redis = Redis::start();
+    // One worker thread and a 4 KiB backlog: a burst of 64 messages of 200 bytes outruns the
+    // delivery loop.
+    let slow = Server::start(Some(&redis), &["--bus-buffer", "4096", "--worker-threads", "1"]);
+    let other = Server::start(Some(&redis), &[]);
+    let mut subs = [subscriber(&slow, "burst").await, subscriber(&slow, "burst").await];
+    let mut publisher = connect(&other.url("/ws")).await;
+    let body = "x".repeat(200);
+    for burst in 0..BURSTS {
+        for n in 0..PER_BURST {
+            let op =
+                json!({"op": "publish", "channel": "burst", "data": {"n": burst * PER_BURST + n + 1, "pad": body}});
+            publisher.feed(Message::text(op.to_string())).await.unwrap();
+        }
+        publisher.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for sub in &mut subs {
+        let mut offsets = Vec::new();
+        while offsets.len() < (BURSTS * PER_BURST) as usize {
+            let m = next_frame(sub).await;
+            assert_eq!(m["type"], "message", "{m}");
+            assert_eq!(m["data"]["n"], m["offset"]);
+            offsets.push(m["offset"].as_u64().unwrap());
+        }
+        assert_eq!(offsets, (1..=BURSTS * PER_BURST).collect::<Vec<_>>(), "every message once, in order");
+        assert!(frames_until_quiet(sub, Duration::from_millis(500)).await.is_empty(), "nothing more");
+    }
+    let overflows = slow.metric("wsfleet_bus_overflows_total");
+    assert!(overflows >= 1.0, "the backlog never overflowed; the test proves nothing");
+    assert!(slow.log().contains("fell behind the bus"), "the overflow is logged");
+    assert!(slow.metric("wsfleet_bus_refilled_total") >= 1.0);
+    let (status, body) = http_get(slow.http, "/readyz");
+    assert_eq!(status, 200, "{body}");
+    eprintln!("overflows: {overflows}");
+}
