@@ -520,6 +520,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_gap_is_announced_in_order_to_the_protocol_subscribers_it_concerns() {
+        let hub = local_hub();
+        let (before, raw, after, resuming) = (outbox(8), outbox(8), outbox(8), outbox(8));
+        hub.subscribe("c", 1, before.clone(), Mode::Protocol, false).await.unwrap();
+        hub.subscribe("c", 2, raw.clone(), Mode::Raw, false).await.unwrap();
+        hub.deliver("c", &seq("e", 1, "x"));
+        // One joins after the gap (its read saw offset 9), one is still reading history.
+        hub.subscribe("c", 3, after.clone(), Mode::Protocol, true).await.unwrap();
+        hub.open_gate("c", 3, None, &[], (Arc::from("e"), 9));
+        hub.subscribe("c", 4, resuming.clone(), Mode::Protocol, true).await.unwrap();
+        let told = hub.announce_gap("c", (Arc::from("e"), 2), Some(8), Lost::HistoryGap);
+        hub.deliver("c", &seq("e", 9, "x"));
+        hub.deliver("c", &seq("e", 10, "x"));
+        assert_eq!(told, 1, "only the subscriber that was there before the gap");
+        let frames = drain(&before).await;
+        let gap: serde_json::Value = serde_json::from_str(payload(&frames[1])).unwrap();
+        assert_eq!(gap["type"], "gap");
+        assert_eq!((gap["from"].as_u64(), gap["to"].as_u64()), (Some(2), Some(8)));
+        assert_eq!(offsets(&frames), [1, 9, 10], "the gap frame sits between 1 and 9");
+        assert_eq!(offsets(&drain(&after).await), [10]);
+        assert_eq!(drain(&raw).await.len(), 3);
+        assert_eq!(hub.announce_gap("gone", (Arc::from("e"), 1), None, Lost::EpochChanged), 0);
+    }
+
+    #[tokio::test]
     async fn a_gated_subscriber_that_falls_too_far_behind_is_closed() {
         let hub = Hub::new(None, 3, Arc::new(Metrics::new()));
         let o = outbox(100);
