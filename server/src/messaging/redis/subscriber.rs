@@ -12,14 +12,14 @@
 //! starved of CPU (or stopped) does not take a late answer for a dead bus. After a reconnect it
 //! refills, from history, every message its channels missed while it was away, before it reads
 //! any live one (the hub drops what it already delivered), so a Redis blip within the history
-//! window loses nothing. Refills run [`REFILL_CONCURRENCY`] channels at a time; a channel whose
+//! window loses nothing. Refills run `REFILL_CONCURRENCY` channels at a time; a channel whose
 //! refill Redis refuses is announced as a gap and the others go on. What history no longer
 //! holds is announced to the channel's subscribers as a `gap` frame ([`Hub::announce_gap`]),
 //! after the rest of it is delivered from what history still has.
 //!
 //! Live messages reach the session through a [`Backlog`] bounded in bytes (`--bus-buffer`), not
 //! the redis crate's own unbounded queue: a pump task empties that queue as messages arrive.
-//! When delivery falls further behind than the budget, the session ends ([`SessionEnd::Behind`]),
+//! When delivery falls further behind than the budget, the session ends (`SessionEnd::Behind`),
 //! counted and logged, and the next one refills from history; the bus is not marked down for
 //! it, and readiness says the bus lags.
 //!
@@ -39,12 +39,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use redis::aio::PubSubSink;
-
-use super::backlog::{Backlog, End, Reported, pump};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::backlog::{Backlog, End, Reported, pump};
 use super::scripts::{CommandError, RedisHistory};
 use super::{BACKOFF_MAX, COMMAND_TIMEOUT, CONNECT_TIMEOUT, refused_credentials};
 use crate::messaging::admission::{CheckBudget, Refusal};
