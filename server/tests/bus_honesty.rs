@@ -82,6 +82,61 @@ async fn a_publish_retried_with_its_id_after_an_unknown_outcome_is_delivered_onc
     assert_eq!(server.metric("wsfleet_publish_retries_deduplicated_total"), f64::from(ack["duplicate"] == true));
 }
 
+/// Runs `publishing` while `server`'s pub/sub connection is cut and cannot subscribe again
+/// (every pub/sub connection is killed and SUBSCRIBE is taken from Redis's default user), then
+/// lets it back.
+async fn while_cut_off<F: Future<Output = ()>>(redis: &Redis, server: &Server, publishing: impl FnOnce() -> F) {
+    assert!(redis.cli(&["ACL", "SETUSER", "default", "-subscribe"]).contains("OK"));
+    assert!(!redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).contains("ERR"));
+    server.wait_for_log("redis bus down");
+    publishing().await;
+    assert!(redis.cli(&["ACL", "SETUSER", "default", "+subscribe"]).contains("OK"));
+}
+
+/// Publishes `numbers` on `channel` with ids, and waits for each acknowledgement (offsets
+/// `numbers`, on a channel that had `numbers.start() - 1` messages).
+async fn publish_acknowledged(ws: &mut Ws, channel: &str, numbers: std::ops::RangeInclusive<u64>) {
+    for n in numbers.clone() {
+        ws.feed(Message::text(
+            json!({"op": "publish", "channel": channel, "data": n, "id": format!("m{n}")}).to_string(),
+        ))
+        .await
+        .unwrap();
+    }
+    ws.flush().await.unwrap();
+    for n in numbers {
+        assert_eq!(next_frame(ws).await["offset"], n);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_longer_than_one_replay_is_refilled_from_history_page_by_page() {
+    let redis = Redis::start();
+    // One replay is at most 150 messages here (3/4 of the client queue); history holds 1,000.
+    let a = Server::start(Some(&redis), &["--client-queue", "200"]);
+    let b = Server::start(Some(&redis), &[]);
+    let mut sub = subscriber(&a, "long").await;
+    let mut publisher = connect(&b.url("/ws")).await;
+    publish_acknowledged(&mut publisher, "long", 1..=1).await;
+    assert_eq!(next_frame(&mut sub).await["offset"], 1);
+    while_cut_off(&redis, &a, || async {
+        for start in (2..=401).step_by(50) {
+            publish_acknowledged(&mut publisher, "long", start..=start + 49).await;
+        }
+    })
+    .await;
+    for n in 2..=401u64 {
+        let m = next_frame(&mut sub).await;
+        assert_eq!(
+            (m["type"].as_str(), m["offset"].as_u64(), m["data"].as_u64()),
+            (Some("message"), Some(n), Some(n)),
+            "{m}"
+        );
+    }
+    assert_eq!(a.metric("wsfleet_bus_gap_notices_total"), 0.0, "nothing was lost");
+    assert!(a.metric("wsfleet_bus_refilled_total") >= 400.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_history_can_no_longer_repair_reach_subscribers_as_a_gap_frame() {
     let redis = Redis::start();
@@ -93,18 +148,8 @@ async fn messages_history_can_no_longer_repair_reach_subscribers_as_a_gap_frame(
     let first = next_frame(&mut sub).await;
     let epoch = first["epoch"].as_str().unwrap().to_owned();
 
-    // Cut every pub/sub connection and keep them from subscribing again while ten messages are
-    // published: server A misses them, and history keeps only the last three.
-    assert!(redis.cli(&["ACL", "SETUSER", "default", "-subscribe"]).contains("OK"));
-    assert!(!redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).contains("ERR"));
-    a.wait_for_log("redis bus down");
-    for n in 2..=11 {
-        send_json(&mut publisher, json!({"op": "publish", "channel": "feed", "data": n, "id": format!("m{n}")})).await;
-    }
-    for n in 2..=11u64 {
-        assert_eq!(next_frame(&mut publisher).await["offset"], n);
-    }
-    assert!(redis.cli(&["ACL", "SETUSER", "default", "+subscribe"]).contains("OK"));
+    // Server A misses ten messages, and history keeps only the last three.
+    while_cut_off(&redis, &a, || publish_acknowledged(&mut publisher, "feed", 2..=11)).await;
 
     let gap = next_frame(&mut sub).await;
     assert_eq!(

@@ -120,8 +120,8 @@ return out
 
 /// KEYS: meta hash, history stream, publish ids. ARGV: since epoch ('' for none), since offset, epoch to use
 /// if the channel has none, ttl seconds, most entries to replay (a longer gap is a history_gap:
-/// one client must not make Redis build an unbounded reply). Returns {epoch, head, status,
-/// envelope...}.
+/// one client must not make Redis build an unbounded reply), `page` to get the first entries of
+/// a longer gap instead (a server's refill). Returns {epoch, head, status, envelope...}.
 const READ_SCRIPT: &str = concat!(
     epoch_or_new!(3),
     r"  redis.call('EXPIRE', KEYS[1], ARGV[4])
@@ -132,7 +132,7 @@ if ARGV[1] ~= epoch then return {epoch, head, 'epoch_changed'} end
 local since = tonumber(ARGV[2])
 if since > head then return {epoch, head, 'offset_ahead'} end
 if since == head then return {epoch, head, 'ok'} end
-if head - since > tonumber(ARGV[5]) then return {epoch, head, 'history_gap'} end
+if head - since > tonumber(ARGV[5]) and ARGV[6] ~= 'page' then return {epoch, head, 'history_gap'} end
 local entries = redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+', 'COUNT', ARGV[5])
 if #entries == 0 or entries[1][1] ~= (since + 1) .. '-0' then return {epoch, head, 'history_gap'} end
 local out = {epoch, head, 'ok'}
@@ -227,6 +227,17 @@ impl RedisHistory {
 
     /// The channel's position, and what was missed since `since`.
     pub async fn read(&self, channel: &str, since: Option<&Since>) -> Result<Replay, CommandError> {
+        self.read_with(channel, since, false).await
+    }
+
+    /// Like [`RedisHistory::read`], but a gap longer than one replay is not refused: the first
+    /// `max_replay` missed entries come back (fewer than `head - since`: read on from the last).
+    /// For a server refilling its own channels, which pages through history a replay at a time.
+    pub async fn read_page(&self, channel: &str, since: &Since) -> Result<Replay, CommandError> {
+        self.read_with(channel, Some(since), true).await
+    }
+
+    async fn read_with(&self, channel: &str, since: Option<&Since>, page: bool) -> Result<Replay, CommandError> {
         let (meta, stream, ids) = (self.keys.meta(channel), self.keys.stream(channel), self.keys.ids(channel));
         let reply = self
             .call(true, |mut conn| {
@@ -238,7 +249,8 @@ impl RedisHistory {
                     .arg(since.map(|s| s.offset).unwrap_or(0))
                     .arg(new_epoch())
                     .arg(self.config.ttl.as_secs().max(1))
-                    .arg(self.config.max_replay);
+                    .arg(self.config.max_replay)
+                    .arg(if page { "page" } else { "" });
                 async move { call.invoke_async::<Vec<redis::Value>>(&mut conn).await }
             })
             .await?;

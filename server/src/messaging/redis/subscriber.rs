@@ -49,7 +49,7 @@ use super::{BACKOFF_MAX, COMMAND_TIMEOUT, CONNECT_TIMEOUT, refused_credentials};
 use crate::messaging::admission::{CheckBudget, Refusal};
 use crate::messaging::bus::{BusHealth, BusState, Outage};
 use crate::messaging::envelope::Sequenced;
-use crate::messaging::history::{Lost, Since};
+use crate::messaging::history::{Lost, Replay, Since};
 use crate::messaging::hub::{Admission, BusCommand, Hub};
 use crate::metrics::Metrics;
 
@@ -372,16 +372,13 @@ impl Subscriber {
 
     async fn refill(&self, channel: &str) -> Result<(), CommandError> {
         let Some((epoch, offset)) = self.hub.cursor(channel) else { return Ok(()) };
-        let replay = self.history.read(channel, Some(&Since { epoch: epoch.to_string(), offset })).await?;
+        let replay = self.history.read_page(channel, &Since { epoch: epoch.to_string(), offset }).await?;
         self.hub.learn_head(channel, &(replay.epoch.clone(), replay.head));
         match replay.recovery {
             Some(Ok(())) => {
-                if !replay.entries.is_empty() {
-                    info!(%channel, messages = replay.entries.len(), "refilled a gap from history");
-                }
-                self.metrics.bus_refilled.inc_by(replay.entries.len() as u64);
-                for msg in &replay.entries {
-                    self.hub.deliver(channel, msg);
+                let refilled = self.deliver_pages(channel, replay).await?;
+                if refilled > 0 {
+                    info!(%channel, messages = refilled, "refilled a gap from history");
                 }
             }
             Some(Err(Lost::EpochChanged)) => {
@@ -414,26 +411,24 @@ impl Subscriber {
                 // Older than history reaches (or than one refill may replay): deliver the part
                 // history still holds, and announce the rest.
                 self.metrics.bus_gaps_lost.inc();
-                let tail = self.history.config().size.min(self.history.config().max_replay).min(replay.head - offset);
+                let tail = self.history.config().size.min(replay.head - offset);
                 let mut lost_to = replay.head;
                 let mut kept = None;
                 if tail > 0 {
                     let since = Since { epoch: epoch.to_string(), offset: replay.head - tail };
-                    let tail = self.history.read(channel, Some(&since)).await?;
+                    let tail = self.history.read_page(channel, &since).await?;
                     if tail.recovered() {
                         lost_to = since.offset;
-                        self.hub.learn_head(channel, &(tail.epoch.clone(), tail.head));
-                        kept = Some(tail.entries);
+                        kept = Some(tail);
                     }
                 }
                 // The announcement first, so it comes before the messages after the gap.
                 if lost_to > offset {
                     self.announce(channel, &epoch, offset + 1, Some(lost_to), lost);
                 }
-                for msg in kept.iter().flatten() {
-                    self.hub.deliver(channel, msg);
+                if let Some(kept) = kept {
+                    self.deliver_pages(channel, kept).await?;
                 }
-                self.metrics.bus_refilled.inc_by(kept.map_or(0, |k| k.len()) as u64);
                 warn!(
                     %channel, reason = lost.as_str(), from = offset + 1, to = lost_to,
                     "messages missed during the outage are no longer in history; subscribers are told"
@@ -444,13 +439,39 @@ impl Subscriber {
         Ok(())
     }
 
+    /// Delivers `first` (a page of history, [`RedisHistory::read_page`]) and the pages after it
+    /// up to the head it reported; returns how many messages that was. A page that no longer
+    /// follows on (history trimmed meanwhile) stops it: live messages go on from the head.
+    async fn deliver_pages(&self, channel: &str, first: Replay) -> Result<u64, CommandError> {
+        let mut page = first;
+        let mut delivered = 0u64;
+        // Each page moves on by at least one message, up to a head fixed by the first read.
+        let head = page.head;
+        while let Some(last) = page.entries.last().map(|m| m.offset) {
+            for msg in &page.entries {
+                self.hub.deliver(channel, msg);
+            }
+            delivered += page.entries.len() as u64;
+            if last >= head {
+                break;
+            }
+            page = self.history.read_page(channel, &Since { epoch: page.epoch.to_string(), offset: last }).await?;
+            self.hub.learn_head(channel, &(page.epoch.clone(), page.head));
+            if !page.recovered() {
+                break;
+            }
+        }
+        self.metrics.bus_refilled.inc_by(delivered);
+        Ok(delivered)
+    }
+
     /// Delivers the channel's epoch `epoch` from its first message (after the old one ended).
     async fn deliver_from_start(&self, channel: &str, epoch: &str) -> Result<(), CommandError> {
         let fresh = Since { epoch: epoch.to_owned(), offset: 0 };
-        let replay = self.history.read(channel, Some(&fresh)).await?;
+        let replay = self.history.read_page(channel, &fresh).await?;
         self.hub.learn_head(channel, &(replay.epoch.clone(), replay.head));
-        for msg in &replay.entries {
-            self.hub.deliver(channel, msg);
+        if replay.recovered() {
+            self.deliver_pages(channel, replay).await?;
         }
         Ok(())
     }
