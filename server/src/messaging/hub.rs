@@ -18,6 +18,10 @@
 //!   the `subscribed` reply, the replayed entries and the held messages after the replay's head,
 //!   and from then on skips anything at or before that head. No gap, no duplicate.
 //!
+//! * Loss is said: what the bus can no longer deliver (a gap history does not cover) is
+//!   announced to the protocol subscribers it concerns, in order with their messages
+//!   ([`Hub::announce_gap`]).
+//!
 //! * Locks: `deliver` holds a channel's lock for a whole fan-out, so nothing waits for a
 //!   channel's lock while holding the channel map. A channel whose last subscriber left is
 //!   marked closed, then taken out of the map under the map lock together with its bus

@@ -262,7 +262,7 @@ impl Connection {
                 self.shared.metrics.publish_outcomes_unknown.inc_by(count as u64);
                 ProtocolError::new(
                     ErrorCode::OutcomeUnknown,
-                    format!("outcome unknown: {e}; it may have been published: retry with the same id"),
+                    format!("{e}; it may have been published: retry with the same id"),
                 )
             }
             _ => ProtocolError::new(ErrorCode::BusUnavailable, format!("not published: {e}")),
