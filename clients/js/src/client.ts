@@ -684,6 +684,8 @@ export class Client {
       case "published":
         this.inFlight.delete(String(f.id));
         return;
+      case "gap":
+        return this.onGap(f);
       case "refreshed":
         // The new token is in force; its own expiry is the next refresh.
         this.authenticated();
@@ -762,6 +764,24 @@ export class Client {
     const meta: MessageMeta = { channel: f.channel, epoch: f.epoch, offset: f.offset };
     if (f.encoding) meta.encoding = f.encoding;
     callSafely(sub.opts.onMessage, f.data, meta);
+  }
+
+  /**
+   * The server says offsets `from` to `to` of an epoch will not arrive (its bus lost them). With
+   * `to`, that is a discontinuity now, and delivery goes on after `to`; without it (the epoch
+   * ended), the next message, in a new epoch, tells.
+   */
+  private onGap(f: { channel: string; epoch: string; from: number; to?: number; reason?: string }): void {
+    const sub = this.subs.get(f.channel);
+    const pos = sub?.position;
+    if (!sub || sub.state !== "active" || typeof f.to !== "number" || !pos || pos.epoch !== f.epoch || f.to <= pos.offset) return;
+    this.discontinuity(sub, {
+      channel: f.channel,
+      reason: f.reason ?? "history_gap",
+      previous: { ...pos },
+      next: { epoch: f.epoch, offset: f.to },
+    });
+    sub.position = { epoch: f.epoch, offset: f.to };
   }
 
   private discontinuity(sub: SubscriptionImpl, ev: DiscontinuityEvent): void {

@@ -281,6 +281,21 @@ test("a publish whose outcome is unknown is sent again with the same id, a few t
   client.close();
 });
 
+test("a gap the server announces is a discontinuity at once, and the messages after it follow", async () => {
+  const { client, events } = await connected();
+  const { got } = collect(client, "c");
+  const socket = FakeSocket.last();
+  socket.frame({ type: "subscribed", channel: "c", epoch: "e", offset: 1, recovered: false });
+  socket.frame({ type: "message", channel: "c", epoch: "e", offset: 2, data: "a" });
+  socket.frame({ type: "gap", channel: "c", epoch: "e", from: 3, to: 8, reason: "history_gap" });
+  const gaps = events.filter(([n]) => n === "discontinuity").map(([, e]) => e);
+  assert.deepEqual(gaps, [{ channel: "c", reason: "history_gap", previous: { epoch: "e", offset: 2 }, next: { epoch: "e", offset: 8 } }]);
+  socket.frame({ type: "message", channel: "c", epoch: "e", offset: 9, data: "b" });
+  assert.equal(events.filter(([n]) => n === "discontinuity").length, 1, "the message after the gap is no second one");
+  assert.deepEqual(got.map(([, offset]) => offset), [2, 9]);
+  client.close();
+});
+
 test("unsubscribe during a reconnect: not subscribed again, nothing delivered", async () => {
   const { client, timers } = await connected();
   const ws1 = FakeSocket.last();
