@@ -12,16 +12,16 @@ cargo build --release -q -p wsfleet-server -p wsfleet-load
 echo "[chaos] faults: $FAULTS (about a minute each)"
 ./target/release/wsfleet-load chaos --faults "$FAULTS" > bench/results/chaos.json
 
-printf '%-8s %9s %9s %7s %7s %9s %7s %7s %9s %8s %8s\n' \
-  fault published delivered refused "refused+" silent announced dup disorder bus_up_s peak_MiB
+printf '%-8s %9s %9s %7s %7s %7s %9s %7s %7s %9s %8s %8s\n' \
+  fault published delivered refused "refused+" unknown silent announced dup disorder bus_up_s peak_MiB
 jq -r '.faults[] | select(.published != null) |
-  [.fault, .published, .delivered, .refused, .refused_yet_delivered_at_least, .lost_silently,
-   .lost_announced, .duplicates, .out_of_order, .bus_up_again_seconds, .servers_peak_rss_mib] | @tsv' \
+  [.fault, .published, .delivered, .refused, .refused_yet_delivered, .outcome_unknown,
+   .lost_silently, .lost_announced, .duplicates, .out_of_order, .bus_up_again_seconds, .servers_peak_rss_mib] | @tsv' \
   bench/results/chaos.json |
-  while IFS=$'\t' read -r f p a r ry s an d o b m; do
-    printf '%-8s %9s %9s %7s %7s %9s %7s %7s %9s %8s %8s\n' "$f" "$p" "$a" "$r" "$ry" "$s" "$an" "$d" "$o" "$b" "$m"
+  while IFS=$'\t' read -r f p a r ry u s an d o b m; do
+    printf '%-8s %9s %9s %7s %7s %7s %9s %7s %7s %9s %8s %8s\n' "$f" "$p" "$a" "$r" "$ry" "$u" "$s" "$an" "$d" "$o" "$b" "$m"
   done
-echo "(refused+: refused with an error frame, yet delivered; silent/announced: numbers a subscriber missed)"
+echo "(refused+: refused as not published, yet delivered; unknown: answered outcome_unknown, retried with the same id; silent/announced: numbers a subscriber missed)"
 jq -r '.faults[] | select(.fault == "stalled") |
   "stalled: \(.stalled_clients) clients that never read, \(.messages_published) messages of \(.payload_bytes) B: \(.closed_as_too_slow) closed as too slow (1013); servers \(.servers_rss_mib_before_flood) MiB before, \(.servers_peak_rss_mib) MiB at peak"' \
   bench/results/chaos.json

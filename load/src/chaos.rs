@@ -7,11 +7,12 @@
 //! must deliver again; the run then stops the publisher and compares, per subscriber, the
 //! numbers it got with every number any subscriber got (what the bus delivered): a number
 //! missing is **announced** when the subscriber was told it could not recover (a `subscribed`
-//! reply with `recovered: false`, or a message in a new epoch), else **silent**. A number that no subscriber got and whose
-//! publish was not refused is lost by the bus itself (silently, unless announced). A publish
-//! refused with an error frame that was delivered all the same is counted too (a lower bound:
-//! refusals do not say which number they answer). Duplicates and numbers out of order are
-//! counted.
+//! reply with `recovered: false`, a `gap` frame, or a message in a new epoch), else **silent**. A number that no subscriber got and whose
+//! publish was not refused is lost by the bus itself (silently, unless announced). Every publish
+//! carries an id (`n<k>`), so every answer names its number: a publish refused as not published
+//! (`bus_unavailable`) that was delivered all the same is counted exactly, and one answered
+//! `outcome_unknown` is retried with the same id, as the README tells clients to (delivered once
+//! either way, or counted as a duplicate). Duplicates and numbers out of order are counted.
 //!
 //! * `kill` — Redis killed (SIGKILL) and restarted empty after 3 s: the channel's history is
 //!   gone, so the loss must be announced as a new epoch.
@@ -263,6 +264,7 @@ async fn subscriber(urls: Vec<String>, first: usize, stop: watch::Receiver<bool>
                         seen.numbers.push(n);
                     }
                 }
+                Some("gap") => seen.announced.push(format!("gap:{}", frame["reason"].as_str().unwrap_or("unknown"))),
                 Some("error") => break,
                 _ => {}
             }
@@ -276,8 +278,21 @@ async fn subscriber(urls: Vec<String>, first: usize, stop: watch::Receiver<bool>
 #[derive(Default)]
 struct Published {
     sent: u64,
-    refused: u64,
+    /// Numbers refused as not published (`bus_unavailable`, or any other error frame).
+    refused: BTreeSet<u64>,
+    /// `published` acknowledgements, and how many of them named an earlier publish (a retry).
+    acknowledged: u64,
+    acknowledged_duplicate: u64,
+    /// `outcome_unknown` answers, each followed by a retry with the same id.
+    outcome_unknown: u64,
     reconnects: u64,
+}
+
+/// Most retries of one publish whose outcome stays unknown.
+const MAX_RETRIES: u32 = 10;
+
+fn publish_op(n: u64) -> Message {
+    Message::text(json!({"op": "publish", "channel": "chaos", "data": {"n": n}, "id": format!("n{n}")}).to_string())
 }
 
 /// Publishes `{"n": k}` on `chaos` every `interval`, moving round-robin over `urls` on a close.
@@ -292,6 +307,7 @@ async fn publisher(urls: Vec<String>, interval: Duration, stop: watch::Receiver<
             continue;
         };
         let mut tick = tokio::time::interval(interval);
+        let mut retries = BTreeMap::<u64, u32>::new();
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -299,13 +315,33 @@ async fn publisher(urls: Vec<String>, interval: Duration, stop: watch::Receiver<
                         return out;
                     }
                     out.sent += 1;
-                    let op = json!({"op": "publish", "channel": "chaos", "data": {"n": out.sent}});
-                    if ws.send(Message::text(op.to_string())).await.is_err() {
+                    if ws.send(publish_op(out.sent)).await.is_err() {
                         break;
                     }
                 }
                 frame = ws.next() => match frame {
-                    Some(Ok(Message::Text(_))) => out.refused += 1,
+                    Some(Ok(Message::Text(t))) => {
+                        let f: Value = serde_json::from_str(&t).unwrap_or_default();
+                        let n = f["id"].as_str().and_then(|id| id.strip_prefix('n')).and_then(|n| n.parse::<u64>().ok());
+                        match (f["type"].as_str(), f["code"].as_str(), n) {
+                            (Some("published"), _, _) => {
+                                out.acknowledged += 1;
+                                out.acknowledged_duplicate += u64::from(f["duplicate"] == true);
+                            }
+                            (Some("error"), Some("outcome_unknown"), Some(n)) => {
+                                out.outcome_unknown += 1;
+                                let tried = retries.entry(n).or_default();
+                                *tried += 1;
+                                if *tried <= MAX_RETRIES && ws.send(publish_op(n)).await.is_err() {
+                                    break;
+                                }
+                            }
+                            (Some("error"), _, Some(n)) => {
+                                out.refused.insert(n);
+                            }
+                            _ => {}
+                        }
+                    }
                     Some(Ok(Message::Close(_)) | Err(_)) | None => break,
                     Some(Ok(_)) => {}
                 },
@@ -384,8 +420,9 @@ fn delivery_fault(args: &ChaosArgs, fault: Fault) -> anyhow::Result<Value> {
     let accepted: BTreeSet<u64> = seen.iter().flat_map(|s| s.numbers.iter().copied()).collect();
     // Numbers nobody got: refused ones (the publisher was told) and ones the bus lost.
     let undelivered = published.sent.saturating_sub(accepted.len() as u64);
-    let bus_lost = undelivered.saturating_sub(published.refused);
-    let refused_yet_delivered = published.refused.saturating_sub(undelivered);
+    let refused_yet_delivered = published.refused.intersection(&accepted).count() as u64;
+    let refused_undelivered = published.refused.len() as u64 - refused_yet_delivered;
+    let bus_lost = undelivered.saturating_sub(refused_undelivered);
     let mut per_subscriber = Vec::new();
     let (mut silent, mut announced, mut duplicates, mut out_of_order) = (0u64, 0u64, 0u64, 0u64);
     let told = seen.iter().any(|s| !s.announced.is_empty() || s.epochs.len() > 1);
@@ -417,11 +454,14 @@ fn delivery_fault(args: &ChaosArgs, fault: Fault) -> anyhow::Result<Value> {
         "fault_seconds": round(fault_seconds),
         "bus_up_again_seconds": round(ready_again.as_secs_f64()),
         "published": published.sent,
-        "refused": published.refused,
+        "refused": published.refused.len(),
+        "acknowledged": published.acknowledged,
+        "acknowledged_retries": published.acknowledged_duplicate,
+        "outcome_unknown": published.outcome_unknown,
         "publisher_reconnects": published.reconnects,
         "delivered": accepted.len(),
         "lost_by_the_bus": bus_lost,
-        "refused_yet_delivered_at_least": refused_yet_delivered,
+        "refused_yet_delivered": refused_yet_delivered,
         "lost_silently": silent,
         "lost_announced": announced,
         "duplicates": duplicates,

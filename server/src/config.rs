@@ -229,6 +229,14 @@ pub struct Config {
     #[arg(long, env = env::LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Bytes of messages received from Redis pub/sub and not yet delivered to this server's
+    /// clients, at most. Past it the server drops its pub/sub connection, counts and logs it, and
+    /// catches up from history (what history no longer holds is announced to subscribers as a
+    /// `gap`). One message is always taken, whatever its size.
+    #[arg(long, env = "WSFLEET_BUS_BUFFER", default_value_t = 64 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1024..=16 * 1024 * 1024 * 1024))]
+    pub bus_buffer: u64,
+
     /// What makes `/readyz` answer 503 besides draining, being full and a bus that never
     /// connected: `pod`, only this server's own broken link to the bus; `bus`, any bus outage,
     /// including one the whole fleet shares (which takes every server out of its Service).
@@ -502,6 +510,13 @@ mod tests {
             let err = Cli::try_parse_from(["wsfleet-server", flag, value]).unwrap_err();
             assert!(err.to_string().contains(flag), "{err}");
         }
+    }
+
+    #[test]
+    fn the_bus_buffer_is_bytes_within_bounds() {
+        assert_eq!(Cli::parse_from(["wsfleet-server"]).serve.bus_buffer, 64 * 1024 * 1024);
+        let err = Cli::try_parse_from(["wsfleet-server", "--bus-buffer", "10"]).unwrap_err();
+        assert!(err.to_string().contains("--bus-buffer"), "{err}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -57,6 +58,13 @@ pub struct Metrics {
     pub draining: Gauge,
     pub limit_refusals: Family<LimitLabel, Counter>,
     pub handshakes: Gauge,
+    pub publish_outcomes_unknown: Counter,
+    pub publish_retries_deduplicated: Counter,
+    pub bus_queue_messages: Gauge,
+    pub bus_queue_bytes: Gauge,
+    pub bus_lag_seconds: Gauge<f64, AtomicU64>,
+    pub bus_overflows: Counter,
+    pub bus_gap_notices: Counter,
 }
 
 impl Default for Metrics {
@@ -164,6 +172,41 @@ impl Metrics {
                 "handshakes",
                 "Connections in their handshake (at most --max-handshakes; not yet connections)",
                 Gauge::default()
+            ),
+            publish_outcomes_unknown: reg!(
+                "publish_outcomes_unknown",
+                "Client publishes answered outcome_unknown: sent to the bus, answer lost (they may have been published)",
+                Counter::default()
+            ),
+            publish_retries_deduplicated: reg!(
+                "publish_retries_deduplicated",
+                "Client publishes not published again because the channel remembered their id (retries)",
+                Counter::default()
+            ),
+            bus_queue_messages: reg!(
+                "bus_queue_messages",
+                "Messages received from the bus and not yet handed to local subscribers",
+                Gauge::default()
+            ),
+            bus_queue_bytes: reg!(
+                "bus_queue_bytes",
+                "Bytes of messages received from the bus and not yet handed to local subscribers (bounded by --bus-buffer)",
+                Gauge::default()
+            ),
+            bus_lag_seconds: reg!(
+                "bus_lag_seconds",
+                "How long the oldest message received from the bus has waited for delivery (0 when none waits)",
+                Gauge::<f64, AtomicU64>::default()
+            ),
+            bus_overflows: reg!(
+                "bus_overflows",
+                "Times the messages waiting from the bus passed --bus-buffer and the server resubscribed to catch up from history",
+                Counter::default()
+            ),
+            bus_gap_notices: reg!(
+                "bus_gap_notices",
+                "Gap frames sent to subscribers: messages published while this server's bus link was down that history no longer held",
+                Counter::default()
             ),
             registry,
         }

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::messaging::envelope::{Payload, valid_epoch};
-use crate::messaging::history::{Replay, Since};
+use crate::messaging::history::{MAX_PUBLISH_ID_LEN, Placed, Replay, Since};
 
 pub const MAX_CHANNEL_LEN: usize = 128;
 
@@ -39,6 +39,18 @@ pub fn validate_channel(name: &str) -> Result<(), String> {
     }
 }
 
+/// Checks a publish `id`: 1 to [`MAX_PUBLISH_ID_LEN`] bytes of `A-Z a-z 0-9 _ - . : @ + / =`
+/// (a UUID, a counter, base64 all fit); the error says what is wrong with it.
+pub fn validate_publish_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_PUBLISH_ID_LEN {
+        return Err(format!("field `id` must be 1 to {MAX_PUBLISH_ID_LEN} bytes long; it is {}", id.len()));
+    }
+    match id.bytes().find(|b| !(b.is_ascii_alphanumeric() || b"_-.:@+/=".contains(b))) {
+        Some(b) => Err(format!("field `id` contains {:?}; allowed are A-Z a-z 0-9 _ - . : @ + / =", b as char)),
+        None => Ok(()),
+    }
+}
+
 /// What a protocol-mode client asked for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ClientOp<'a> {
@@ -50,10 +62,13 @@ pub enum ClientOp<'a> {
     Unsubscribe {
         channel: &'a str,
     },
-    /// `data` is the client's JSON value exactly as sent (never re-serialised).
+    /// `data` is the client's JSON value exactly as sent (never re-serialised). `id`: the
+    /// client's name for this message ([`validate_publish_id`]); a retry with the same id is
+    /// published once, and the server acknowledges the publish (`published`).
     Publish {
         channel: &'a str,
         data: &'a str,
+        id: Option<&'a str>,
     },
     /// A fresh token to replace the connection's, before the current one expires.
     Refresh {
@@ -94,6 +109,9 @@ pub enum ErrorCode {
     ChannelLimit,
     /// The subscribe took longer than `--subscribe-timeout`: not subscribed. Retry.
     Timeout,
+    /// A publish was sent to the bus but its answer never came: it may or may not have been
+    /// published. Retry with the same `id` (published once either way).
+    OutcomeUnknown,
 }
 
 impl ErrorCode {
@@ -113,6 +131,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::ChannelLimit => "channel_limit",
             ErrorCode::Timeout => "timeout",
+            ErrorCode::OutcomeUnknown => "outcome_unknown",
         }
     }
 }
@@ -123,11 +142,13 @@ pub struct ProtocolError {
     pub message: String,
     /// The channel the refused operation named, when the refusal is about that channel.
     pub channel: Option<String>,
+    /// The `id` of the publish this error answers, when it had one.
+    pub id: Option<String>,
 }
 
 impl ProtocolError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ProtocolError { code, message: message.into(), channel: None }
+        ProtocolError { code, message: message.into(), channel: None, id: None }
     }
 
     /// The same error, about `channel` (the frame then carries a `channel` field).
@@ -136,11 +157,20 @@ impl ProtocolError {
         self
     }
 
+    /// The same error, answering the publish with this `id` (the frame then carries it).
+    pub fn for_id(mut self, id: Option<&str>) -> Self {
+        self.id = id.map(str::to_owned);
+        self
+    }
+
     /// The `{"type":"error",...}` frame for this error.
     pub fn to_frame(&self) -> String {
         let mut v = serde_json::json!({"type": "error", "code": self.code.as_str(), "message": self.message});
         if let Some(channel) = &self.channel {
             v["channel"] = channel.as_str().into();
+        }
+        if let Some(id) = &self.id {
+            v["id"] = id.as_str().into();
         }
         v.to_string()
     }
@@ -164,6 +194,8 @@ struct WireOp<'a> {
     since: Option<&'a RawValue>,
     #[serde(borrow, default)]
     token: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -220,7 +252,11 @@ pub fn parse_client_frame(text: &str) -> Result<ClientOp<'_>, ProtocolError> {
             let data = wire.data.map(RawValue::get).filter(|d| *d != "null").ok_or_else(|| {
                 ProtocolError::new(ErrorCode::InvalidField, "missing field `data` (any JSON value but null)")
             })?;
-            Ok(ClientOp::Publish { channel, data })
+            let id = wire.id.filter(|raw| raw.get() != "null").map(|raw| str_field(raw, "id")).transpose()?;
+            if let Some(id) = id {
+                validate_publish_id(id).map_err(|m| ProtocolError::new(ErrorCode::InvalidField, m))?;
+            }
+            Ok(ClientOp::Publish { channel, data, id })
         }
         "refresh" => {
             let raw = wire.token.ok_or_else(|| ProtocolError::new(ErrorCode::InvalidField, "missing field `token`"))?;
@@ -338,6 +374,33 @@ pub fn refreshed_frame(exp: u64) -> String {
     format!(r#"{{"type":"refreshed","exp":{exp}}}"#)
 }
 
+/// The acknowledgement of a publish that carried an `id`: where the message is in the channel's
+/// order. `duplicate`: an earlier publish with this id had put it there (a retry after
+/// `outcome_unknown`), and it was not published again.
+pub fn published_frame(channel: &str, id: &str, epoch: &str, placed: Placed) -> String {
+    serde_json::json!({
+        "type": "published",
+        "channel": channel,
+        "id": id,
+        "epoch": epoch,
+        "offset": placed.offset,
+        "duplicate": placed.duplicate,
+    })
+    .to_string()
+}
+
+/// Messages a subscriber will not receive: offsets `from` to `to` (inclusive) of `epoch` were
+/// published while this server's bus link was down and history no longer holds them. `to` is
+/// `None` when the epoch ended (every message of it after `from` is lost); the new epoch's
+/// messages follow. `reason` is a [`crate::messaging::history::Lost`] code.
+pub fn gap_frame(channel: &str, epoch: &str, from: u64, to: Option<u64>, reason: &str) -> String {
+    let mut v = serde_json::json!({"type": "gap", "channel": channel, "epoch": epoch, "from": from, "reason": reason});
+    if let Some(to) = to {
+        v["to"] = to.into();
+    }
+    v.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,8 +426,18 @@ mod tests {
         );
         assert_eq!(
             parse_client_frame(r#"{"op":"publish","channel":"c","data":{"x":[1, 2]}}"#),
-            Ok(ClientOp::Publish { channel: "c", data: r#"{"x":[1, 2]}"# })
+            Ok(ClientOp::Publish { channel: "c", data: r#"{"x":[1, 2]}"#, id: None })
         );
+        assert_eq!(
+            parse_client_frame(r#"{"op":"publish","channel":"c","data":1,"id":"3f2a-9:b/+="}"#),
+            Ok(ClientOp::Publish { channel: "c", data: "1", id: Some("3f2a-9:b/+=") })
+        );
+        let too_long = format!("{:?}", "x".repeat(MAX_PUBLISH_ID_LEN + 1));
+        for bad in [r#""""#, "7", r#""a b""#, r#""a\u0041""#, too_long.as_str()] {
+            let e = parse_err(&format!(r#"{{"op":"publish","channel":"c","data":1,"id":{bad}}}"#));
+            assert_eq!(e.code, ErrorCode::InvalidField, "{bad}");
+            assert!(e.message.contains("`id`"), "{bad}: {}", e.message);
+        }
         assert_eq!(parse_client_frame(r#"{"op":"refresh","token":"a.b.c"}"#), Ok(ClientOp::Refresh { token: "a.b.c" }));
         let e = parse_err(r#"{"op":"refresh"}"#);
         assert_eq!(e.code, ErrorCode::InvalidField);
@@ -433,6 +506,16 @@ mod tests {
         assert_eq!(v, json!({"type":"refreshed","exp":1_700_000_000u64}));
         let v: Value = serde_json::from_str(&revoked_frame("c")).unwrap();
         assert_eq!(v, json!({"type":"unsubscribed","channel":"c","reason":"forbidden"}));
+        let frame = ProtocolError::new(ErrorCode::OutcomeUnknown, "m").on_channel("c").for_id(Some("i1")).to_frame();
+        let v: Value = serde_json::from_str(&frame).unwrap();
+        assert_eq!(v, json!({"type":"error","code":"outcome_unknown","channel":"c","id":"i1","message":"m"}));
+        let v: Value =
+            serde_json::from_str(&published_frame("c", "i1", "e", Placed { offset: 4, duplicate: true })).unwrap();
+        assert_eq!(v, json!({"type":"published","channel":"c","id":"i1","epoch":"e","offset":4,"duplicate":true}));
+        let v: Value = serde_json::from_str(&gap_frame("c", "e", 3, Some(9), "history_gap")).unwrap();
+        assert_eq!(v, json!({"type":"gap","channel":"c","epoch":"e","from":3,"to":9,"reason":"history_gap"}));
+        let v: Value = serde_json::from_str(&gap_frame("c", "e", 3, None, "epoch_changed")).unwrap();
+        assert_eq!(v, json!({"type":"gap","channel":"c","epoch":"e","from":3,"reason":"epoch_changed"}));
     }
 
     #[test]

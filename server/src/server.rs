@@ -59,6 +59,7 @@ pub async fn run(
         &config.redis_prefix,
         config.history(),
         config.client_budget(),
+        config.bus_buffer as usize,
         metrics.clone(),
         &tracker,
         stop.clone(),

@@ -202,7 +202,13 @@ async fn the_fleet_rides_out_a_redis_restart_without_restarting_anything() {
         });
         assert_eq!(s.metric("wsfleet_bus_up"), 0.0);
     }
-    // Publishing while the bus is down is refused with a clear error, not silently dropped.
+    // Publishing while the bus is down is answered with a clear error, never silently dropped:
+    // `bus_unavailable` (not published), or `outcome_unknown` for the command that went into the
+    // connection as Redis died (it cannot be told whether Redis ran it first).
+    publish(&mut publisher, "alerts", json!("lost")).await;
+    let err = next_json(&mut publisher).await;
+    assert_eq!(err["type"], "error", "{err}");
+    assert!(["bus_unavailable", "outcome_unknown"].contains(&err["code"].as_str().unwrap_or_default()), "{err}");
     publish(&mut publisher, "alerts", json!("lost")).await;
     let err = next_json(&mut publisher).await;
     assert_eq!((err["type"].as_str(), err["code"].as_str()), (Some("error"), Some("bus_unavailable")), "{err}");
@@ -214,6 +220,10 @@ async fn the_fleet_rides_out_a_redis_restart_without_restarting_anything() {
     }
     publish(&mut publisher, "alerts", json!("after restart")).await;
     for sub in [&mut sub_a, &mut sub_b] {
+        // Redis came back empty: whatever the old epoch had after what was delivered is lost,
+        // and subscribers are told before the new epoch's messages.
+        let gap = next_json(sub).await;
+        assert_eq!((gap["type"].as_str(), gap["reason"].as_str()), (Some("gap"), Some("epoch_changed")), "{gap}");
         let msg = next_json(sub).await;
         assert_eq!(msg["data"], "after restart", "{msg}");
     }

@@ -364,6 +364,12 @@ async fn redis_going_back_in_a_channels_order_is_a_new_epoch_not_a_silent_loss()
     // The next publish is not dropped as one already delivered: it opens a new epoch, which the
     // subscriber sees (and a resume from the old position is told `epoch_changed`).
     publish(&mut publisher, "news", json!("after")).await;
+    let gap = next_json(&mut sub).await;
+    assert_eq!(
+        gap,
+        json!({"type": "gap", "channel": "news", "epoch": old_epoch, "from": 3, "reason": "offset_ahead"}),
+        "Redis handed out offsets from 3 again: whatever it published there is announced as lost"
+    );
     let m = next_json(&mut sub).await;
     assert_eq!(m["data"], "after", "{m}");
     assert_ne!(m["epoch"], old_epoch.as_str(), "a new epoch: {m}");

@@ -251,6 +251,7 @@ class SubscriptionImpl implements Subscription {
 }
 
 interface BufferedPublish {
+  id: string;
   frame: string;
   bytes: number;
   resolve: (r: PublishResult) => void;
@@ -268,6 +269,9 @@ interface Expected {
 
 type Listener<T> = (ev: T) => void;
 
+/** Most times one publish is sent again after `outcome_unknown`. */
+const MAX_PUBLISH_RETRIES = 3;
+
 export class Client {
   readonly urls: readonly string[];
   private readonly opts: ConnectOptions;
@@ -279,6 +283,15 @@ export class Client {
   private readonly subs = new Map<string, SubscriptionImpl>();
   private readonly buffer: BufferedPublish[] = [];
   private bufferedBytes = 0;
+  /**
+   * Publishes sent on the current connection and not yet answered, by id: the frame to send
+   * again if the server answers `outcome_unknown`, and how often it was. Bounded like the buffer
+   * (the oldest is forgotten first); emptied when the connection ends.
+   */
+  private readonly inFlight = new Map<string, { frame: string; retries: number }>();
+  /** This client's publish ids: a random prefix and a counter. */
+  private readonly idPrefix: string;
+  private idCounter = 0;
 
   private ws: WebSocketLike | undefined;
   private expected: Expected[] = [];
@@ -309,6 +322,7 @@ export class Client {
       clearTimeout: (h) => globalThis.clearTimeout(h as ReturnType<typeof globalThis.setTimeout>),
     };
     this.random = opts.random ?? Math.random;
+    this.idPrefix = Math.floor(this.random() * 2 ** 48).toString(36);
   }
 
   /** `connecting`, `connected`, `disconnected` (waiting to reconnect) or `closed`. */
@@ -386,15 +400,17 @@ export class Client {
   /**
    * Publishes `data` (any JSON value but null) to `channel`.
    *
-   * The server sends no acknowledgement for a publish, so the promise says only what the client
-   * can know:
+   * Every publish carries an id of this client's. The promise says only what the client can
+   * know when it settles:
    *
    * - resolves (`{ sent: true }`) once the frame was handed to an open connection, at once when
    *   connected, or when a connection opens if it was buffered. This is not proof that it was
    *   published: if that connection drops right after, the outcome is unknown (it may or may not
    *   have reached the bus), and the client never sends it again, so there is no duplicate. If the
-   *   server's bus refuses it, an `error` event with code `bus_unavailable` and `op: "publish"`
-   *   follows (the server's error frame names no message, so it cannot reject this promise).
+   *   server answers `outcome_unknown` (its bus took the publish but never said whether it ran),
+   *   the client sends it again on the same connection with the same id, which the bus publishes
+   *   at most once, up to three times. If the server's bus refuses it, or the retries run out, an
+   *   `error` event with code `bus_unavailable` or `outcome_unknown` and `op: "publish"` follows.
    * - rejects with a {@link WsfleetError} when it was certainly not published: `buffer_full` (the
    *   buffer for disconnected time is at its count or byte limit), `closed` (the client closed
    *   before it was sent), `timeout` (buffered past `publishTimeoutMs`), `invalid_channel`,
@@ -416,8 +432,9 @@ export class Client {
       );
     }
     let frame: string | undefined;
+    const id = `${this.idPrefix}-${(this.idCounter += 1).toString(36)}`;
     try {
-      frame = data === null || data === undefined ? undefined : JSON.stringify({ op: "publish", channel, data });
+      frame = data === null || data === undefined ? undefined : JSON.stringify({ op: "publish", channel, data, id });
     } catch (e) {
       return Promise.reject(new WsfleetError("invalid_data", `data is not JSON: ${e}`, { op: "publish", channel, cause: e }));
     }
@@ -425,7 +442,7 @@ export class Client {
       return Promise.reject(new WsfleetError("invalid_data", "data must be a JSON value other than null", { op: "publish", channel }));
     }
     if (this.isOpen() && this.buffer.length === 0) {
-      this.ws!.send(frame);
+      this.sendPublish(id, frame);
       return Promise.resolve({ sent: true, url: this._url! });
     }
     const bytes = utf8Length(frame);
@@ -441,7 +458,7 @@ export class Client {
       );
     }
     return new Promise((resolve, reject) => {
-      const item: BufferedPublish = { frame, bytes, resolve, reject, timer: undefined };
+      const item: BufferedPublish = { id, frame, bytes, resolve, reject, timer: undefined };
       const timeout = this.opts.publishTimeoutMs ?? 0;
       if (timeout > 0) {
         item.timer = this.timers.setTimeout(() => {
@@ -496,6 +513,14 @@ export class Client {
 
   private send(op: object): void {
     this.ws!.send(JSON.stringify(op));
+  }
+
+  /** Sends a publish frame and remembers it until the server answers it. */
+  private sendPublish(id: string, frame: string): void {
+    this.ws!.send(frame);
+    this.inFlight.set(id, { frame, retries: 0 });
+    const max = this.opts.maxBufferedPublishes ?? 1000;
+    if (this.inFlight.size > max) this.inFlight.delete(this.inFlight.keys().next().value!);
   }
 
   /** One connection attempt: a fresh token, then the socket. */
@@ -561,7 +586,7 @@ export class Client {
       const p = this.buffer.shift()!;
       this.bufferedBytes -= p.bytes;
       this.timers.clearTimeout(p.timer);
-      ws.send(p.frame);
+      this.sendPublish(p.id, p.frame);
       p.resolve({ sent: true, url });
     }
   }
@@ -608,6 +633,8 @@ export class Client {
     }
     this.ws = undefined;
     this.expected = [];
+    // What was in flight is of unknown outcome; it is not sent again (see `publish`).
+    this.inFlight.clear();
     const wasOpen = this._state === "connected";
     for (const sub of this.subs.values()) {
       this.timers.clearTimeout(sub.retryTimer);
@@ -654,6 +681,11 @@ export class Client {
       case "unsubscribed":
         if (!this.takeExpected("unsubscribe", f.channel) && f.reason) this.endedByServer(f.channel, f.reason);
         return;
+      case "published":
+        this.inFlight.delete(String(f.id));
+        return;
+      case "gap":
+        return this.onGap(f);
       case "refreshed":
         // The new token is in force; its own expiry is the next refresh.
         this.authenticated();
@@ -734,6 +766,24 @@ export class Client {
     callSafely(sub.opts.onMessage, f.data, meta);
   }
 
+  /**
+   * The server says offsets `from` to `to` of an epoch will not arrive (its bus lost them). With
+   * `to`, that is a discontinuity now, and delivery goes on after `to`; without it (the epoch
+   * ended), the next message, in a new epoch, tells.
+   */
+  private onGap(f: { channel: string; epoch: string; from: number; to?: number; reason?: string }): void {
+    const sub = this.subs.get(f.channel);
+    const pos = sub?.position;
+    if (!sub || sub.state !== "active" || typeof f.to !== "number" || !pos || pos.epoch !== f.epoch || f.to <= pos.offset) return;
+    this.discontinuity(sub, {
+      channel: f.channel,
+      reason: f.reason ?? "history_gap",
+      previous: { ...pos },
+      next: { epoch: f.epoch, offset: f.to },
+    });
+    sub.position = { epoch: f.epoch, offset: f.to };
+  }
+
   private discontinuity(sub: SubscriptionImpl, ev: DiscontinuityEvent): void {
     callSafely(sub.opts.onDiscontinuity, ev);
     this.emit("discontinuity", ev);
@@ -755,8 +805,17 @@ export class Client {
     this.emit("error", err);
   }
 
-  private onError(f: { code: ServerErrorCode; message: string; channel?: string }): void {
+  private onError(f: { code: ServerErrorCode; message: string; channel?: string; id?: string }): void {
     const message = String(f.message ?? "");
+    // A publish whose outcome the server could not learn: sent again with the same id, which the
+    // bus publishes at most once. Reported only when the retries run out.
+    const sent = f.id === undefined ? undefined : this.inFlight.get(f.id);
+    if (f.id !== undefined) this.inFlight.delete(f.id);
+    if (sent && f.code === "outcome_unknown" && sent.retries < MAX_PUBLISH_RETRIES && this.isOpen()) {
+      this.ws!.send(sent.frame);
+      this.inFlight.set(f.id!, { frame: sent.frame, retries: sent.retries + 1 });
+      return;
+    }
     if (f.code === "invalid_token") {
       this.emit("error", new WsfleetError(f.code, message, { fromServer: true, op: "refresh" }));
       return;
@@ -771,8 +830,9 @@ export class Client {
       const i = this.expected.findIndex((e) => e.op === "subscribe" && e.channel === f.channel);
       this.expected.unshift(...this.expected.splice(i, 1));
     }
-    // A refused publish: the frame names no message (see `publish`).
-    if (message.startsWith("not published")) {
+    // A refused publish, or one whose outcome is unknown: the frame names no message of this
+    // client (it sends no publish ids; see `publish`).
+    if (message.startsWith("not published") || f.code === "outcome_unknown") {
       this.emit("error", new WsfleetError(f.code, message, { fromServer: true, op: "publish" }));
       return;
     }

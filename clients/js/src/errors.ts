@@ -25,7 +25,9 @@ export type ServerErrorCode =
   /** The server holds `--max-channels` channels and this one is new: not subscribed. */
   | "channel_limit"
   /** The subscribe took longer than the server's `--subscribe-timeout`: not subscribed. */
-  | "timeout";
+  | "timeout"
+  /** A publish reached the server's bus but its answer never came: it may or may not have been published. */
+  | "outcome_unknown";
 
 /** Codes the client raises itself. */
 export type ClientErrorCode =

@@ -18,7 +18,7 @@
 //! subscribe — the connection boxed those calls before there was a seam — and nothing per
 //! message or per recipient.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,8 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wsfleet_contract::sync::lock;
 
-use crate::messaging::envelope::Envelope;
-use crate::messaging::history::{HistoryConfig, Replay, Since};
+use crate::messaging::history::{HistoryConfig, Outgoing, Published, Replay, Since};
 use crate::messaging::hub::{Hub, SubscribeError};
 use crate::metrics::Metrics;
 
@@ -47,6 +46,10 @@ pub enum BusError {
     NotConfirmed(#[from] SubscribeError),
     #[error("the message bus is unavailable: the server is shutting down")]
     ShuttingDown,
+    /// The publish was sent but its answer never came (a timeout, a connection lost after
+    /// sending): it may have been published or not. A retry with the same ids is safe.
+    #[error("the publish's outcome is unknown: {0}")]
+    OutcomeUnknown(#[source] BoxError),
 }
 
 /// Whether the bus can deliver right now, and when it cannot, whose problem that is.
@@ -61,6 +64,69 @@ pub struct BusHealth {
     state: AtomicU8,
     /// The backend's reply code while it refuses this server's credentials.
     refused: Mutex<Option<&'static str>>,
+    /// Messages the backend received and has not handed to the hub yet.
+    pub lag: BusLag,
+}
+
+/// How far behind the bus is on this server: what waits between the backend's connection and the
+/// hub. The backend updates it as messages come and go; readiness and `/metrics` read it.
+#[derive(Debug, Default)]
+pub struct BusLag {
+    messages: AtomicU64,
+    bytes: AtomicU64,
+    /// Wall-clock microseconds at which the oldest waiting message was received; 0: none waits.
+    oldest_micros: AtomicU64,
+    /// Set when the backend fell so far behind that it dropped its subscriptions to catch up
+    /// from history; cleared once it is delivering live again.
+    resyncing: AtomicBool,
+}
+
+/// A snapshot of [`BusLag`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Lag {
+    pub messages: u64,
+    pub bytes: u64,
+    /// How long the oldest waiting message has waited.
+    pub oldest: Duration,
+    pub resyncing: bool,
+}
+
+impl Lag {
+    /// Past this, a bus that delivers at all is called behind ([`Lag::is_behind`]).
+    pub const BEHIND: Duration = Duration::from_secs(1);
+
+    /// Whether readiness should say the bus lags: the oldest waiting message waited past
+    /// [`Lag::BEHIND`], or the backend is catching up from history.
+    pub fn is_behind(&self) -> bool {
+        self.resyncing || self.oldest >= Lag::BEHIND
+    }
+}
+
+impl BusLag {
+    /// Records what waits now: `messages` of `bytes` in all, the oldest received at
+    /// `oldest_micros` (wall clock; 0 when none waits).
+    pub fn set(&self, messages: u64, bytes: u64, oldest_micros: u64) {
+        self.messages.store(messages, Ordering::Relaxed);
+        self.bytes.store(bytes, Ordering::Relaxed);
+        self.oldest_micros.store(oldest_micros, Ordering::Relaxed);
+    }
+
+    pub fn set_resyncing(&self, resyncing: bool) {
+        self.resyncing.store(resyncing, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, now_micros: u64) -> Lag {
+        let oldest = match self.oldest_micros.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            at => Duration::from_micros(now_micros.saturating_sub(at)),
+        };
+        Lag {
+            messages: self.messages.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            oldest,
+            resyncing: self.resyncing.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// The bus as this server sees it.
@@ -104,7 +170,7 @@ impl BusState {
 
 impl BusHealth {
     pub fn new(state: BusState) -> Self {
-        BusHealth { state: AtomicU8::new(state.encode()), refused: Mutex::new(None) }
+        BusHealth { state: AtomicU8::new(state.encode()), refused: Mutex::new(None), lag: BusLag::default() }
     }
     pub fn state(&self) -> BusState {
         BusState::decode(self.state.load(Ordering::Acquire))
@@ -133,15 +199,18 @@ impl BusHealth {
 /// One way of joining the servers of a fleet. Implementations order, record and deliver with the
 /// semantics of [`crate::messaging::history`].
 pub trait Backend: Send + Sync {
-    /// Publishes `envelopes` (1 to [`MAX_PUBLISH_BATCH`](crate::messaging::history::MAX_PUBLISH_BATCH)),
-    /// all or none, to every subscriber of `channel` in the fleet, in the channel's order.
-    /// `hub` is this server's: a backend that delivers locally hands the messages to it.
+    /// Publishes `messages` (1 to [`MAX_PUBLISH_BATCH`](crate::messaging::history::MAX_PUBLISH_BATCH)),
+    /// all or none, to every subscriber of `channel` in the fleet, in the channel's order; a
+    /// message whose id the channel remembers ([`HistoryConfig::id_window`]) is not published
+    /// again and is placed where the first one went. `hub` is this server's: a backend that
+    /// delivers locally hands the messages to it. [`BusError::OutcomeUnknown`] when the run may
+    /// or may not have been published.
     fn publish<'a>(
         &'a self,
         hub: &'a Hub,
         channel: &'a str,
-        envelopes: Vec<Envelope>,
-    ) -> BoxFuture<'a, Result<(), BusError>>;
+        messages: Vec<Outgoing>,
+    ) -> BoxFuture<'a, Result<Published, BusError>>;
 
     /// The channel's position now, and the messages missed since `since`.
     fn read<'a>(&'a self, channel: &'a str, since: Option<&'a Since>) -> BoxFuture<'a, Result<Replay, BusError>>;
@@ -159,6 +228,9 @@ pub struct Start<'a> {
     pub history: HistoryConfig,
     /// Most the hub holds for one resuming subscriber.
     pub hold_limit: crate::transport::outbox::Budget,
+    /// Most bytes of messages received from the bus and not yet handed to the hub
+    /// (`--bus-buffer`); past it the backend drops its subscriptions and catches up from history.
+    pub bus_buffer: usize,
     pub metrics: Arc<Metrics>,
     /// Where the backend's tasks run...
     pub tracker: &'a TaskTracker,
@@ -192,8 +264,12 @@ impl Bus {
     }
 
     /// See [`Backend::publish`].
-    pub fn publish<'a>(&'a self, channel: &'a str, envelopes: Vec<Envelope>) -> BoxFuture<'a, Result<(), BusError>> {
-        self.backend.publish(&self.hub, channel, envelopes)
+    pub fn publish<'a>(
+        &'a self,
+        channel: &'a str,
+        messages: Vec<Outgoing>,
+    ) -> BoxFuture<'a, Result<Published, BusError>> {
+        self.backend.publish(&self.hub, channel, messages)
     }
 
     /// See [`Backend::read`].

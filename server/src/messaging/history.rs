@@ -18,7 +18,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::messaging::envelope::Sequenced;
+use crate::messaging::envelope::{Envelope, Sequenced};
 
 #[derive(Debug, Clone, Copy)]
 pub struct HistoryConfig {
@@ -88,3 +88,41 @@ impl Replay {
 /// Most messages one publish carries (one script call); a client's longer run of publishes is
 /// split into several.
 pub const MAX_PUBLISH_BATCH: usize = 64;
+
+/// Longest publish id a client may give (`"id"` of a protocol-mode publish), in bytes.
+pub const MAX_PUBLISH_ID_LEN: usize = 64;
+
+/// Fewest publish ids a channel remembers, whatever `--history-size` is (0 included): a retry
+/// right after an unknown outcome must still find its id.
+pub const MIN_ID_WINDOW: u64 = 128;
+
+impl HistoryConfig {
+    /// How many of a channel's latest offsets keep their publish ids: a retry with an id whose
+    /// message is among them is not published again. The history window, and at least
+    /// [`MIN_ID_WINDOW`].
+    pub fn id_window(&self) -> u64 {
+        self.size.max(MIN_ID_WINDOW)
+    }
+}
+
+/// One message to publish, with the id its client gave it (to make a retry safe), if any.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub envelope: Envelope,
+    pub id: Option<Box<str>>,
+}
+
+/// Where one published message went: its offset, and whether an earlier publish with the same
+/// id had already put it there (a retry, not published again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placed {
+    pub offset: u64,
+    pub duplicate: bool,
+}
+
+/// What a publish run did: the channel's epoch, and each message's place, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub epoch: Arc<str>,
+    pub placed: Vec<Placed>,
+}

@@ -21,6 +21,10 @@
 //!   anything at or before that head. No gap, no duplicate. What is held for a gated subscriber
 //!   is bounded by the same budget as its outbox; past it the client is closed as slow.
 //!
+//! * Loss is said: what the bus can no longer deliver (a gap history does not cover) is
+//!   announced to the protocol subscribers it concerns, in order with their messages
+//!   ([`Hub::announce_gap`]).
+//!
 //! * Locks: `deliver` holds a channel's lock for a whole fan-out, so nothing waits for a
 //!   channel's lock while holding the channel map. A channel whose last subscriber left is
 //!   marked closed, then taken out of the map under the map lock together with its bus
@@ -354,6 +358,28 @@ impl Hub {
         Admission::Taken
     }
 
+    /// Tells the channel's protocol-mode subscribers, in order with its messages, that offsets
+    /// from `from` to `to` (inclusive; `None`: to the end of that epoch) will not reach them
+    /// (a `gap` frame, see [`protocol::gap_frame`]). Subscribers that joined after the gap, or
+    /// are still reading history for their own resume, are not told. Returns how many were.
+    pub fn announce_gap(&self, channel: &str, from: Position, to: Option<u64>, lost: Lost) -> usize {
+        let Some(entry) = read(&self.channels).get(channel).cloned() else { return 0 };
+        let mut state = lock(&entry.state);
+        let frame = frame::text(protocol::gap_frame(channel, &from.0, from.1, to, lost.as_str()).as_bytes());
+        let mut told = 0;
+        for sub in state.subscribers.values_mut() {
+            // Joined in another epoch, or after the gap's last offset.
+            let joined_after =
+                sub.skip_through.as_ref().is_some_and(|skip| skip.0 != from.0 || to.is_some_and(|to| to <= skip.1));
+            if sub.mode != Mode::Protocol || sub.held.is_some() || joined_after {
+                continue;
+            }
+            sub.outbox.push(frame.clone());
+            told += 1;
+        }
+        told
+    }
+
     /// Fans one message out to the channel's local subscribers. Messages at or before the
     /// channel's cursor (same epoch) were delivered already and are dropped. For messages whose
     /// position is known to be real: history entries, the in-process bus.
@@ -559,6 +585,31 @@ mod tests {
         let frames = drain(&o).await;
         assert_eq!(payload(&frames[0]), "subscribed");
         assert_eq!(offsets(&frames), [3, 4, 5, 6, 7, 8]);
+    }
+
+    #[tokio::test]
+    async fn a_gap_is_announced_in_order_to_the_protocol_subscribers_it_concerns() {
+        let hub = local_hub();
+        let (before, raw, after, resuming) = (outbox(8), outbox(8), outbox(8), outbox(8));
+        hub.subscribe("c", 1, before.clone(), Mode::Protocol, false).await.unwrap();
+        hub.subscribe("c", 2, raw.clone(), Mode::Raw, false).await.unwrap();
+        hub.deliver("c", &seq("e", 1, "x"));
+        // One joins after the gap (its read saw offset 9), one is still reading history.
+        hub.subscribe("c", 3, after.clone(), Mode::Protocol, true).await.unwrap();
+        hub.open_gate("c", 3, None, Vec::new(), (Arc::from("e"), 9));
+        hub.subscribe("c", 4, resuming.clone(), Mode::Protocol, true).await.unwrap();
+        let told = hub.announce_gap("c", (Arc::from("e"), 2), Some(8), Lost::HistoryGap);
+        hub.deliver("c", &seq("e", 9, "x"));
+        hub.deliver("c", &seq("e", 10, "x"));
+        assert_eq!(told, 1, "only the subscriber that was there before the gap");
+        let frames = drain(&before).await;
+        let gap: serde_json::Value = serde_json::from_str(payload(&frames[1])).unwrap();
+        assert_eq!(gap["type"], "gap");
+        assert_eq!((gap["from"].as_u64(), gap["to"].as_u64()), (Some(2), Some(8)));
+        assert_eq!(offsets(&frames), [1, 9, 10], "the gap frame sits between 1 and 9");
+        assert_eq!(offsets(&drain(&after).await), [10]);
+        assert_eq!(drain(&raw).await.len(), 3);
+        assert_eq!(hub.announce_gap("gone", (Arc::from("e"), 1), None, Lost::EpochChanged), 0);
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@ use wsfleet_contract::sync::lock;
 
 use crate::messaging::bus::{Backend, Bus, BusError, BusHealth, BusState, PresenceStore, Start};
 use crate::messaging::envelope::{Envelope, Sequenced, new_epoch};
-use crate::messaging::history::{HistoryConfig, Lost, Replay, Since};
+use crate::messaging::history::{HistoryConfig, Lost, Outgoing, Placed, Published, Replay, Since};
 use crate::messaging::hub::Hub;
 
 /// The in-process bus, always up.
@@ -29,10 +29,10 @@ impl Backend for LocalHistory {
         &'a self,
         hub: &'a Hub,
         channel: &'a str,
-        envelopes: Vec<Envelope>,
-    ) -> BoxFuture<'a, Result<(), BusError>> {
-        LocalHistory::publish(self, channel, envelopes, |msg| hub.deliver(channel, msg));
-        futures_util::future::ready(Ok(())).boxed()
+        messages: Vec<Outgoing>,
+    ) -> BoxFuture<'a, Result<Published, BusError>> {
+        let published = LocalHistory::publish(self, channel, messages, |msg| hub.deliver(channel, msg));
+        futures_util::future::ready(Ok(published)).boxed()
     }
 
     fn read<'a>(&'a self, channel: &'a str, since: Option<&'a Since>) -> BoxFuture<'a, Result<Replay, BusError>> {
@@ -61,6 +61,10 @@ struct LocalChannel {
     epoch: Arc<str>,
     head: u64,
     entries: VecDeque<Envelope>,
+    /// Publish ids of the last [`HistoryConfig::id_window`] offsets, and their offsets.
+    ids: HashMap<Box<str>, u64>,
+    /// The same ids, oldest first, to forget them in order.
+    id_order: VecDeque<(u64, Box<str>)>,
     touched: Instant,
 }
 
@@ -70,13 +74,29 @@ impl LocalHistory {
     }
 
     /// Orders and records messages, handing each to `deliver` while still holding the order, so
-    /// deliveries happen in offset order.
-    pub fn publish(&self, channel: &str, envelopes: Vec<Envelope>, mut deliver: impl FnMut(&Sequenced)) {
+    /// deliveries happen in offset order. A message whose id the channel remembers is not
+    /// published again.
+    pub fn publish(&self, channel: &str, messages: Vec<Outgoing>, mut deliver: impl FnMut(&Sequenced)) -> Published {
         let mut channels = lock(&self.channels);
         let c = self.channel(&mut channels, channel);
         c.touched = Instant::now();
-        for envelope in envelopes {
+        let mut placed = Vec::with_capacity(messages.len());
+        for Outgoing { envelope, id } in messages {
+            if let Some(&offset) = id.as_ref().and_then(|id| c.ids.get(id)) {
+                placed.push(Placed { offset, duplicate: true });
+                continue;
+            }
             c.head += 1;
+            placed.push(Placed { offset: c.head, duplicate: false });
+            if let Some(id) = id {
+                c.ids.insert(id.clone(), c.head);
+                c.id_order.push_back((c.head, id));
+            }
+            while c.id_order.front().is_some_and(|(offset, _)| offset + self.config.id_window() <= c.head) {
+                if let Some((_, id)) = c.id_order.pop_front() {
+                    c.ids.remove(&id);
+                }
+            }
             if self.config.size > 0 {
                 c.entries.push_back(envelope.clone());
                 while c.entries.len() as u64 > self.config.size {
@@ -85,6 +105,7 @@ impl LocalHistory {
             }
             deliver(&Sequenced { epoch: c.epoch.clone(), offset: c.head, envelope });
         }
+        Published { epoch: c.epoch.clone(), placed }
     }
 
     pub fn read(&self, channel: &str, since: Option<&Since>) -> Replay {
@@ -139,6 +160,8 @@ impl LocalHistory {
             epoch: Arc::from(new_epoch()),
             head: 0,
             entries: VecDeque::new(),
+            ids: HashMap::new(),
+            id_order: VecDeque::new(),
             touched: Instant::now(),
         };
         let c = channels.entry(channel.to_owned()).or_insert_with(fresh);
@@ -160,6 +183,10 @@ mod tests {
         Envelope { published_at_micros: 0, payload: Payload::Text(Bytes::from_static(s.as_bytes())) }
     }
 
+    fn out(e: Envelope) -> Vec<Outgoing> {
+        vec![Outgoing { envelope: e, id: None }]
+    }
+
     fn local(size: u64) -> LocalHistory {
         LocalHistory::new(HistoryConfig {
             size,
@@ -172,7 +199,7 @@ mod tests {
     fn publish_all(h: &LocalHistory, msgs: &[&'static str]) -> Vec<u64> {
         let mut offsets = vec![];
         for m in msgs {
-            h.publish("c", vec![env(m)], |s| offsets.push(s.offset));
+            h.publish("c", out(env(m)), |s| offsets.push(s.offset));
         }
         offsets
     }
@@ -182,7 +209,7 @@ mod tests {
         let h = local(10);
         assert_eq!(publish_all(&h, &["a", "b", "c"]), [1, 2, 3]);
         let mut other = 0;
-        h.publish("d", vec![env("x")], |s| other = s.offset);
+        h.publish("d", out(env("x")), |s| other = s.offset);
         assert_eq!(other, 1);
     }
 
@@ -217,7 +244,7 @@ mod tests {
         let h = local(1000);
         let epoch = h.read("c", None).epoch.to_string();
         for _ in 0..150 {
-            h.publish("c", vec![env("x")], |_| {});
+            h.publish("c", out(env("x")), |_| {});
         }
         let lost = |offset| h.read("c", Some(&Since { epoch: epoch.clone(), offset })).recovery;
         assert_eq!(lost(49), Some(Err(Lost::HistoryGap)), "101 behind, the cap is 100");
@@ -231,7 +258,7 @@ mod tests {
         let h = LocalHistory::new(HistoryConfig { max_replay_bytes: 3 * envelope_len, ..config });
         let epoch = h.read("c", None).epoch.to_string();
         for _ in 0..5 {
-            h.publish("c", vec![env("0123456789")], |_| {});
+            h.publish("c", out(env("0123456789")), |_| {});
         }
         let lost = |offset| h.read("c", Some(&Since { epoch: epoch.clone(), offset })).recovery;
         assert_eq!(lost(1), Some(Err(Lost::HistoryGap)), "4 entries, room for 3");
@@ -261,5 +288,26 @@ mod tests {
         let r = h.read("c", Some(&Since { epoch: first.to_string(), offset: 1 }));
         assert_eq!(r.recovery, Some(Err(Lost::EpochChanged)));
         assert_eq!(r.head, 0);
+    }
+
+    #[test]
+    fn a_retried_id_is_placed_where_the_first_went_while_the_channel_remembers_it() {
+        let h = local(0);
+        let with_id = |id: &str| vec![Outgoing { envelope: env("x"), id: Some(id.into()) }];
+        let mut delivered = vec![];
+        let first = h.publish("c", with_id("a"), |s| delivered.push(s.offset));
+        let again = h.publish("c", [with_id("b"), with_id("a"), with_id("b")].concat(), |s| delivered.push(s.offset));
+        assert_eq!(first.placed, [Placed { offset: 1, duplicate: false }]);
+        let placed: Vec<_> = again.placed.iter().map(|p| (p.offset, p.duplicate)).collect();
+        assert_eq!(placed, [(2, false), (1, true), (2, true)]);
+        assert_eq!(delivered, [1, 2], "each id published once");
+        // Past the id window, an id is forgotten (and so bounded).
+        let window = h.config.id_window();
+        for _ in 0..window {
+            h.publish("c", out(env("y")), |_| {});
+        }
+        assert!(!h.publish("c", with_id("a"), |_| {}).placed[0].duplicate);
+        let c = lock(&h.channels);
+        assert!(c["c"].ids.len() as u64 <= window && c["c"].id_order.len() == c["c"].ids.len());
     }
 }

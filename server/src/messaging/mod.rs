@@ -39,17 +39,20 @@ impl Bus {
     /// Builds the hub and the bus: Redis with a URL, in-process without. A backend's tasks are
     /// spawned on `tracker` and stop on `shutdown`. Fails only on invalid settings: an
     /// unreachable Redis is retried. `hold_limit` bounds what the hub holds for one resuming
-    /// subscriber (a client's outbox budget).
+    /// subscriber (a client's outbox budget), `bus_buffer` the bytes received from the bus and not
+    /// yet delivered.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         redis: Option<self::redis::Target<'_>>,
         prefix: &str,
         history: HistoryConfig,
         hold_limit: Budget,
+        bus_buffer: usize,
         metrics: Arc<Metrics>,
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Bus, BusError> {
-        let start = Start { history, hold_limit, metrics, tracker, shutdown };
+        let start = Start { history, hold_limit, bus_buffer, metrics, tracker, shutdown };
         match redis {
             None => Ok(local::start(start)),
             Some(target) => self::redis::start(target, prefix, start),
@@ -69,7 +72,7 @@ mod tests {
         let hold = Budget { frames: 10, bytes: 1000 };
         let metrics = Arc::new(Metrics::new());
         let target = redis::Target { url: "http://nope", ..Default::default() };
-        let r = Bus::start(Some(target), "p", history, hold, metrics, &tracker, CancellationToken::new());
+        let r = Bus::start(Some(target), "p", history, hold, 1 << 20, metrics, &tracker, CancellationToken::new());
         assert!(matches!(r, Err(BusError::InvalidUrl(_))));
     }
 

@@ -258,6 +258,44 @@ test("a publish the bus refused is reported as a server error event", async () =
   client.close();
 });
 
+test("a publish whose outcome is unknown is sent again with the same id, a few times at most", async () => {
+  const { client, events } = await connected();
+  await client.publish("c", 1);
+  await client.publish("c", 2);
+  const socket = FakeSocket.last();
+  const [first, second] = socket.ops("publish");
+  assert.ok(first.id && second.id && first.id !== second.id, "every publish has its own id");
+  // The first is acknowledged; the second's answer was lost on the server's side.
+  socket.frame({ type: "published", channel: "c", id: first.id, epoch: "e", offset: 1, duplicate: false });
+  for (let i = 0; i < 4; i++) {
+    socket.frame({ type: "error", code: "outcome_unknown", channel: "c", id: second.id, message: "m" });
+  }
+  const resent = socket.ops("publish").slice(2);
+  assert.equal(resent.length, 3, "sent again three times, then reported");
+  assert.ok(resent.every((f) => f.id === second.id && f.data === 2));
+  const errors = events.filter(([n]) => n === "error").map(([, e]) => e);
+  assert.deepEqual(errors.map((e) => [e.code, e.op]), [["outcome_unknown", "publish"]]);
+  // An acknowledged publish is never sent again.
+  socket.frame({ type: "error", code: "outcome_unknown", channel: "c", id: first.id, message: "m" });
+  assert.equal(socket.ops("publish").length, 5);
+  client.close();
+});
+
+test("a gap the server announces is a discontinuity at once, and the messages after it follow", async () => {
+  const { client, events } = await connected();
+  const { got } = collect(client, "c");
+  const socket = FakeSocket.last();
+  socket.frame({ type: "subscribed", channel: "c", epoch: "e", offset: 1, recovered: false });
+  socket.frame({ type: "message", channel: "c", epoch: "e", offset: 2, data: "a" });
+  socket.frame({ type: "gap", channel: "c", epoch: "e", from: 3, to: 8, reason: "history_gap" });
+  const gaps = events.filter(([n]) => n === "discontinuity").map(([, e]) => e);
+  assert.deepEqual(gaps, [{ channel: "c", reason: "history_gap", previous: { epoch: "e", offset: 2 }, next: { epoch: "e", offset: 8 } }]);
+  socket.frame({ type: "message", channel: "c", epoch: "e", offset: 9, data: "b" });
+  assert.equal(events.filter(([n]) => n === "discontinuity").length, 1, "the message after the gap is no second one");
+  assert.deepEqual(got.map(([, offset]) => offset), [2, 9]);
+  client.close();
+});
+
 test("unsubscribe during a reconnect: not subscribed again, nothing delivered", async () => {
   const { client, timers } = await connected();
   const ws1 = FakeSocket.last();

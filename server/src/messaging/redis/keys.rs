@@ -6,9 +6,10 @@
 //! | `<prefix>:ch:<channel>` | the pub/sub channel of a wsfleet channel |
 //! | `<prefix>:meta:<channel>` | hash: the channel's epoch and head offset |
 //! | `<prefix>:hist:<channel>` | stream: the channel's history, entry ids `<offset>-0` |
+//! | `<prefix>:ids:<channel>` | sorted set: the publish ids of the channel's latest offsets (score: the offset) |
 //! | `<prefix>:presence` | hash: each server's connection count (`wsfleet_contract::presence`) |
 //!
-//! A channel's three keys are built from the same name, the place a sharded topology would put a
+//! A channel's keys are built from the same name, the place a sharded topology would put a
 //! hash tag so that they share a slot.
 
 use std::sync::Arc;
@@ -44,6 +45,11 @@ impl Keys {
 
     pub fn stream(&self, channel: &str) -> String {
         format!("{}:hist:{channel}", self.prefix)
+    }
+
+    /// The publish ids the channel remembers, each scored with the offset it was published at.
+    pub fn ids(&self, channel: &str) -> String {
+        format!("{}:ids:{channel}", self.prefix)
     }
 
     /// The hash of the fleet's presence entries.

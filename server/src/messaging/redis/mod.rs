@@ -5,6 +5,7 @@
 //! | [`keys`] | pure: the fleet's key and pub/sub names under its prefix |
 //! | [`scripts`] | order and history: the publish and read Lua scripts, commands with timeouts |
 //! | [`subscriber`] | the pub/sub connection: subscribe on demand, reconnect, refill, health |
+//! | [`backlog`] | the hand-off from pub/sub to the hub, bounded in bytes (`--bus-buffer`) |
 //! | [`presence`] | this server's presence entry, and reading the fleet's |
 //!
 //! One multiplexed connection publishes for every client of this server (and carries the
@@ -21,6 +22,7 @@
 //! speaks Redis; the presence format it shares with the operator is `wsfleet_contract::presence`.
 //! A second topology lives beside it as its own module.
 
+pub mod backlog;
 pub mod keys;
 pub mod presence;
 pub mod scripts;
@@ -40,8 +42,7 @@ pub use self::presence::fleet_stats;
 use self::scripts::{CommandError, RedisHistory};
 use self::subscriber::Subscriber;
 use crate::messaging::bus::{Backend, Bus, BusError, BusHealth, BusState, PresenceStore, Start};
-use crate::messaging::envelope::Envelope;
-use crate::messaging::history::{Replay, Since};
+use crate::messaging::history::{Outgoing, Published, Replay, Since};
 use crate::messaging::hub::Hub;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -119,6 +120,7 @@ pub fn start(target: Target<'_>, prefix: &str, start: Start<'_>) -> Result<Bus, 
         metrics: start.metrics,
         refusals: Default::default(),
         checks: Default::default(),
+        bus_buffer: start.bus_buffer,
     };
     start.tracker.spawn(subscriber.run(start.shutdown));
     Ok(Bus::new(Box::new(history), hub, health))
@@ -135,10 +137,15 @@ impl Backend for RedisHistory {
         &'a self,
         _hub: &'a Hub,
         channel: &'a str,
-        envelopes: Vec<Envelope>,
-    ) -> BoxFuture<'a, Result<(), BusError>> {
+        messages: Vec<Outgoing>,
+    ) -> BoxFuture<'a, Result<Published, BusError>> {
         // Delivered to the local hub by the subscriber, in Redis's order like everyone else's.
-        async move { RedisHistory::publish(self, channel, &envelopes).await.map(drop).map_err(BusError::from) }.boxed()
+        async move {
+            RedisHistory::publish(self, channel, &messages)
+                .await
+                .map_err(|e| if e.may_have_run() { BusError::OutcomeUnknown(Box::new(e)) } else { BusError::from(e) })
+        }
+        .boxed()
     }
 
     fn read<'a>(&'a self, channel: &'a str, since: Option<&'a Since>) -> BoxFuture<'a, Result<Replay, BusError>> {

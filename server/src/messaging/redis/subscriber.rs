@@ -12,7 +12,16 @@
 //! starved of CPU (or stopped) does not take a late answer for a dead bus. After a reconnect it
 //! refills, from history, every message its channels missed while it was away, before it reads
 //! any live one (the hub drops what it already delivered), so a Redis blip within the history
-//! window loses nothing.
+//! window loses nothing. Refills run `REFILL_CONCURRENCY` channels at a time; a channel whose
+//! refill Redis refuses is announced as a gap and the others go on. What history no longer
+//! holds is announced to the channel's subscribers as a `gap` frame ([`Hub::announce_gap`]),
+//! after the rest of it is delivered from what history still has.
+//!
+//! Live messages reach the session through a [`Backlog`] bounded in bytes (`--bus-buffer`), not
+//! the redis crate's own unbounded queue: a pump task empties that queue as messages arrive.
+//! When delivery falls further behind than the budget, the session ends (`SessionEnd::Behind`),
+//! counted and logged, and the next one refills from history; the bus is not marked down for
+//! it, and readiness says the bus lags.
 //!
 //! Every message is admitted by the hub ([`crate::messaging::admission`] has the rule) before it
 //! counts: one that does not parse, or whose position cannot be right, is dropped, counted in
@@ -34,12 +43,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::backlog::{Backlog, End, Reported, pump};
 use super::scripts::{CommandError, RedisHistory};
 use super::{BACKOFF_MAX, COMMAND_TIMEOUT, CONNECT_TIMEOUT, refused_credentials};
 use crate::messaging::admission::{CheckBudget, Refusal};
 use crate::messaging::bus::{BusHealth, BusState, Outage};
 use crate::messaging::envelope::Sequenced;
-use crate::messaging::history::{Lost, Since};
+use crate::messaging::history::{Lost, Replay, Since};
 use crate::messaging::hub::{Admission, BusCommand, Hub};
 use crate::metrics::Metrics;
 
@@ -54,6 +64,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Channels per SUBSCRIBE command when resubscribing after a reconnect.
 const RESUBSCRIBE_CHUNK: usize = 256;
+/// Channels refilled from history at once after a reconnect.
+const REFILL_CONCURRENCY: usize = 16;
 /// While Redis keeps refusing this server's credentials, the error is repeated this often.
 pub const AUTH_LOG_EVERY: Duration = Duration::from_secs(60);
 /// Refused bus messages are logged at most this often (a flood must not flood the log).
@@ -70,6 +82,8 @@ pub(super) struct Subscriber {
     pub(super) refusals: RefusalLog,
     /// Reads left this second to check messages that are not believable as they stand.
     pub(super) checks: CheckBudget,
+    /// Most bytes received and not yet delivered ([`Backlog`]).
+    pub(super) bus_buffer: usize,
 }
 
 #[derive(Default)]
@@ -82,6 +96,9 @@ pub(super) struct RefusalLog {
 enum SessionEnd {
     Shutdown,
     Lost(Down),
+    /// Delivery fell more than `--bus-buffer` behind: the session was dropped to catch up from
+    /// history. The bus itself is fine.
+    Behind,
 }
 
 /// A lost session: what failed, Redis's reply code when it refused the credentials, and whose
@@ -147,6 +164,21 @@ impl Subscriber {
                     }
                     return;
                 }
+                SessionEnd::Behind => {
+                    // Nothing is wrong with the bus: reconnect at once (after the shortest pause,
+                    // so a flood that outruns this server cannot spin it) and refill.
+                    self.metrics.bus_overflows.inc();
+                    self.health.lag.set_resyncing(true);
+                    warn!(
+                        budget = self.bus_buffer,
+                        "delivery fell behind the bus by more than --bus-buffer bytes; resubscribing to catch up from history"
+                    );
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(BACKOFF_MIN) => {}
+                    }
+                    continue;
+                }
                 SessionEnd::Lost(down) => down,
             };
             if self.health.is_up() {
@@ -204,7 +236,12 @@ impl Subscriber {
         shutdown: &CancellationToken,
         backoff: &mut Duration,
     ) -> SessionEnd {
-        let (mut sink, mut stream) = pubsub.split();
+        let (mut sink, stream) = pubsub.split();
+        // From here on, what Redis sends waits in a backlog bounded in bytes, not in the redis
+        // crate's unbounded queue; the pump stops with the session.
+        let lag = Arc::new(Reported { health: self.health.clone(), metrics: self.metrics.clone() });
+        let backlog = Arc::new(Backlog::new(self.bus_buffer, lag));
+        let _pump = AbortOnDrop(tokio::spawn(pump(stream, backlog.clone())));
         // Resubscribe everything the hub has now; commands queued meanwhile are replayed after
         // (a duplicate SUBSCRIBE is harmless, and order keeps unsubscribe-then-subscribe right).
         let channels = self.hub.channels();
@@ -218,18 +255,19 @@ impl Subscriber {
             }
         }
         // Refill what the channels missed while this server was away, before any live message:
-        // live ones published meanwhile wait in the subscription's buffer, and the hub drops
-        // what it already has.
-        for (channel, _) in &channels {
-            if let Err(e) = self.refill(channel).await {
-                return SessionEnd::Lost(Down::command(&format!("refilling {channel} failed"), &e));
-            }
+        // live ones published meanwhile wait in the backlog, and the hub drops what it already
+        // has. [`REFILL_CONCURRENCY`] channels at a time; a channel whose refill Redis refuses
+        // is announced as a gap and the others go on, while a Redis that stops answering ends
+        // the session.
+        if let Err(down) = self.refill_all(&channels).await {
+            return SessionEnd::Lost(down);
         }
         // Ready only when publishing works too.
         if let Err(e) = self.history.ping().await {
             return SessionEnd::Lost(Down::command("publishing connection", &e));
         }
         self.set(BusState::Up);
+        self.health.lag.set_resyncing(false);
         *backoff = BACKOFF_MIN;
         info!(channels = channels.len(), "redis bus connected");
         let mut ping = tokio::time::interval(PING_EVERY);
@@ -249,9 +287,10 @@ impl Subscriber {
                 _ = ping.tick() => if let Err(end) = self.ping(&mut sink).await {
                     return end;
                 },
-                msg = stream.next() => match msg {
-                    Some(msg) => self.on_message(&msg).await,
-                    None => return SessionEnd::Lost("connection closed".to_owned().into()),
+                msg = backlog.next() => match msg {
+                    Ok(msg) => self.on_message(&msg).await,
+                    Err(End::Closed) => return SessionEnd::Lost("connection closed".to_owned().into()),
+                    Err(End::Overflow) => return SessionEnd::Behind,
                 },
             }
         }
@@ -296,18 +335,50 @@ impl Subscriber {
         Ok(())
     }
 
+    /// Refills every channel of `channels`, a bounded number at a time (see [`Subscriber::session`]).
+    async fn refill_all(&self, channels: &[(Arc<str>, u64)]) -> Result<(), Down> {
+        let names: Vec<Arc<str>> = channels.iter().map(|(channel, _)| channel.clone()).collect();
+        let mut refills = futures_util::stream::iter(names)
+            .map(|channel| self.refill_named(channel))
+            .buffer_unordered(REFILL_CONCURRENCY);
+        while let Some((channel, result)) = refills.next().await {
+            let Err(e) = result else { continue };
+            if !refused_for_this_channel(&e) {
+                return Err(Down::command(&format!("refilling {channel} failed"), &e));
+            }
+            // Redis answers, but not for this channel (its keys hold something else, a script
+            // error): what it missed cannot be refilled, and its subscribers are told.
+            self.metrics.bus_gaps_lost.inc();
+            warn!(%channel, error = %e, "could not refill the channel; its subscribers are told of the gap");
+            if let Some((epoch, offset)) = self.hub.cursor(&channel) {
+                self.announce(&channel, &epoch, offset + 1, None, Lost::HistoryGap);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Subscriber::refill`], and which channel it was (a named future: a closure's borrow
+    /// would not be `Send` for every lifetime).
+    async fn refill_named(&self, channel: Arc<str>) -> (Arc<str>, Result<(), CommandError>) {
+        let result = self.refill(&channel).await;
+        (channel, result)
+    }
+
+    /// Tells the channel's subscribers that offsets `from` to `to` of `epoch` will not reach them.
+    fn announce(&self, channel: &str, epoch: &str, from: u64, to: Option<u64>, lost: Lost) {
+        let told = self.hub.announce_gap(channel, (Arc::from(epoch), from), to, lost);
+        self.metrics.bus_gap_notices.inc_by(told as u64);
+    }
+
     async fn refill(&self, channel: &str) -> Result<(), CommandError> {
         let Some((epoch, offset)) = self.hub.cursor(channel) else { return Ok(()) };
-        let replay = self.history.read(channel, Some(&Since { epoch: epoch.to_string(), offset })).await?;
+        let replay = self.history.read_page(channel, &Since { epoch: epoch.to_string(), offset }).await?;
         self.hub.learn_head(channel, &(replay.epoch.clone(), replay.head));
         match replay.recovery {
             Some(Ok(())) => {
-                if !replay.entries.is_empty() {
-                    info!(%channel, messages = replay.entries.len(), "refilled a gap from history");
-                }
-                self.metrics.bus_refilled.inc_by(replay.entries.len() as u64);
-                for msg in &replay.entries {
-                    self.hub.deliver(channel, msg);
+                let refilled = self.deliver_pages(channel, replay).await?;
+                if refilled > 0 {
+                    info!(%channel, messages = refilled, "refilled a gap from history");
                 }
             }
             Some(Err(Lost::EpochChanged)) => {
@@ -315,6 +386,7 @@ impl Subscriber {
                 // published after the loss is missed either.
                 self.metrics.bus_gaps_lost.inc();
                 warn!(%channel, epoch = %replay.epoch, "the channel's history was lost; continuing with its new epoch");
+                self.announce(channel, &epoch, offset + 1, None, Lost::EpochChanged);
                 self.deliver_from_start(channel, &replay.epoch).await?;
             }
             Some(Err(Lost::OffsetAhead)) => {
@@ -330,24 +402,76 @@ impl Subscriber {
                     %channel, %epoch, delivered = offset, head = replay.head, ended, new_epoch = %now.epoch,
                     "Redis went back in the channel's order; continuing with a new epoch"
                 );
+                // Redis handed out offsets after its head again; this server dropped those as
+                // delivered already.
+                self.announce(channel, &epoch, replay.head + 1, None, Lost::OffsetAhead);
                 self.deliver_from_start(channel, &now.epoch).await?;
             }
             Some(Err(lost)) => {
+                // Older than history reaches (or than one refill may replay): deliver the part
+                // history still holds, and announce the rest.
                 self.metrics.bus_gaps_lost.inc();
-                warn!(%channel, reason = lost.as_str(), "messages missed during the outage cannot be refilled");
+                let tail = self.history.config().size.min(replay.head - offset);
+                let mut lost_to = replay.head;
+                let mut kept = None;
+                if tail > 0 {
+                    let since = Since { epoch: epoch.to_string(), offset: replay.head - tail };
+                    let tail = self.history.read_page(channel, &since).await?;
+                    if tail.recovered() {
+                        lost_to = since.offset;
+                        kept = Some(tail);
+                    }
+                }
+                // The announcement first, so it comes before the messages after the gap.
+                if lost_to > offset {
+                    self.announce(channel, &epoch, offset + 1, Some(lost_to), lost);
+                }
+                if let Some(kept) = kept {
+                    self.deliver_pages(channel, kept).await?;
+                }
+                warn!(
+                    %channel, reason = lost.as_str(), from = offset + 1, to = lost_to,
+                    "messages missed during the outage are no longer in history; subscribers are told"
+                );
             }
             None => {}
         }
         Ok(())
     }
 
+    /// Delivers `first` (a page of history, [`RedisHistory::read_page`]) and the pages after it
+    /// up to the head it reported; returns how many messages that was. A page that no longer
+    /// follows on (history trimmed meanwhile) stops it: live messages go on from the head.
+    async fn deliver_pages(&self, channel: &str, first: Replay) -> Result<u64, CommandError> {
+        let mut page = first;
+        let mut delivered = 0u64;
+        // Each page moves on by at least one message, up to a head fixed by the first read.
+        let head = page.head;
+        while let Some(last) = page.entries.last().map(|m| m.offset) {
+            for msg in &page.entries {
+                self.hub.deliver(channel, msg);
+            }
+            delivered += page.entries.len() as u64;
+            if last >= head {
+                break;
+            }
+            page = self.history.read_page(channel, &Since { epoch: page.epoch.to_string(), offset: last }).await?;
+            self.hub.learn_head(channel, &(page.epoch.clone(), page.head));
+            if !page.recovered() {
+                break;
+            }
+        }
+        self.metrics.bus_refilled.inc_by(delivered);
+        Ok(delivered)
+    }
+
     /// Delivers the channel's epoch `epoch` from its first message (after the old one ended).
     async fn deliver_from_start(&self, channel: &str, epoch: &str) -> Result<(), CommandError> {
         let fresh = Since { epoch: epoch.to_owned(), offset: 0 };
-        let replay = self.history.read(channel, Some(&fresh)).await?;
+        let replay = self.history.read_page(channel, &fresh).await?;
         self.hub.learn_head(channel, &(replay.epoch.clone(), replay.head));
-        for msg in &replay.entries {
-            self.hub.deliver(channel, msg);
+        if replay.recovered() {
+            self.deliver_pages(channel, replay).await?;
         }
         Ok(())
     }
@@ -445,6 +569,25 @@ async fn timeout_awake<F: Future>(limit: Duration, f: F) -> Result<F::Output, ()
                 }
             }
         }
+    }
+}
+
+/// Whether Redis answered but refused this one channel's command (its keys hold something
+/// else, a script error), rather than failing to answer at all.
+fn refused_for_this_channel(e: &CommandError) -> bool {
+    match e {
+        CommandError::Reply(_) => true,
+        CommandError::Redis(e) => matches!(e.code(), Some("ERR" | "WRONGTYPE")),
+        CommandError::Timeout => false,
+    }
+}
+
+/// Aborts a task when dropped: the pump ends with the session that started it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

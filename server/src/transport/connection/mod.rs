@@ -334,9 +334,17 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let tracker = tokio_util::task::TaskTracker::new();
         let stop = tokio_util::sync::CancellationToken::new();
-        let bus =
-            Bus::start(None, "t", config.history(), config.client_budget(), metrics.clone(), &tracker, stop.clone())
-                .unwrap();
+        let bus = Bus::start(
+            None,
+            "t",
+            config.history(),
+            config.client_budget(),
+            1 << 20,
+            metrics.clone(),
+            &tracker,
+            stop.clone(),
+        )
+        .unwrap();
         let shared = Arc::new(Shared::new(&config, bus, metrics).unwrap());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();

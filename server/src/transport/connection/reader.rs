@@ -35,7 +35,7 @@ use super::{Buckets, Connection, Heard, ReadEnd};
 use crate::auth::{Access, Denied};
 use crate::messaging::bus::BusError;
 use crate::messaging::envelope::{Envelope, Payload};
-use crate::messaging::history::{MAX_PUBLISH_BATCH, Since};
+use crate::messaging::history::{MAX_PUBLISH_BATCH, Outgoing, Since};
 use crate::messaging::hub::{Mode, SubscribeError};
 use crate::protocol::{self, ClientOp, ErrorCode, ProtocolError};
 use crate::transport::frame::{self, Frame, FrameError, Incoming};
@@ -97,19 +97,19 @@ impl JoinError {
 struct PublishRun {
     /// The run's channel (the last run's while empty: its buffer is reused).
     channel: String,
-    envelopes: Vec<Envelope>,
+    messages: Vec<Outgoing>,
 }
 
 impl PublishRun {
-    fn add(&mut self, channel: &str, payload: Payload) {
-        if self.envelopes.is_empty() {
+    fn add(&mut self, channel: &str, payload: Payload, id: Option<&str>) {
+        if self.messages.is_empty() {
             channel.clone_into(&mut self.channel);
         }
-        self.envelopes.push(Envelope::new(payload));
+        self.messages.push(Outgoing { envelope: Envelope::new(payload), id: id.map(Box::from) });
     }
 
     fn is_full(&self) -> bool {
-        self.envelopes.len() >= MAX_PUBLISH_BATCH
+        self.messages.len() >= MAX_PUBLISH_BATCH
     }
 }
 
@@ -202,14 +202,14 @@ impl Connection {
                 Incoming::Text(text) => {
                     self.count_in(text.len());
                     match raw_channel {
-                        Some(channel) => run.add(channel, Payload::Text(text.into())),
+                        Some(channel) => run.add(channel, Payload::Text(text.into()), None),
                         None => self.on_protocol_text(text.as_str(), &mut run, heard).await,
                     }
                 }
                 Incoming::Binary(bytes) => {
                     self.count_in(bytes.len());
                     match raw_channel {
-                        Some(channel) => run.add(channel, Payload::Binary(bytes)),
+                        Some(channel) => run.add(channel, Payload::Binary(bytes), None),
                         None => {
                             self.publish_run(&mut run, None).await;
                             self.reply_error(&ProtocolError::new(
@@ -249,7 +249,7 @@ impl Connection {
             Ok(op)
         });
         let op = op.and_then(|op| match op {
-            ClientOp::Publish { channel, .. } if !self.may_publish() => {
+            ClientOp::Publish { channel, id, .. } if !self.may_publish() => {
                 let rate = self.shared.publish_rate;
                 Err(ProtocolError::new(
                     ErrorCode::RateLimited,
@@ -259,7 +259,8 @@ impl Connection {
                         rate.per_second, rate.burst
                     ),
                 )
-                .on_channel(channel))
+                .on_channel(channel)
+                .for_id(id))
             }
             op => Ok(op),
         });
@@ -267,8 +268,8 @@ impl Connection {
             self.publish_run(run, None).await;
         }
         match op {
-            Ok(ClientOp::Publish { channel, data }) => {
-                run.add(channel, Payload::Json(Bytes::copy_from_slice(data.as_bytes())));
+            Ok(ClientOp::Publish { channel, data, id }) => {
+                run.add(channel, Payload::Json(Bytes::copy_from_slice(data.as_bytes())), id);
             }
             Ok(ClientOp::Subscribe { channel, since }) => self.subscribe(channel, since).await,
             Ok(ClientOp::Unsubscribe { channel }) => self.unsubscribe(channel),
@@ -340,26 +341,53 @@ impl Connection {
         self.grant = Some(Box::new(grant));
     }
 
-    /// Publishes the run gathered so far and empties it. A refused run: in raw mode, which has
-    /// no error frame, the connection ends with 1013 (the returned close) rather than losing
-    /// messages silently; in protocol mode each of its messages gets an error frame.
+    /// Publishes the run gathered so far and empties it. In protocol mode, each message that
+    /// carried an `id` is acknowledged (`published`). A failed run: in raw mode, which has no
+    /// error frame, the connection ends with 1013 (the returned close) rather than losing
+    /// messages silently; in protocol mode each of its messages gets an error frame (with its
+    /// `id`): `bus_unavailable` when it was certainly not published, `outcome_unknown` when it
+    /// may have been.
     async fn publish_run(&self, run: &mut PublishRun, raw_channel: Option<&str>) -> Option<CloseReason> {
-        if run.envelopes.is_empty() {
+        if run.messages.is_empty() {
             return None;
         }
-        let envelopes = std::mem::take(&mut run.envelopes);
-        let count = envelopes.len();
+        let messages = std::mem::take(&mut run.messages);
+        let count = messages.len();
+        let ids: Vec<Option<Box<str>>> = messages.iter().map(|m| m.id.clone()).collect();
         // Boxed by the bus: a publish's state (a Redis script call) is no part of every idle
         // connection's task.
-        let Err(e) = self.shared.bus.publish(&run.channel, envelopes).await else { return None };
+        let e = match self.shared.bus.publish(&run.channel, messages).await {
+            Ok(published) => {
+                for (id, placed) in ids.iter().zip(&published.placed) {
+                    if placed.duplicate {
+                        self.shared.metrics.publish_retries_deduplicated.inc();
+                    }
+                    if let Some(id) = id {
+                        self.reply(protocol::published_frame(&run.channel, id, &published.epoch, *placed));
+                    }
+                }
+                return None;
+            }
+            Err(e) => e,
+        };
         self.shared.metrics.publish_failures.inc_by(count as u64);
         debug!(conn = self.id, channel = %run.channel, messages = count, error = %e, "publish failed");
         if raw_channel.is_some() {
             return Some(CloseReason::BusUnavailable);
         }
-        let error = ProtocolError::new(ErrorCode::BusUnavailable, format!("not published: {e}"));
-        for _ in 0..count {
-            self.reply_error(&error);
+        let error = match &e {
+            BusError::OutcomeUnknown(_) => {
+                self.shared.metrics.publish_outcomes_unknown.inc_by(count as u64);
+                ProtocolError::new(
+                    ErrorCode::OutcomeUnknown,
+                    format!("{e}; it may have been published: retry with the same id"),
+                )
+            }
+            _ => ProtocolError::new(ErrorCode::BusUnavailable, format!("not published: {e}")),
+        }
+        .on_channel(&run.channel);
+        for id in &ids {
+            self.reply_error(&error.clone().for_id(id.as_deref()));
         }
         None
     }
