@@ -161,7 +161,10 @@ export interface ConnectOptions {
   maxBufferedBytes?: number;
   /** A buffered publish not sent within this many ms is rejected with `timeout` (default 0: never). */
   publishTimeoutMs?: number;
-  /** Delay before retrying a subscribe the server refused with `bus_unavailable` (default 1000 ms, jittered). */
+  /**
+   * Delay before retrying a subscribe the server refused for now (`bus_unavailable`,
+   * `rate_limited`, `channel_limit`, `timeout`; default 1000 ms, jittered).
+   */
   subscribeRetryMs?: number;
   /**
    * Reads a reconnect hint (ms) from a close. The server's 1012 close carries none today
@@ -841,8 +844,9 @@ export class Client {
     const err = new WsfleetError(f.code, message, { fromServer: true, op: exp?.op, channel: exp?.channel });
     const sub = exp?.sub;
     if (exp?.op === "subscribe" && sub && !sub.closed && sub.state === "pending") {
-      if (f.code === "bus_unavailable") {
-        // The bus is down for now: try again on this connection, jittered.
+      if (RETRIED_SUBSCRIBE_CODES.has(f.code)) {
+        // Refused for now (the bus is down, a limit of the server's): try again on this
+        // connection, jittered.
         sub.state = "waiting";
         const base = this.opts.subscribeRetryMs ?? 1000;
         sub.retryTimer = this.timers.setTimeout(() => {
@@ -859,6 +863,14 @@ export class Client {
     this.emit("error", err);
   }
 }
+
+/** Subscribe refusals that may pass later: retried after `subscribeRetryMs`, jittered. */
+const RETRIED_SUBSCRIBE_CODES: ReadonlySet<ServerErrorCode> = new Set<ServerErrorCode>([
+  "bus_unavailable",
+  "rate_limited",
+  "channel_limit",
+  "timeout",
+]);
 
 /**
  * Calls an application callback. Its exception must not break the connection's state machine:

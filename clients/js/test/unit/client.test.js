@@ -355,6 +355,22 @@ test("a subscribe refused for good rejects ready; bus_unavailable is retried", a
   client.close();
 });
 
+test("a subscribe refused by a server's limit is retried, not given up", async () => {
+  const { client, timers } = await connected({ subscribeRetryMs: 1000 });
+  const ws = FakeSocket.last();
+  const subs = ["rl", "cl", "to"].map((c) => collect(client, c));
+  ws.frame({ type: "error", code: "rate_limited", channel: "rl", message: 'not subscribed to "rl": slow down' });
+  ws.frame({ type: "error", code: "channel_limit", channel: "cl", message: 'not subscribed to "cl": server full' });
+  ws.frame({ type: "error", code: "timeout", channel: "to", message: 'not subscribed to "to": took too long' });
+  await timers.advance(1500);
+  for (const c of ["rl", "cl", "to"]) {
+    assert.equal(ws.ops("subscribe").filter((f) => f.channel === c).length, 2, `${c} retried`);
+    ws.frame({ type: "subscribed", channel: c, epoch: "e", offset: 0, recovered: false });
+  }
+  for (const s of subs) assert.ok((await s.sub.ready).channel);
+  client.close();
+});
+
 test("close stops everything: no timer left, no reconnect", async () => {
   const { client, timers } = await connected();
   FakeSocket.last().drop(1006);
