@@ -237,6 +237,9 @@ fn server_env(wsc: &WebSocketCluster) -> Vec<EnvVar> {
         env(server_env::HISTORY_TTL, spec.history.ttl_seconds),
         env(server_env::LOG_FORMAT, server_env::LOG_FORMAT_JSON),
     ];
+    if let Some(budget) = spec.drain.max_reconnects_per_second {
+        vars.push(env(server_env::DRAIN_MAX_RECONNECTS_PER_SECOND, budget));
+    }
     match (redis_url(wsc), spec.redis.external.as_ref().and_then(|e| e.url_secret_ref.clone())) {
         (Some(url), _) => vars.push(env(server_env::REDIS_URL, url)),
         (None, Some(secret)) => vars.push(env_from_secret(server_env::REDIS_URL, secret)),
@@ -854,6 +857,21 @@ pub(crate) mod tests {
         assert_eq!(get("WSFLEET_JWT_ISSUER").as_deref(), Some("https://login.example"));
     }
 
+    #[test]
+    fn the_reconnect_budget_reaches_the_servers_only_when_set() {
+        let mut wsc = sample("chat");
+        let env_of = |wsc: &WebSocketCluster| {
+            build_server_deployment(wsc).spec.unwrap().template.spec.unwrap().containers[0].env.clone().unwrap()
+        };
+        let budget = |env: &[EnvVar]| {
+            env.iter().find(|e| e.name == "WSFLEET_DRAIN_MAX_RECONNECTS_PER_SECOND").and_then(|e| e.value.clone())
+        };
+        assert_eq!(budget(&env_of(&wsc)), None, "no budget unless the spec sets one");
+        wsc.spec.drain =
+            serde_json::from_value(serde_json::json!({"timeoutSeconds": 60, "maxReconnectsPerSecond": 250})).unwrap();
+        assert_eq!(budget(&env_of(&wsc)).as_deref(), Some("250"));
+    }
+
     /// The server's own test checks that it accepts every name of the contract; this one checks
     /// that the operator sets no other, with every optional variable present.
     #[test]
@@ -868,8 +886,9 @@ pub(crate) mod tests {
             }))
             .unwrap(),
         );
+        wsc.spec.drain.max_reconnects_per_second = Some(200);
         let env = build_server_deployment(&wsc).spec.unwrap().template.spec.unwrap().containers[0].env.clone().unwrap();
-        assert!(env.len() >= 12, "{} variables: not every optional one is set", env.len());
+        assert!(env.len() >= 13, "{} variables: not every optional one is set", env.len());
         for var in &env {
             assert!(server_env::ALL.contains(&var.name.as_str()), "{} is not in the contract", var.name);
         }

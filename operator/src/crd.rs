@@ -285,11 +285,28 @@ pub struct DrainSpec {
     #[serde(default = "default_drain")]
     #[schemars(range(min = 1, max = 3600))]
     pub timeout_seconds: i64,
+
+    /// Most clients the whole fleet's terminating pods may close (1012) per second, together:
+    /// pods that drain at the same time (a rolling update with `maxUnavailable` above 1, a
+    /// scale-down by several replicas) share this budget through the cluster's Redis, so the
+    /// rate at which clients come back to the remaining pods stays under it. With a budget, a
+    /// pod closes its clients as fast as the budget allows instead of spreading them over the
+    /// drain window. The drain window wins when the two conflict: clients still open when
+    /// three quarters of `timeoutSeconds` are over are closed anyway (counted in
+    /// `wsfleet_drain_closes_forced_total`), because the pod is killed at the end of its grace
+    /// period and a killed pod's clients get no close and no reconnect hint at all. Unset: no
+    /// budget (each pod spreads its closes evenly over three quarters of `timeoutSeconds`).
+    /// There is no default: the right rate is what the remaining pods can absorb (handshakes
+    /// and resumes per second), which the operator cannot know, and a rate derived from the
+    /// fleet's size alone either never binds or forces closes at the window's end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub max_reconnects_per_second: Option<i64>,
 }
 
 impl Default for DrainSpec {
     fn default() -> Self {
-        DrainSpec { timeout_seconds: default_drain() }
+        DrainSpec { timeout_seconds: default_drain(), max_reconnects_per_second: None }
     }
 }
 fn default_drain() -> i64 {

@@ -298,6 +298,15 @@ pub struct Config {
     #[arg(long, env = "WSFLEET_SUBSCRIBE_TIMEOUT", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=300))]
     pub subscribe_timeout: u64,
+
+    /// Most clients the draining servers of the fleet may close (1012) per second, all together:
+    /// servers draining at the same time share this budget through Redis (without Redis, it is
+    /// this server's own); 0: no budget, the drain window alone paces the closes. The window
+    /// wins: clients still open when three quarters of `--drain-timeout` are over are closed
+    /// anyway.
+    #[arg(long, env = env::DRAIN_MAX_RECONNECTS_PER_SECOND, default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=10_000_000))]
+    pub drain_max_reconnects_per_second: u32,
 }
 
 /// A token bucket's settings: `per_second` tokens added per second up to `burst`; a
@@ -517,6 +526,17 @@ mod tests {
         assert_eq!(Cli::parse_from(["wsfleet-server"]).serve.bus_buffer, 64 * 1024 * 1024);
         let err = Cli::try_parse_from(["wsfleet-server", "--bus-buffer", "10"]).unwrap_err();
         assert!(err.to_string().contains("--bus-buffer"), "{err}");
+    }
+
+    #[test]
+    fn the_drain_budget_is_off_by_default_and_checked() {
+        assert_eq!(Cli::parse_from(["wsfleet-server"]).serve.drain_max_reconnects_per_second, 0);
+        let c = Cli::parse_from(["wsfleet-server", "--drain-max-reconnects-per-second", "250"]).serve;
+        assert_eq!(c.drain_max_reconnects_per_second, 250);
+        for value in ["ten", "10000001"] {
+            let err = Cli::try_parse_from(["wsfleet-server", "--drain-max-reconnects-per-second", value]).unwrap_err();
+            assert!(err.to_string().contains("--drain-max-reconnects-per-second"), "{err}");
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! | [`messaging::bus`] | the bus the server uses, and the backend seam (in-process, Redis) |
 //! | [`messaging::redis`] | everything that speaks Redis: keys, scripts, subscriber, presence |
 //! | [`server`] | accept loop, connection limits, drain on shutdown |
+//! | [`drain`] | the drain's schedule, reconnect hints and reconnect budget |
 //! | [`http`] | `/livez`, `/readyz`, `/metrics` |
 //! | [`metrics`] | the Prometheus metrics every other module updates |
 //! | [`tune`] | the node-tuning subcommand: allow-listed sysctls, written and reported |
@@ -31,6 +32,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod drain;
 pub mod http;
 pub mod messaging;
 pub mod metrics;

@@ -65,6 +65,9 @@ pub struct Metrics {
     pub bus_lag_seconds: Gauge<f64, AtomicU64>,
     pub bus_overflows: Counter,
     pub bus_gap_notices: Counter,
+    pub drain_closes: Counter,
+    pub drain_closes_delayed: Counter,
+    pub drain_closes_forced: Counter,
 }
 
 impl Default for Metrics {
@@ -206,6 +209,21 @@ impl Metrics {
             bus_gap_notices: reg!(
                 "bus_gap_notices",
                 "Gap frames sent to subscribers: messages published while this server's bus link was down that history no longer held",
+                Counter::default()
+            ),
+            drain_closes: reg!(
+                "drain_closes",
+                "Clients a drain closed with 1012 and a reconnect hint (forced ones included)",
+                Counter::default()
+            ),
+            drain_closes_delayed: reg!(
+                "drain_closes_delayed",
+                "Drain closes that waited past their turn for the reconnect budget (each client once)",
+                Counter::default()
+            ),
+            drain_closes_forced: reg!(
+                "drain_closes_forced",
+                "Clients closed at the end of the drain window without the budget's leave",
                 Counter::default()
             ),
             registry,

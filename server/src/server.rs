@@ -9,10 +9,11 @@
 //! from the same places the handshakes take.
 //!
 //! Drain (the shutdown token fires): readiness goes 503 and new upgrades are refused at once;
-//! the open connections are closed with 1012 in equal batches spread over the first three
-//! quarters of `--drain-timeout`, so their clients reconnect elsewhere gradually rather than in
-//! one stampede; the server then waits for them to finish (at most until the drain timeout),
-//! stops its bus and HTTP listener, and returns.
+//! the open connections are closed with 1012 and a reconnect hint, in equal batches spread over
+//! the first three quarters of `--drain-timeout`, or with a reconnect budget as fast as the
+//! fleet's budget allows within those three quarters ([`crate::drain`]), so their clients
+//! reconnect elsewhere gradually rather than in one stampede; the server then waits for them to finish (at most until the drain timeout), stops
+//! its bus and HTTP listener, and returns.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -25,14 +26,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::drain::{BUDGET_TICK, Jitter, ReconnectBudget, Schedule};
 use crate::http::Health;
 use crate::messaging::bus::{Bus, BusError};
 use crate::metrics::Metrics;
 use crate::transport::connection::{self, Shared};
 use crate::transport::outbox::CloseReason;
-
-/// The drain closes a batch at most this often.
-const MIN_DRAIN_TICK: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -65,6 +64,15 @@ pub async fn run(
         stop.clone(),
     )?;
     let shared = Arc::new(Shared::new(&config, bus, metrics).map_err(ServerError::Config)?);
+    let fleet_budget = match (&config.redis_url, config.drain_max_reconnects_per_second) {
+        (Some(url), per_second) if per_second > 0 => Some(crate::messaging::redis::budget::RedisBudget::new(
+            config.redis_auth.target(url),
+            &config.redis_prefix,
+            per_second,
+        )?),
+        _ => None,
+    };
+    let budget = ReconnectBudget::new(config.drain_max_reconnects_per_second, fleet_budget);
 
     let http_task = {
         let stop = stop.clone();
@@ -89,7 +97,7 @@ pub async fn run(
     shutdown.cancelled().await;
     let started = Instant::now();
     let deadline = started + config.drain_timeout();
-    drain(&shared, config.drain_timeout(), deadline).await;
+    let closes = drain(&shared, budget, config.drain_timeout(), deadline).await;
     let left = shared.connections.len();
 
     stop.cancel();
@@ -101,9 +109,9 @@ pub async fn run(
     }
     let http_result = http_task.await;
     if left == 0 {
-        info!(took = ?started.elapsed(), "drained gracefully");
+        info!(took = ?started.elapsed(), closed = closes.closed, delayed = closes.delayed, forced = closes.forced, "drained gracefully");
     } else {
-        warn!(connections = left, took = ?started.elapsed(), "drain deadline reached with connections still open");
+        warn!(connections = left, took = ?started.elapsed(), closed = closes.closed, delayed = closes.delayed, forced = closes.forced, "drain deadline reached with connections still open");
     }
     match http_result {
         Ok(Err(e)) => Err(ServerError::Http(e)),
@@ -131,28 +139,92 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: TaskTr
     }
 }
 
-/// Closes every open connection with 1012, in paced batches, and waits (until `deadline`) for
-/// them to finish.
-async fn drain(shared: &Shared, drain_timeout: Duration, deadline: Instant) {
+/// What a drain did: clients closed (forced ones included), closes the budget delayed, clients
+/// closed at the window's end without the budget's leave.
+#[derive(Debug, Default, Clone, Copy)]
+struct Closes {
+    closed: u64,
+    delayed: u64,
+    forced: u64,
+}
+
+/// Closes every open connection with 1012 and a reconnect hint, on the [`Schedule`] and within
+/// the `budget` until the schedule's window ends, then the rest at once; waits (until
+/// `deadline`) for them to finish.
+async fn drain(shared: &Shared, mut budget: ReconnectBudget, drain_timeout: Duration, deadline: Instant) -> Closes {
     shared.draining.store(true, Ordering::Release);
     shared.metrics.draining.set(1);
     let open = shared.connections.snapshot();
-    let window = drain_timeout * 3 / 4;
-    let most_batches = (window.as_millis() / MIN_DRAIN_TICK.as_millis()).max(1) as usize;
-    let per_batch = open.len().div_ceil(most_batches).max(1);
-    let batches = open.len().div_ceil(per_batch).max(1);
-    // Batches are evenly spaced so that the last one goes out at the end of the window.
-    let period = if batches > 1 { window / (batches as u32 - 1) } else { window };
-    info!(connections = open.len(), ?window, per_batch, ?period, "draining");
+    let schedule = match budget.per_second() {
+        0 => Schedule::new(open.len(), drain_timeout),
+        _ => Schedule::at_once(open.len(), drain_timeout),
+    };
+    info!(connections = open.len(), window = ?schedule.window(), budget = budget.per_second(), "draining");
+    let metrics = &shared.metrics;
+    let mut jitter = Jitter::default();
+    let mut closes = Closes::default();
+    let close = |outbox: &crate::transport::outbox::Outbox, window: Duration, jitter: &mut Jitter| {
+        outbox.close(CloseReason::Draining { reconnect_after_ms: jitter.hint(window) });
+    };
+    // `next`: the first client not yet closed (or found gone); `delayed_up_to`: clients before
+    // it were counted as delayed already.
+    let (mut next, mut delayed_up_to) = (0, 0);
     let start = Instant::now();
-    for (i, batch) in open.chunks(per_batch).enumerate() {
-        tokio::time::sleep_until(start + period * i as u32).await;
-        for outbox in batch {
-            outbox.close(CloseReason::Draining);
+    while next < open.len() {
+        let elapsed = start.elapsed();
+        if elapsed >= schedule.window() {
+            let window =
+                crate::drain::forced_hint_window(open.len() - next, budget.per_second(), schedule.hint_window());
+            let mut forced = 0;
+            for outbox in open[next..].iter().filter(|o| !o.is_closing()) {
+                close(outbox, window, &mut jitter);
+                forced += 1;
+            }
+            closes.forced = forced;
+            closes.closed += forced;
+            metrics.drain_closes_forced.inc_by(forced);
+            metrics.drain_closes.inc_by(forced);
+            if forced > 0 {
+                warn!(forced, "the drain window ended before the reconnect budget let every client go");
+            }
+            break;
         }
+        // Clients that left on their own cost no budget.
+        while next < open.len() && open[next].is_closing() {
+            next += 1;
+        }
+        let due = schedule.due(elapsed).max(next);
+        let granted = if due > next { budget.take(due - next).await } else { 0 };
+        let mut sent = 0;
+        while sent < granted && next < open.len() {
+            if !open[next].is_closing() {
+                close(&open[next], schedule.hint_window(), &mut jitter);
+                sent += 1;
+            }
+            next += 1;
+        }
+        closes.closed += sent as u64;
+        metrics.drain_closes.inc_by(sent as u64);
+        let waiting = due.saturating_sub(next.max(delayed_up_to));
+        if waiting > 0 {
+            closes.delayed += waiting as u64;
+            metrics.drain_closes_delayed.inc_by(waiting as u64);
+            delayed_up_to = due;
+        }
+        // Behind (the budget said no): ask again shortly, at a random moment so that no server
+        // always asks right after another and finds the bucket emptied; on time: at the next batch.
+        let elapsed = start.elapsed();
+        let wake = if due > next {
+            let again = BUDGET_TICK / 2 + Duration::from_millis(jitter.hint(BUDGET_TICK).into());
+            (elapsed + again).min(schedule.next_batch(elapsed))
+        } else {
+            schedule.next_batch(elapsed)
+        };
+        tokio::time::sleep_until(start + wake.min(schedule.window())).await;
     }
     drop(open);
     while !shared.connections.is_empty() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    closes
 }

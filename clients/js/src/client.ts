@@ -167,8 +167,8 @@ export interface ConnectOptions {
    */
   subscribeRetryMs?: number;
   /**
-   * Reads a reconnect hint (ms) from a close. The server's 1012 close carries none today
-   * ("server draining"); the default understands a reason ending in `reconnect_after_ms=N`.
+   * Reads a reconnect hint (ms) from a close. The server's 1012 close ends its reason in
+   * `reconnect_after_ms=N` (README, "Reconnect hints"), which the default reads.
    */
   reconnectHint?: (code: number, reason: string) => number | undefined;
   /** For tests: randomness in [0, 1) and timers. */

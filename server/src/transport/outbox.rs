@@ -30,8 +30,9 @@ pub enum CloseReason {
     /// The socket took no byte for `--write-stall-timeout`: 1013 too (the client is slow, or
     /// its network stalled; either way it should come back later and resume).
     WriteStalled,
-    /// The server drains: 1012 (Service Restart), reconnect elsewhere.
-    Draining,
+    /// The server drains: 1012 (Service Restart), reconnect elsewhere after the hint
+    /// ([`crate::drain::close_reason`]).
+    Draining { reconnect_after_ms: u16 },
     /// A message or frame over `--max-message-size`: 1009.
     TooLarge,
     /// A text frame that is not UTF-8: 1007.
@@ -61,7 +62,9 @@ impl CloseReason {
         let (code, reason) = match self {
             CloseReason::Slow => (1013, "client too slow"),
             CloseReason::WriteStalled => (1013, "client not reading"),
-            CloseReason::Draining => (1012, "server draining"),
+            CloseReason::Draining { reconnect_after_ms } => {
+                return frame::close(Some(1012), &crate::drain::close_reason(reconnect_after_ms));
+            }
             CloseReason::TooLarge => (1009, "message too large"),
             CloseReason::InvalidUtf8 => (1007, "text frame is not valid UTF-8"),
             CloseReason::ProtocolViolation => (1002, "protocol violation"),
@@ -334,13 +337,13 @@ mod tests {
     async fn drain_close_comes_after_queued_frames() {
         let o = outbox(10);
         o.push(text("a"));
-        o.close(CloseReason::Draining);
+        o.close(CloseReason::Draining { reconnect_after_ms: 5 });
         o.close(CloseReason::Slow);
         let mut batch = VecDeque::new();
         assert_eq!(o.next_batch(&mut batch).await, None);
         assert_eq!(batch.len(), 1);
         batch.clear();
-        assert_eq!(o.next_batch(&mut batch).await, Some(CloseReason::Draining));
+        assert_eq!(o.next_batch(&mut batch).await, Some(CloseReason::Draining { reconnect_after_ms: 5 }));
     }
 
     #[tokio::test]

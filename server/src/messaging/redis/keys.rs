@@ -8,6 +8,7 @@
 //! | `<prefix>:hist:<channel>` | stream: the channel's history, entry ids `<offset>-0` |
 //! | `<prefix>:ids:<channel>` | sorted set: the publish ids of the channel's latest offsets (score: the offset) |
 //! | `<prefix>:presence` | hash: each server's connection count (`wsfleet_contract::presence`) |
+//! | `<prefix>:drain-budget` | hash: the fleet's reconnect budget, a token bucket ([`super::budget`]) |
 //!
 //! A channel's keys are built from the same name, the place a sharded topology would put a
 //! hash tag so that they share a slot.
@@ -56,6 +57,11 @@ impl Keys {
     pub fn presence(&self) -> String {
         wsfleet_contract::presence::key(&self.prefix)
     }
+
+    /// The token bucket every draining server of the fleet draws from.
+    pub fn drain_budget(&self) -> String {
+        format!("{}:drain-budget", self.prefix)
+    }
 }
 
 #[cfg(test)]
@@ -70,5 +76,6 @@ mod tests {
         assert_eq!(keys.channel_of("fleet-b:ch:room:1"), None);
         assert_eq!(keys.channel_of("fleet-a:xx:room:1"), None);
         assert_eq!(keys.presence(), "fleet-a:presence");
+        assert_eq!(keys.drain_budget(), "fleet-a:drain-budget");
     }
 }

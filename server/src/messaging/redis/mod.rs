@@ -7,6 +7,7 @@
 //! | [`subscriber`] | the pub/sub connection: subscribe on demand, reconnect, refill, health |
 //! | [`backlog`] | the hand-off from pub/sub to the hub, bounded in bytes (`--bus-buffer`) |
 //! | [`presence`] | this server's presence entry, and reading the fleet's |
+//! | [`budget`] | the fleet's reconnect budget for draining servers: a token bucket script |
 //!
 //! One multiplexed connection publishes for every client of this server (and carries the
 //! presence heartbeat); one pub/sub connection subscribes. Local publishes also go through
@@ -23,6 +24,7 @@
 //! A second topology lives beside it as its own module.
 
 pub mod backlog;
+pub mod budget;
 pub mod keys;
 pub mod presence;
 pub mod scripts;

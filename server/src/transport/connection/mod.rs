@@ -167,7 +167,7 @@ pub async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>)
     let id = shared.connections.register(outbox.clone());
     // A drain that started during the handshake has already taken its snapshot.
     if shared.draining.load(Ordering::Acquire) {
-        outbox.close(CloseReason::Draining);
+        outbox.close(crate::drain::late_close());
     }
     let conn = Connection { id, shared: shared.clone(), outbox, subscriptions: HashSet::new(), grant, buckets: None };
     // No tracing span around the connection: even disabled, it would double the size of every

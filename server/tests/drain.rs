@@ -1,0 +1,209 @@
+//! Draining servers share one reconnect budget: real redis-server, two real servers draining at
+//! the same time, hundreds of real WebSocket clients that record when and how they were closed.
+//! What a client author and an operator check: every client gets 1012 with a parseable
+//! `reconnect_after_ms`, the hints are spread, the fleet-wide close rate stays under
+//! `--drain-max-reconnects-per-second`, and the drain window still ends the drain.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+
+const CLIENTS_PER_SERVER: usize = 300;
+const BUDGET: usize = 100;
+/// How far over the budget a one-second window of close times may go: the bucket holds a tenth
+/// of a second's worth (10%), and close frames reach clients with scheduling jitter.
+const MARGIN: f64 = 0.25;
+
+/// When a client saw its close, with what code and reason.
+struct Closed {
+    at: Duration,
+    code: Option<u16>,
+    reason: String,
+}
+
+async fn connect_all(servers: &[Server], per_server: usize) -> Vec<Ws> {
+    let mut clients = Vec::new();
+    for server in servers {
+        for _ in 0..per_server {
+            clients.push(connect(&server.url("/ws/room")).await);
+        }
+    }
+    clients
+}
+
+/// Waits (at most `limit`) for each client's close frame, timed from `start`.
+fn await_closes(clients: Vec<Ws>, start: Instant, limit: Duration) -> Vec<tokio::task::JoinHandle<Closed>> {
+    clients
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                let read = async {
+                    while let Some(frame) = ws.next().await {
+                        match frame {
+                            Ok(Message::Close(close)) => {
+                                let at = start.elapsed();
+                                return match close {
+                                    Some(f) => Closed { at, code: Some(f.code.into()), reason: f.reason.to_string() },
+                                    None => Closed { at, code: None, reason: String::new() },
+                                };
+                            }
+                            Ok(_) => continue,
+                            Err(_) => break,
+                        }
+                    }
+                    Closed { at: start.elapsed(), code: None, reason: "no close frame".into() }
+                };
+                tokio::time::timeout(limit, read).await.unwrap_or(Closed {
+                    at: limit,
+                    code: None,
+                    reason: "timed out".into(),
+                })
+            })
+        })
+        .collect()
+}
+
+/// The hint as the JS client reads it: the digits after `reconnect_after_ms=` ending the reason.
+fn hint(reason: &str) -> Option<u64> {
+    let digits = reason.strip_suffix(|c: char| c.is_whitespace()).unwrap_or(reason);
+    let (_, n) = digits.rsplit_once("reconnect_after_ms=")?;
+    n.parse().ok()
+}
+
+/// The most closes in any one-second window (windows start every 50 ms), among closes before `until`.
+fn peak_per_second(times: &[Duration], until: Duration) -> usize {
+    let mut peak = 0;
+    let mut from = Duration::ZERO;
+    while from < until {
+        let n = times.iter().filter(|&&t| t >= from && t < from + Duration::from_secs(1) && t < until).count();
+        peak = peak.max(n);
+        from += Duration::from_millis(50);
+    }
+    peak
+}
+
+/// The number after `key=` in the server's last log line that has it.
+fn logged(server: &Server, key: &str) -> Option<u64> {
+    let log = server.log();
+    let line = log.lines().rev().find(|l| l.contains("drain") && l.contains(&format!("{key}=")))?;
+    let rest = &line[line.find(&format!("{key}="))? + key.len() + 1..];
+    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_draining_together_stay_under_one_fleet_wide_budget() {
+    const DRAIN_SECS: u64 = 12;
+    let flags = ["--drain-timeout", "12", "--drain-max-reconnects-per-second", "100"];
+    let (_redis, mut servers) = fleet(2, &flags);
+    let clients = connect_all(&servers, CLIENTS_PER_SERVER).await;
+
+    let start = Instant::now();
+    for s in &servers {
+        s.sigterm();
+    }
+    let closes = await_closes(clients, start, Duration::from_secs(DRAIN_SECS + 5));
+    let mut results = Vec::new();
+    for c in closes {
+        results.push(c.await.unwrap());
+    }
+
+    for r in &results {
+        assert_eq!(r.code, Some(1012), "every client is closed with 1012: {:?} at {:?}", r.reason, r.at);
+        assert!(r.reason.len() <= 123, "{}", r.reason);
+        assert!(hint(&r.reason).is_some(), "no parseable hint: {:?}", r.reason);
+    }
+    let hints: Vec<u64> = results.iter().filter_map(|r| hint(&r.reason)).collect();
+    let distinct: std::collections::BTreeSet<_> = hints.iter().collect();
+    let (low, high) = (**distinct.first().unwrap(), **distinct.last().unwrap());
+    eprintln!("hints: {} distinct, {low}..{high} ms", distinct.len());
+    assert!(
+        distinct.len() >= 100 && high - low >= 500,
+        "hints are not spread: {} distinct, {low}..{high}",
+        distinct.len()
+    );
+    assert!(high < 1000, "a budgeted close hints within a second: {high}");
+
+    let mut times: Vec<Duration> = results.iter().map(|r| r.at).collect();
+    times.sort();
+    let last = *times.last().unwrap();
+    let peak = peak_per_second(&times, last + Duration::from_secs(1));
+    eprintln!("{} closes from {:?} to {last:?}; peak {peak} in one second (budget {BUDGET})", times.len(), times[0]);
+    assert!(
+        peak as f64 <= BUDGET as f64 * (1.0 + MARGIN),
+        "the fleet closed {peak} clients in one second; budget {BUDGET} + {:.0}%",
+        MARGIN * 100.0
+    );
+    // Paced by the budget, not the window: 600 clients at 100/s take about 6 s of the 9 s window.
+    let paced = (2 * CLIENTS_PER_SERVER / BUDGET) as f64;
+    assert!(last.as_secs_f64() >= paced * 0.8, "the budget did not pace the drain: done after {last:?}");
+    assert!(last < Duration::from_secs(DRAIN_SECS * 3 / 4), "the drain outlasted its window: {last:?}");
+
+    for s in &mut servers {
+        let status = s.wait_exit(Duration::from_secs(DRAIN_SECS + 2)).expect("server did not exit after its drain");
+        assert!(status.success(), "drained server exited with {status}");
+        assert_eq!(logged(s, "forced"), Some(0), "{}", s.log());
+    }
+    let delayed: u64 = servers.iter().filter_map(|s| logged(s, "delayed")).sum();
+    assert!(delayed >= CLIENTS_PER_SERVER as u64, "closes delayed by the budget: {delayed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_window_wins_over_the_budget() {
+    const DRAIN_SECS: u64 = 4;
+    let flags = ["--drain-timeout", "4", "--drain-max-reconnects-per-second", "100"];
+    let (_redis, mut servers) = fleet(2, &flags);
+    let clients = connect_all(&servers, CLIENTS_PER_SERVER).await;
+
+    let start = Instant::now();
+    for s in &servers {
+        s.sigterm();
+    }
+    let closes = await_closes(clients, start, Duration::from_secs(DRAIN_SECS + 5));
+    let mut results = Vec::new();
+    for c in closes {
+        results.push(c.await.unwrap());
+    }
+    let window = Duration::from_secs(DRAIN_SECS) * 3 / 4;
+    for r in &results {
+        assert_eq!(r.code, Some(1012), "every client is closed with 1012, forced or not: {:?}", r.reason);
+        assert!(hint(&r.reason).is_some(), "no parseable hint: {:?}", r.reason);
+        assert!(r.at < window + Duration::from_millis(500), "a client was closed after the window: {:?}", r.at);
+    }
+    let mut times: Vec<Duration> = results.iter().map(|r| r.at).collect();
+    times.sort();
+    // Within the window the budget held; at its end the rest went at once.
+    let before_end = window - Duration::from_millis(100);
+    let peak = peak_per_second(&times, before_end);
+    let at_end = times.iter().filter(|&&t| t >= before_end).count();
+    eprintln!("peak {peak}/s within the window, {at_end} closed at its end");
+    assert!(peak as f64 <= BUDGET as f64 * (1.0 + MARGIN), "peak {peak} within the window");
+    // The budget lets about 100/s go in the 3 s window; the rest (about 290) go at its end.
+    let most_budgeted = (BUDGET as f64 * window.as_secs_f64() * (1.0 + MARGIN)) as usize;
+    let least_forced = 2 * CLIENTS_PER_SERVER - most_budgeted;
+    assert!(at_end >= least_forced, "the window's end closed only {at_end}");
+
+    for s in &mut servers {
+        let status = s.wait_exit(Duration::from_secs(DRAIN_SECS + 2)).expect("server did not exit after its drain");
+        assert!(status.success(), "drained server exited with {status}");
+    }
+    // Forced clients are told to come back at the budget's pace (each server's as if it had
+    // the budget alone), not all at once: N forced clients over N / budget seconds.
+    let most_forced = servers.iter().filter_map(|s| logged(s, "forced")).max().unwrap_or(0);
+    let forced_hints: Vec<u64> =
+        results.iter().filter(|r| r.at >= before_end).filter_map(|r| hint(&r.reason)).collect();
+    let longest = forced_hints.iter().max().copied().unwrap_or(0);
+    let spread_ms = most_forced * 1000 / BUDGET as u64;
+    eprintln!("forced hints up to {longest} ms; the busiest server forced {most_forced}");
+    assert!(
+        longest >= spread_ms * 8 / 10,
+        "forced clients' hints are not spread at the budget's rate: at most {longest} ms"
+    );
+    let forced: u64 = servers.iter().filter_map(|s| logged(s, "forced")).sum();
+    let closed: u64 = servers.iter().filter_map(|s| logged(s, "closed")).sum();
+    assert_eq!(closed, 2 * CLIENTS_PER_SERVER as u64);
+    assert!(forced as usize >= least_forced && forced as usize <= at_end, "forced closes counted: {forced}");
+}
