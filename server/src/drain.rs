@@ -15,7 +15,9 @@
 //!   waits for a later tick;
 //! * the window wins: whoever is still open when the three quarters are over is closed at once
 //!   (a forced close), because a pod killed at the end of its grace period would drop its clients
-//!   with no close and no hint at all.
+//!   with no close and no hint at all. Forced closes still take their places in the budget (it
+//!   goes into debt, [`ReconnectBudget::force`]), and their hints spread them over those places,
+//!   so they too come back at the budget's rate, behind any other server's forced clients.
 //!
 //! Each client's hint is drawn uniformly from a window ([`Jitter`]), so clients closed in the
 //! same batch do not come back in the same instant.
@@ -126,7 +128,8 @@ impl Schedule {
 }
 
 /// The hint window of `left` clients closed at once when the window ends: their returns are
-/// spread at the budget's rate (as if this server had it to itself), and at least over `base`.
+/// spread at the budget's rate (after the debt others ran up before them: see
+/// [`ReconnectBudget::force`]), and at least over `base`.
 pub fn forced_hint_window(left: usize, per_second: u32, base: Duration) -> Duration {
     if per_second == 0 {
         return base;
@@ -154,6 +157,20 @@ impl Jitter {
     pub fn hint(&mut self, window: Duration) -> u16 {
         let ms = window.as_millis().clamp(1, MAX_HINT.as_millis()) as u64;
         (self.next() % ms) as u16
+    }
+
+    /// A hint in milliseconds, uniform in `[after, after + window)`, at most [`MAX_HINT`].
+    pub fn hint_after(&mut self, after: Duration, window: Duration) -> u16 {
+        let ms = after.as_millis() + u128::from(self.hint(window));
+        ms.min(MAX_HINT.as_millis()) as u16
+    }
+
+    /// The hint of the `i`-th of `n` clients spread over `[after, after + window)`: uniform
+    /// within its own slot of `window / n`, so the `n` returns come at an even rate (plain
+    /// uniform draws bunch by chance), at most [`MAX_HINT`].
+    pub fn slot_hint(&mut self, after: Duration, window: Duration, i: usize, n: usize) -> u16 {
+        let slot = window / n.max(1) as u32;
+        self.hint_after(after + slot * i as u32, slot)
     }
 
     /// splitmix64: small, fast and evenly spread; no secrecy is needed.
@@ -189,12 +206,25 @@ impl TokenBucket {
 
     /// Takes up to `want` tokens at `now`; returns how many it took.
     pub fn take(&mut self, want: usize, now: Instant) -> usize {
+        self.refill(now);
+        let granted = (self.tokens.max(0.0).floor() as usize).min(want);
+        self.tokens -= granted as f64;
+        granted
+    }
+
+    /// Takes `n` tokens at `now` whatever the bucket holds, into debt that later takes repay;
+    /// returns how long until the bucket would have held the first of them.
+    pub fn force(&mut self, n: usize, now: Instant) -> Duration {
+        self.refill(now);
+        let wait = Duration::from_secs_f64((-self.tokens).max(0.0) / f64::from(self.per_second.max(1)));
+        self.tokens -= n as f64;
+        wait
+    }
+
+    fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         self.tokens = (self.tokens + elapsed * f64::from(self.per_second)).min(self.burst);
         self.at = self.at.max(now);
-        let granted = (self.tokens.floor() as usize).min(want);
-        self.tokens -= granted as f64;
-        granted
     }
 }
 
@@ -232,11 +262,28 @@ impl ReconnectBudget {
         match self {
             ReconnectBudget::Unlimited => want,
             ReconnectBudget::Local(bucket) => bucket.take(want, Instant::now()),
-            ReconnectBudget::Fleet { redis, fallback } => match redis.take(want).await {
-                Ok(granted) => granted.min(want),
+            ReconnectBudget::Fleet { redis, fallback } => match redis.take(want, false).await {
+                Ok((granted, _)) => granted.min(want),
                 Err(e) => {
                     tracing::warn!(error = %e, "the fleet's reconnect budget is unreachable; using this server's own");
                     fallback.take(want, Instant::now())
+                }
+            },
+        }
+    }
+
+    /// Takes leave for `n` closes that go now whatever the budget holds (the window's end); the
+    /// budget goes into debt, so closes elsewhere wait for it. Returns when, from now, the first
+    /// of them would have had leave: their hints start there.
+    pub async fn force(&mut self, n: usize) -> Duration {
+        match self {
+            ReconnectBudget::Unlimited => Duration::ZERO,
+            ReconnectBudget::Local(bucket) => bucket.force(n, Instant::now()),
+            ReconnectBudget::Fleet { redis, fallback } => match redis.take(n, true).await {
+                Ok((_, wait)) => wait,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the fleet's reconnect budget is unreachable; using this server's own");
+                    fallback.force(n, Instant::now())
                 }
             },
         }
@@ -314,6 +361,30 @@ mod tests {
         }
         assert!(granted_at.len() >= 490, "the rate is used: {}", granted_at.len());
         assert_eq!(burst_of(5), 1);
+    }
+
+    #[test]
+    fn forced_closes_put_the_bucket_into_debt_that_later_ones_wait_for() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(100, start);
+        assert_eq!(bucket.take(1000, start), 10, "a tenth of a second's worth");
+        // A first server forces 150 at once: nothing owed before it.
+        assert_eq!(bucket.force(150, start), Duration::ZERO);
+        // A second one right after waits for the first's 150 (1.5 s at 100/s).
+        assert_eq!(bucket.force(150, start), Duration::from_millis(1500));
+        // Until the debt is repaid, nobody takes anything.
+        assert_eq!(bucket.take(10, start + Duration::from_secs(2)), 0);
+        assert!(bucket.take(10, start + Duration::from_millis(3100)) > 0);
+        assert_eq!(Jitter::seeded(1).hint_after(Duration::from_secs(70), Duration::from_secs(1)), u16::MAX);
+        let h = Jitter::seeded(1).hint_after(Duration::from_millis(1500), Duration::from_secs(1));
+        assert!((1500..2500).contains(&h), "{h}");
+        // Slots: 300 clients over 3 s, every 100 ms holds ten of them.
+        let mut jitter = Jitter::seeded(9);
+        let hints: Vec<u16> =
+            (0..300).map(|i| jitter.slot_hint(Duration::ZERO, Duration::from_secs(3), i, 300)).collect();
+        for slot in 0..30 {
+            assert_eq!(hints.iter().filter(|&&h| h / 100 == slot).count(), 10, "slot {slot}");
+        }
     }
 
     #[test]

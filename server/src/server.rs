@@ -163,8 +163,8 @@ async fn drain(shared: &Shared, mut budget: ReconnectBudget, drain_timeout: Dura
     let metrics = &shared.metrics;
     let mut jitter = Jitter::default();
     let mut closes = Closes::default();
-    let close = |outbox: &crate::transport::outbox::Outbox, window: Duration, jitter: &mut Jitter| {
-        outbox.close(CloseReason::Draining { reconnect_after_ms: jitter.hint(window) });
+    let close = |outbox: &crate::transport::outbox::Outbox, reconnect_after_ms: u16| {
+        outbox.close(CloseReason::Draining { reconnect_after_ms });
     };
     // `next`: the first client not yet closed (or found gone); `delayed_up_to`: clients before
     // it were counted as delayed already.
@@ -172,21 +172,25 @@ async fn drain(shared: &Shared, mut budget: ReconnectBudget, drain_timeout: Dura
     let start = Instant::now();
     while next < open.len() {
         let elapsed = start.elapsed();
-        if elapsed >= schedule.window() {
-            let window =
-                crate::drain::forced_hint_window(open.len() - next, budget.per_second(), schedule.hint_window());
-            let mut forced = 0;
-            for outbox in open[next..].iter().filter(|o| !o.is_closing()) {
-                close(outbox, window, &mut jitter);
-                forced += 1;
+        // Without a budget the last batch is due at the window's end like any other.
+        if elapsed >= schedule.window() && budget.per_second() > 0 {
+            // The window wins. The rest take their places in the budget anyway, into debt, and
+            // are told to come back at its pace, after whoever else the budget owes.
+            let left: Vec<_> = open[next..].iter().filter(|o| !o.is_closing()).collect();
+            let forced = left.len() as u64;
+            if forced > 0 {
+                let after = budget.force(left.len()).await;
+                let spread = crate::drain::forced_hint_window(left.len(), budget.per_second(), schedule.hint_window());
+                let n = left.len();
+                for (i, outbox) in left.into_iter().enumerate() {
+                    close(outbox, jitter.slot_hint(after, spread, i, n));
+                }
+                warn!(forced, "the drain window ended before the reconnect budget let every client go");
             }
             closes.forced = forced;
             closes.closed += forced;
             metrics.drain_closes_forced.inc_by(forced);
             metrics.drain_closes.inc_by(forced);
-            if forced > 0 {
-                warn!(forced, "the drain window ended before the reconnect budget let every client go");
-            }
             break;
         }
         // Clients that left on their own cost no budget.
@@ -198,7 +202,7 @@ async fn drain(shared: &Shared, mut budget: ReconnectBudget, drain_timeout: Dura
         let mut sent = 0;
         while sent < granted && next < open.len() {
             if !open[next].is_closing() {
-                close(&open[next], schedule.hint_window(), &mut jitter);
+                close(&open[next], jitter.hint(schedule.hint_window()));
                 sent += 1;
             }
             next += 1;

@@ -3,7 +3,10 @@
 //! of drain closes stays under `--drain-max-reconnects-per-second` however many pods drain at
 //! once. One Lua script refills and takes atomically, on Redis's own clock (`TIME`), so the
 //! servers' clocks do not matter. The bucket holds a tenth of a second's worth
-//! ([`crate::drain::burst_of`]), like a server's own, and expires a minute after its last use.
+//! ([`crate::drain::burst_of`]), like a server's own, and expires a minute after its last use
+//! (or after its debt is repaid: a forced take at the drain window's end takes everything it
+//! asks for, and tells how long the bucket owed others first, where the forced clients' hints
+//! start).
 //!
 //! Its own connection, opened lazily when a drain first asks: a server that never drains never
 //! opens it, and the bus's connections are none of its business.
@@ -18,8 +21,11 @@ use super::{BusError, Target};
 /// A take that Redis does not answer within this falls back to the server's own bucket.
 const TIMEOUT: Duration = Duration::from_millis(500);
 
-/// KEYS: the bucket. ARGV: tokens per second, bucket size, tokens wanted. Returns how many it
-/// took. Milliseconds of Redis's clock; fractional tokens carry over.
+/// KEYS: the bucket. ARGV: tokens per second, bucket size, tokens wanted, `1` to take them all
+/// whatever the bucket holds (the window's end: the bucket goes into debt, which later takes
+/// repay). Returns how many it took, and the milliseconds until the bucket would have held the
+/// first of them (0 unless it went into debt). Milliseconds of Redis's clock; fractional tokens
+/// carry over.
 const TAKE_SCRIPT: &str = r"
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
@@ -34,10 +40,12 @@ else
   now = at
 end
 local granted = math.max(0, math.min(want, math.floor(tokens)))
+if ARGV[4] == '1' then granted = want end
+local wait = math.floor(math.max(0, -tokens) * 1000 / rate)
 tokens = tokens - granted
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', string.format('%d', now))
-redis.call('PEXPIRE', KEYS[1], 60000)
-return granted
+redis.call('PEXPIRE', KEYS[1], 60000 + math.floor(math.max(0, -tokens) * 1000 / rate))
+return {granted, wait}
 ";
 
 /// This server's handle on its fleet's bucket.
@@ -61,8 +69,9 @@ impl RedisBudget {
         })
     }
 
-    /// Takes up to `want` tokens from the fleet's bucket; returns how many it took.
-    pub async fn take(&mut self, want: usize) -> Result<usize, super::scripts::CommandError> {
+    /// Takes up to `want` tokens from the fleet's bucket (with `force`, all of them, into debt);
+    /// returns how many it took and how long until the bucket would have held the first.
+    pub async fn take(&mut self, want: usize, force: bool) -> Result<(usize, Duration), super::scripts::CommandError> {
         use super::scripts::CommandError;
         if self.conn.is_none() {
             let config = ConnectionManagerConfig::new()
@@ -71,12 +80,12 @@ impl RedisBudget {
                 .set_number_of_retries(0);
             self.conn = Some(ConnectionManager::new_lazy_with_config(self.client.clone(), config)?);
         }
-        let Some(conn) = self.conn.as_mut() else { return Ok(0) };
+        let Some(conn) = self.conn.as_mut() else { return Ok((0, Duration::ZERO)) };
         let burst = crate::drain::burst_of(self.per_second);
         let mut call = self.script.prepare_invoke();
-        call.key(&self.key).arg(self.per_second).arg(burst).arg(want);
-        match tokio::time::timeout(TIMEOUT, call.invoke_async::<usize>(conn)).await {
-            Ok(reply) => Ok(reply?),
+        call.key(&self.key).arg(self.per_second).arg(burst).arg(want).arg(u8::from(force));
+        match tokio::time::timeout(TIMEOUT, call.invoke_async::<(usize, u64)>(conn)).await {
+            Ok(reply) => reply.map(|(granted, wait)| (granted, Duration::from_millis(wait))).map_err(Into::into),
             Err(_) => Err(CommandError::Timeout),
         }
     }
