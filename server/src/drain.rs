@@ -234,8 +234,9 @@ pub enum ReconnectBudget {
     Unlimited,
     /// This server's own bucket (no Redis).
     Local(TokenBucket),
-    /// The fleet's bucket in Redis; while Redis does not answer, this server's own.
-    Fleet { redis: Box<RedisBudget>, fallback: TokenBucket },
+    /// The fleet's bucket in Redis; while Redis does not answer, this server's own (`warned`:
+    /// that was logged, once per drain).
+    Fleet { redis: Box<RedisBudget>, fallback: TokenBucket, warned: bool },
 }
 
 impl ReconnectBudget {
@@ -245,7 +246,7 @@ impl ReconnectBudget {
         match (per_second, redis) {
             (0, _) => ReconnectBudget::Unlimited,
             (_, None) => ReconnectBudget::Local(bucket),
-            (_, Some(redis)) => ReconnectBudget::Fleet { redis: Box::new(redis), fallback: bucket },
+            (_, Some(redis)) => ReconnectBudget::Fleet { redis: Box::new(redis), fallback: bucket, warned: false },
         }
     }
 
@@ -262,10 +263,10 @@ impl ReconnectBudget {
         match self {
             ReconnectBudget::Unlimited => want,
             ReconnectBudget::Local(bucket) => bucket.take(want, Instant::now()),
-            ReconnectBudget::Fleet { redis, fallback } => match redis.take(want, false).await {
+            ReconnectBudget::Fleet { redis, fallback, warned } => match redis.take(want, false).await {
                 Ok((granted, _)) => granted.min(want),
                 Err(e) => {
-                    tracing::warn!(error = %e, "the fleet's reconnect budget is unreachable; using this server's own");
+                    unreachable_once(warned, &e);
                     fallback.take(want, Instant::now())
                 }
             },
@@ -279,14 +280,21 @@ impl ReconnectBudget {
         match self {
             ReconnectBudget::Unlimited => Duration::ZERO,
             ReconnectBudget::Local(bucket) => bucket.force(n, Instant::now()),
-            ReconnectBudget::Fleet { redis, fallback } => match redis.take(n, true).await {
+            ReconnectBudget::Fleet { redis, fallback, warned } => match redis.take(n, true).await {
                 Ok((_, wait)) => wait,
                 Err(e) => {
-                    tracing::warn!(error = %e, "the fleet's reconnect budget is unreachable; using this server's own");
+                    unreachable_once(warned, &e);
                     fallback.force(n, Instant::now())
                 }
             },
         }
+    }
+}
+
+/// Logs, once per drain, that the fleet's budget did not answer.
+fn unreachable_once(warned: &mut bool, error: &dyn std::fmt::Display) {
+    if !std::mem::replace(warned, true) {
+        tracing::warn!(%error, "the fleet's reconnect budget is unreachable; this server holds to the budget on its own");
     }
 }
 

@@ -106,6 +106,21 @@ async fn two_servers_draining_together_stay_under_one_fleet_wide_budget() {
         s.sigterm();
     }
     let closes = await_closes(clients, start, Duration::from_secs(DRAIN_SECS + 5));
+    // Halfway, each server's metrics show closes sent and closes the budget held back.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let addrs: Vec<_> = servers.iter().map(|s| s.http).collect();
+    let midway = tokio::task::spawn_blocking(move || {
+        let read = |name| addrs.iter().map(|&a| wsfleet_testkit::metric(a, name)).sum::<f64>();
+        let names =
+            ["wsfleet_drain_closes_total", "wsfleet_drain_closes_delayed_total", "wsfleet_drain_closes_forced_total"];
+        names.map(read)
+    })
+    .await
+    .unwrap();
+    eprintln!("after 3 s: closes, delayed, forced = {midway:?}");
+    let [sent, delayed, forced] = midway;
+    assert!((200.0..=400.0).contains(&sent), "about 300 closes sent after 3 s at 100/s: {sent}");
+    assert!(delayed >= 300.0 && forced == 0.0, "delayed {delayed}, forced {forced}");
     let mut results = Vec::new();
     for c in closes {
         results.push(c.await.unwrap());
@@ -236,4 +251,36 @@ async fn without_redis_the_budget_holds_for_each_server_alone() {
     assert!(last >= Duration::from_millis(2400), "150 clients at 50/s take about 3 s: {last:?}");
     server.wait_exit(Duration::from_secs(10)).expect("server did not exit after its drain");
     assert_eq!(logged(&server, "forced"), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_loses_redis_holds_to_the_budget_on_its_own() {
+    const CLIENTS: usize = 100;
+    const OWN_BUDGET: usize = 50;
+    let (mut redis, mut servers) = fleet(1, &["--drain-timeout", "8", "--drain-max-reconnects-per-second", "50"]);
+    // Protocol-mode clients, each subscribe confirmed, so none is waiting on the bus (a raw-mode
+    // client whose subscribe the dead bus cannot take is closed with 1013, before any drain).
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(subscriber(&servers[0], "room").await);
+    }
+    redis.kill();
+    let start = Instant::now();
+    servers[0].sigterm();
+    let mut results = Vec::new();
+    for c in await_closes(clients, start, Duration::from_secs(12)) {
+        results.push(c.await.unwrap());
+    }
+    for r in &results {
+        assert!(r.code == Some(1012) && hint(&r.reason).is_some(), "{:?} {:?} at {:?}", r.code, r.reason, r.at);
+    }
+    let mut times: Vec<Duration> = results.iter().map(|r| r.at).collect();
+    times.sort();
+    let last = *times.last().unwrap();
+    let peak = peak_per_second(&times, last + Duration::from_secs(1));
+    eprintln!("Redis gone: {CLIENTS} closes by {last:?}, peak {peak} in one second (budget {OWN_BUDGET})");
+    assert!(peak as f64 <= OWN_BUDGET as f64 * (1.0 + MARGIN), "peak {peak}");
+    servers[0].wait_exit(Duration::from_secs(10)).expect("server did not exit after its drain");
+    let log = servers[0].log();
+    assert_eq!(log.matches("reconnect budget is unreachable").count(), 1, "warned once: {log}");
 }
