@@ -39,6 +39,9 @@ pub const MAX_CLOSE_REASON: usize = 123;
 /// Hints of clients closed outside a batch (they finished their handshake as the drain began)
 /// are drawn from this window.
 pub const LATE_HINT_WINDOW: Duration = Duration::from_secs(1);
+/// After the fleet's budget in Redis did not answer, a server holds to the budget on its own
+/// this long before it asks Redis again.
+const RETRY_REDIS: Duration = Duration::from_secs(1);
 /// Batches of the schedule are at least this far apart.
 pub const TICK: Duration = Duration::from_millis(100);
 /// A server the budget holds back asks again this often, on average (at a random moment within
@@ -235,8 +238,9 @@ pub enum ReconnectBudget {
     /// This server's own bucket (no Redis).
     Local(TokenBucket),
     /// The fleet's bucket in Redis; while Redis does not answer, this server's own (`warned`:
-    /// that was logged, once per drain).
-    Fleet { redis: Box<RedisBudget>, fallback: TokenBucket, warned: bool },
+    /// that was logged, once per drain). After a failure Redis is asked again only at `retry`:
+    /// a Redis that times out would otherwise slow every tick by the timeout.
+    Fleet { redis: Box<RedisBudget>, fallback: TokenBucket, warned: bool, retry: Instant },
 }
 
 impl ReconnectBudget {
@@ -246,7 +250,12 @@ impl ReconnectBudget {
         match (per_second, redis) {
             (0, _) => ReconnectBudget::Unlimited,
             (_, None) => ReconnectBudget::Local(bucket),
-            (_, Some(redis)) => ReconnectBudget::Fleet { redis: Box::new(redis), fallback: bucket, warned: false },
+            (_, Some(redis)) => ReconnectBudget::Fleet {
+                redis: Box::new(redis),
+                fallback: bucket,
+                warned: false,
+                retry: Instant::now(),
+            },
         }
     }
 
@@ -263,10 +272,13 @@ impl ReconnectBudget {
         match self {
             ReconnectBudget::Unlimited => want,
             ReconnectBudget::Local(bucket) => bucket.take(want, Instant::now()),
-            ReconnectBudget::Fleet { redis, fallback, warned } => match redis.take(want, false).await {
+            ReconnectBudget::Fleet { fallback, retry, .. } if Instant::now() < *retry => {
+                fallback.take(want, Instant::now())
+            }
+            ReconnectBudget::Fleet { redis, fallback, warned, retry } => match redis.take(want, false).await {
                 Ok((granted, _)) => granted.min(want),
                 Err(e) => {
-                    unreachable_once(warned, &e);
+                    unreachable(warned, retry, &e);
                     fallback.take(want, Instant::now())
                 }
             },
@@ -280,10 +292,13 @@ impl ReconnectBudget {
         match self {
             ReconnectBudget::Unlimited => Duration::ZERO,
             ReconnectBudget::Local(bucket) => bucket.force(n, Instant::now()),
-            ReconnectBudget::Fleet { redis, fallback, warned } => match redis.take(n, true).await {
+            ReconnectBudget::Fleet { fallback, retry, .. } if Instant::now() < *retry => {
+                fallback.force(n, Instant::now())
+            }
+            ReconnectBudget::Fleet { redis, fallback, warned, retry } => match redis.take(n, true).await {
                 Ok((_, wait)) => wait,
                 Err(e) => {
-                    unreachable_once(warned, &e);
+                    unreachable(warned, retry, &e);
                     fallback.force(n, Instant::now())
                 }
             },
@@ -291,8 +306,9 @@ impl ReconnectBudget {
     }
 }
 
-/// Logs, once per drain, that the fleet's budget did not answer.
-fn unreachable_once(warned: &mut bool, error: &dyn std::fmt::Display) {
+/// After the fleet's budget did not answer: ask it again in a second, and log it once per drain.
+fn unreachable(warned: &mut bool, retry: &mut Instant, error: &dyn std::fmt::Display) {
+    *retry = Instant::now() + RETRY_REDIS;
     if !std::mem::replace(warned, true) {
         tracing::warn!(%error, "the fleet's reconnect budget is unreachable; this server holds to the budget on its own");
     }
