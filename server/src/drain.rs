@@ -36,9 +36,11 @@ use crate::messaging::redis::budget::RedisBudget;
 pub const HINT_KEY: &str = "reconnect_after_ms";
 /// Longest close reason the WebSocket protocol carries (a 125-byte control payload less the code).
 pub const MAX_CLOSE_REASON: usize = 123;
-/// Hints of clients closed outside a batch (they finished their handshake as the drain began)
-/// are drawn from this window.
-pub const LATE_HINT_WINDOW: Duration = Duration::from_secs(1);
+/// The window every hint of a paced close is drawn from: a batch's clients come back spread over
+/// the second after their close rather than in the same instant. Batches of more than one
+/// client go out every [`TICK`] at most (the budget's at most every [`BUDGET_TICK`]), so the
+/// returns are as even as the closes; a longer window would only keep clients away longer.
+pub const HINT_WINDOW: Duration = Duration::from_secs(1);
 /// After the fleet's budget in Redis did not answer, a server holds to the budget on its own
 /// this long before it asks Redis again.
 const RETRY_REDIS: Duration = Duration::from_secs(1);
@@ -51,9 +53,6 @@ pub const BUDGET_TICK: Duration = Duration::from_millis(25);
 /// The longest hint: a hint is a `u16` of milliseconds (it keeps every connection's close
 /// reason small), and a client waits no longer anyway (the JS client caps it at 15 s).
 pub const MAX_HINT: Duration = Duration::from_millis(u16::MAX as u64);
-/// The hint window of a batch: the time to the next batch, kept within these bounds.
-const MIN_HINT_WINDOW: Duration = Duration::from_secs(1);
-const MAX_HINT_WINDOW: Duration = Duration::from_secs(10);
 
 /// The reason of a drain's close: `server draining; reconnect_after_ms=N`, at most 41 bytes.
 pub fn close_reason(reconnect_after_ms: u16) -> String {
@@ -67,11 +66,11 @@ pub fn parse_hint(reason: &str) -> Option<u16> {
 }
 
 /// The close of a client that finished its handshake as the drain began (after the drain took
-/// its list of clients), with a hint from [`LATE_HINT_WINDOW`]. Not inlined: it keeps the
+/// its list of clients), with a hint from [`HINT_WINDOW`]. Not inlined: it keeps the
 /// hint's state out of every connection's task.
 #[inline(never)]
 pub fn late_close() -> crate::transport::outbox::CloseReason {
-    crate::transport::outbox::CloseReason::Draining { reconnect_after_ms: Jitter::default().hint(LATE_HINT_WINDOW) }
+    crate::transport::outbox::CloseReason::Draining { reconnect_after_ms: Jitter::default().hint(HINT_WINDOW) }
 }
 
 /// When this server's closes are due: `total` clients in equal batches, at least [`TICK`]
@@ -97,7 +96,7 @@ impl Schedule {
 
     /// Every client due at once: with a reconnect budget, the budget paces the drain (as fast
     /// as the fleet's budget allows), so no server holds back leave the fleet has to give. The
-    /// window still bounds it; hints are drawn from the shortest window.
+    /// window still bounds it.
     pub fn at_once(total: usize, drain_timeout: Duration) -> Self {
         Schedule { total, per_batch: total.max(1), period: TICK, window: drain_timeout * 3 / 4 }
     }
@@ -121,12 +120,6 @@ impl Schedule {
         let period = self.period.as_nanos().max(1);
         let next = (elapsed.as_nanos() / period + 1) * period;
         Duration::from_nanos(next.min(self.window.as_nanos()) as u64)
-    }
-
-    /// The window a batch's hints are drawn from: the time to the next batch, so a server's
-    /// clients come back about as evenly as it sends them away, within 1-10 s.
-    pub fn hint_window(&self) -> Duration {
-        self.period.clamp(MIN_HINT_WINDOW, MAX_HINT_WINDOW)
     }
 }
 
@@ -345,12 +338,9 @@ mod tests {
         let few = Schedule::new(3, Duration::from_secs(20));
         assert_eq!((few.due(Duration::ZERO), few.due(Duration::from_millis(7_499))), (1, 1));
         assert_eq!(few.due(Duration::from_millis(7_500)), 2);
-        assert_eq!(few.hint_window(), Duration::from_millis(7_500));
         assert_eq!(Schedule::new(0, Duration::from_secs(1)).due(Duration::ZERO), 0);
-        assert_eq!(Schedule::new(10_000, Duration::from_secs(30)).hint_window(), Duration::from_secs(1));
         let paced_by_a_budget = Schedule::at_once(500, Duration::from_secs(8));
         assert_eq!((paced_by_a_budget.due(Duration::ZERO), paced_by_a_budget.window()), (500, Duration::from_secs(6)));
-        assert_eq!(paced_by_a_budget.hint_window(), Duration::from_secs(1));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::drain::{BUDGET_TICK, Jitter, ReconnectBudget, Schedule};
+use crate::drain::{BUDGET_TICK, HINT_WINDOW, Jitter, ReconnectBudget, Schedule};
 use crate::http::Health;
 use crate::messaging::bus::{Bus, BusError};
 use crate::metrics::Metrics;
@@ -180,7 +180,7 @@ async fn drain(shared: &Shared, mut budget: ReconnectBudget, drain_timeout: Dura
             let forced = left.len() as u64;
             if forced > 0 {
                 let after = budget.force(left.len()).await;
-                let spread = crate::drain::forced_hint_window(left.len(), budget.per_second(), schedule.hint_window());
+                let spread = crate::drain::forced_hint_window(left.len(), budget.per_second(), HINT_WINDOW);
                 let n = left.len();
                 for (i, outbox) in left.into_iter().enumerate() {
                     close(outbox, jitter.slot_hint(after, spread, i, n));
@@ -202,7 +202,7 @@ async fn drain(shared: &Shared, mut budget: ReconnectBudget, drain_timeout: Dura
         let mut sent = 0;
         while sent < granted && next < open.len() {
             if !open[next].is_closing() {
-                close(&open[next], jitter.hint(schedule.hint_window()));
+                close(&open[next], jitter.hint(HINT_WINDOW));
                 sent += 1;
             }
             next += 1;
