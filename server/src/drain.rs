@@ -22,7 +22,7 @@
 //! Each client's hint is drawn uniformly from a window ([`Jitter`]), so clients closed in the
 //! same batch do not come back in the same instant.
 //!
-//! Pure apart from [`ReconnectBudget::take`], which may call Redis: no connection and no outbox
+//! Pure apart from [`ReconnectBudget::take`] and [`ReconnectBudget::force`], which may call Redis: no connection and no outbox
 //! here; `server::drain` applies it.
 
 use std::hash::{BuildHasher, RandomState};
@@ -61,8 +61,8 @@ pub fn close_reason(reconnect_after_ms: u16) -> String {
 
 /// The hint at the end of a close reason, as a client reads it.
 pub fn parse_hint(reason: &str) -> Option<u16> {
-    let (_, value) = reason.rsplit_once(concat!("reconnect_after_ms", "="))?;
-    value.trim_end().parse().ok()
+    let (_, value) = reason.rsplit_once(HINT_KEY)?;
+    value.strip_prefix('=')?.trim_end().parse().ok()
 }
 
 /// The close of a client that finished its handshake as the drain began (after the drain took
