@@ -54,7 +54,7 @@ bench: ## Benchmarks (not part of `make test`); figures in bench/results/ and be
 	bench/connections.sh
 
 .PHONY: chaos
-chaos: ## The fault run: Redis killed, paused, cut, restored under traffic; stalled clients; a channel flood
+chaos: ## The fault run: Redis killed, paused, put to sleep, cut, restored under traffic; stalled clients; a channel flood
 	scripts/install-deps.sh
 	bench/chaos.sh
 

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-FAULTS=${FAULTS:-kill,pause,cut,restore,stalled,flood}
+FAULTS=${FAULTS:-kill,pause,sleep,cut,restore,stalled,flood}
 echo "[chaos] building (release)"
 cargo build --release -q -p wsfleet-server -p wsfleet-load
 echo "[chaos] faults: $FAULTS (about a minute each)"

@@ -57,6 +57,7 @@ use wsfleet_testkit::{Redis, Server};
 pub enum Fault {
     Kill,
     Pause,
+    Sleep,
     Cut,
     Restore,
     Stalled,
@@ -66,7 +67,7 @@ pub enum Fault {
 #[derive(clap::Args)]
 pub struct ChaosArgs {
     /// Faults to run, in order.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "kill,pause,cut,restore,stalled,flood")]
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "kill,pause,sleep,cut,restore,stalled,flood")]
     faults: Vec<Fault>,
     /// Server processes.
     #[arg(long, default_value_t = 3)]
@@ -379,6 +380,11 @@ fn delivery_fault(args: &ChaosArgs, fault: Fault) -> anyhow::Result<Value> {
         Fault::Pause => {
             fleet.cli(&["CLIENT", "PAUSE", "20000", "ALL"]);
             std::thread::sleep(Duration::from_secs(20));
+        }
+        Fault::Sleep => {
+            // The whole Redis stops for 20 s (pub/sub, pings and scripts alike), not only its
+            // clients' commands: redis-cli returns when it wakes.
+            fleet.cli(&["DEBUG", "SLEEP", "20"]);
         }
         Fault::Cut => {
             for _ in 0..5 {

@@ -60,7 +60,9 @@ impl Redis {
     pub fn restart(&mut self) {
         assert!(self.proc.is_none(), "redis is already running");
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            // `DEBUG SLEEP` for the fault run (from this machine only).
+            .args(["--enable-debug-command", "local"]);
         if let Some(password) = &self.password {
             cmd.args(["--requirepass", password]);
         }
