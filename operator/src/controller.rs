@@ -320,10 +320,11 @@ pub struct Context {
     redis: Memory<ConnectionManager>,
     /// Consecutive failed reconciles per cluster, for the backoff.
     failures: Memory<u32>,
-    /// Per child: the hash of what was last applied and the child's [`revision`] the apply
-    /// returned. While both still hold, the child is as applied and the apply is skipped: a
-    /// resync of an unchanged cluster writes nothing.
-    applied: Memory<(u64, String)>,
+    /// Per child: the hash of what was last applied, and the child's uid and [`revision`] the
+    /// apply returned. While all three still hold, the child is as applied and the apply is
+    /// skipped: a resync of an unchanged cluster writes nothing. (The uid: a child deleted and
+    /// made anew by someone else starts again at generation 1.)
+    applied: Memory<(u64, String, String)>,
     /// Per cluster uid: the password of its managed Redis, its Secret's uid, and when the
     /// Secret was last created or read.
     redis_passwords: Memory<(String, String, Instant)>,
@@ -701,12 +702,13 @@ struct Applied {
 /// Step 2: applies every child, one line per child, and removes the optional ones the spec no
 /// longer asks for. The children do not depend on one another, so their requests go out
 /// together: a cluster's first reconcile waits for one round trip, not seven in a row. The
-/// first failure is the step's error (the others may still have been applied; the next
-/// reconcile finds them unchanged).
+/// first failure (in the order of the lines) is the step's error; the others still ran.
 async fn apply_all(ctx: &Context, wsc: &WebSocketCluster, ns: &str, desired: Children) -> Result<Applied, Error> {
     let redis_name = children::redis_name(wsc);
     let tuning_ns = ctx.settings.tuning_namespace.as_str();
-    let (server, _, _, redis, _, _, tuning) = tokio::try_join!(
+    // Every apply runs to its end (a failed one does not cancel the others, whose requests may
+    // have reached the API server: their results and events must be recorded).
+    let (server, client_service, pdb, redis, redis_service, redis_network_policy, tuning) = tokio::join!(
         apply(ctx, wsc, ns, desired.server),
         apply(ctx, wsc, ns, desired.client_service),
         apply(ctx, wsc, ns, desired.pdb),
@@ -714,8 +716,14 @@ async fn apply_all(ctx: &Context, wsc: &WebSocketCluster, ns: &str, desired: Chi
         apply_or_remove(ctx, wsc, ns, desired.redis_service, redis_name.clone()),
         apply_or_remove(ctx, wsc, ns, desired.redis_network_policy, redis_name),
         apply_or_remove(ctx, wsc, tuning_ns, desired.tuning, children::tuning_name(wsc)),
-    )?;
-    Ok(Applied { server, redis, tuning })
+    );
+    let server = server?;
+    client_service?;
+    pdb?;
+    let redis = redis?;
+    redis_service?;
+    redis_network_policy?;
+    Ok(Applied { server, redis, tuning: tuning? })
 }
 
 /// Step 3: what exists now. The apply's results when it went through; else what the caches
@@ -820,6 +828,11 @@ fn revision(meta: &kube::core::ObjectMeta) -> String {
     }
 }
 
+/// What [`Context::applied`] remembers of a child: the desired hash, its uid and revision.
+fn as_applied(desired: u64, meta: &kube::core::ObjectMeta) -> (u64, String, String) {
+    (desired, meta.uid.clone().unwrap_or_default(), revision(meta))
+}
+
 /// Whether `cached` still carries the labels, annotations and owner references of `desired`:
 /// what an edit of a child's metadata changes without a new generation.
 fn metadata_holds(desired: &kube::core::ObjectMeta, cached: &kube::core::ObjectMeta) -> bool {
@@ -849,11 +862,11 @@ async fn apply<K: Child>(ctx: &Context, wsc: &WebSocketCluster, ns: &str, child:
     let desired = hash_of(&child);
     let cached = ctx.stores.get::<K>(ns, &name);
     if let Some(cached) = &cached
-        && ctx.applied.get(&key, Duration::MAX) == Some((desired, revision(cached.meta())))
+        && ctx.applied.get(&key, Duration::MAX) == Some(as_applied(desired, cached.meta()))
         && metadata_holds(child.meta(), cached.meta())
     {
         // Nobody changed it since our apply, and we want the same: nothing to write.
-        ctx.applied.set(&key, (desired, revision(cached.meta())));
+        ctx.applied.set(&key, as_applied(desired, cached.meta()));
         return Ok(K::clone(cached));
     }
     let before = cached.map(|o| revision(o.meta()));
@@ -861,7 +874,7 @@ async fn apply<K: Child>(ctx: &Context, wsc: &WebSocketCluster, ns: &str, child:
         .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&child))
         .await
         .map_err(|source| Error::Apply { kind, name: name.clone(), source })?;
-    ctx.applied.set(&key, (desired, revision(after.meta())));
+    ctx.applied.set(&key, as_applied(desired, after.meta()));
     let (reason, verb) = match before {
         // Not cached yet: new, unless it already has a history (the cache lags behind a create
         // of a moment ago).

@@ -51,7 +51,7 @@ pub const TICK: Duration = Duration::from_millis(100);
 /// after another, so each takes about its share of what the bucket refills.
 pub const BUDGET_TICK: Duration = Duration::from_millis(25);
 /// The longest hint: a hint is a `u16` of milliseconds (it keeps every connection's close
-/// reason small), and a client waits no longer anyway (the JS client caps it at 15 s).
+/// reason small). The JS client follows a hint up to this.
 pub const MAX_HINT: Duration = Duration::from_millis(u16::MAX as u64);
 
 /// The reason of a drain's close: `server draining; reconnect_after_ms=N`, at most 41 bytes.
@@ -164,7 +164,12 @@ impl Jitter {
     /// The hint of the `i`-th of `n` clients spread over `[after, after + window)`: uniform
     /// within its own slot of `window / n`, so the `n` returns come at an even rate (plain
     /// uniform draws bunch by chance), at most [`MAX_HINT`].
+    /// The spread is squeezed under [`MAX_HINT`]: hints past it would all read `MAX_HINT` and
+    /// bring their clients back in one instant (an `after` past `MAX_HINT - HINT_WINDOW` leaves
+    /// the last [`HINT_WINDOW`] to spread over).
     pub fn slot_hint(&mut self, after: Duration, window: Duration, i: usize, n: usize) -> u16 {
+        let after = after.min(MAX_HINT.saturating_sub(HINT_WINDOW));
+        let window = window.min(MAX_HINT - after);
         let slot = window / n.max(1) as u32;
         self.hint_after(after + slot * i as u32, slot)
     }
@@ -399,6 +404,16 @@ mod tests {
         for slot in 0..30 {
             assert_eq!(hints.iter().filter(|&&h| h / 100 == slot).count(), 10, "slot {slot}");
         }
+        // Owed 50 s already, 5,000 clients over 50 s: squeezed into the 15.5 s left, not piled
+        // up at the last hint.
+        let mut jitter = Jitter::seeded(3);
+        let late: Vec<u16> =
+            (0..5000).map(|i| jitter.slot_hint(Duration::from_secs(50), Duration::from_secs(50), i, 5000)).collect();
+        assert!(late.iter().all(|&h| h >= 50_000), "none before what is owed");
+        let at_cap = late.iter().filter(|&&h| h == u16::MAX).count();
+        assert!(at_cap <= 2, "{at_cap} hints at the cap");
+        let last_second = late.iter().filter(|&&h| h >= 64_535).count();
+        assert!(last_second < 400, "{last_second} in the last second: spread, not piled up");
     }
 
     #[test]

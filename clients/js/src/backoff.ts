@@ -46,6 +46,9 @@ export function backoffCap(b: ResolvedBackoff, attempt: number): number {
   return Math.min(b.maxMs, b.initialMs * Math.pow(b.multiplier, Math.max(0, attempt)));
 }
 
+/** The largest reconnect hint a wsfleet server sends (a 16-bit count of milliseconds). */
+export const MAX_SERVER_HINT_MS = 65_535;
+
 /**
  * The delay before the next attempt after a close with `code` (undefined: the attempt failed
  * before a connection was open). `random` returns a number in [0, 1); `hintMs` is the server's
@@ -59,7 +62,9 @@ export function reconnectDelay(
   hintMs?: number,
 ): number {
   if (code === 1012) {
-    if (hintMs !== undefined && hintMs >= 0) return Math.min(hintMs, b.maxMs);
+    // The fleet's pacing: followed as given (up to the largest hint a server sends), not cut
+    // to this client's own `maxMs`, which would bring every late-hinted client back together.
+    if (hintMs !== undefined && hintMs >= 0) return Math.min(hintMs, MAX_SERVER_HINT_MS);
     return Math.floor(random() * b.drainJitterMs);
   }
   const jittered = Math.floor(random() * backoffCap(b, attempt));

@@ -120,6 +120,9 @@ test("backoff: full jitter under an exponential cap, bounded", () => {
   assert.ok(delays.size > 100, `jitter spreads delays (${delays.size} distinct)`);
   assert.throws(() => resolveBackoff({ initialMs: 0 }), RangeError);
   assert.throws(() => resolveBackoff({ initialMs: 500, maxMs: 100 }), RangeError);
+  // A drain's hint is the fleet's pacing: followed past maxMs, up to the largest a server sends.
+  assert.equal(reconnectDelay(b, 0, 1012, () => 0, 30_000), 30_000);
+  assert.equal(reconnectDelay(b, 0, 1012, () => 0, 90_000), 65_535);
 });
 
 test("1012 reconnects at once to the next server; 1013 backs off", async () => {

@@ -147,9 +147,10 @@ while from <= last do
   if #entries == 0 or entries[1][1] ~= from .. '-0' then return {epoch, head, 'history_gap'} end
   for _, e in ipairs(entries) do
     room = room - #e[2][2]
-    if room < 0 then
-      -- A page ends at the byte cap (the refill reads on from its last entry); a replay is refused.
-      if paging and #out > 3 then return out end
+    if room < 0 and not (paging and #out == 3) then
+      -- A page ends at the byte cap (the refill reads on from its last entry) and holds at least
+      -- one entry, however large; a replay is refused.
+      if paging then return out end
       return {epoch, head, 'history_gap'}
     end
     out[#out + 1] = e[2][2]
