@@ -441,12 +441,13 @@ impl Subscriber {
 
     /// Delivers `first` (a page of history, [`RedisHistory::read_page`]) and the pages after it
     /// up to the head it reported; returns how many messages that was. A page that no longer
-    /// follows on (history trimmed meanwhile) stops it: live messages go on from the head.
+    /// follows on (history trimmed meanwhile, or a new epoch) stops it: what it did not deliver
+    /// up to that head is announced as a gap, and live messages go on from the head.
     async fn deliver_pages(&self, channel: &str, first: Replay) -> Result<u64, CommandError> {
         let mut page = first;
         let mut delivered = 0u64;
         // Each page moves on by at least one message, up to a head fixed by the first read.
-        let head = page.head;
+        let (epoch, head) = (page.epoch.clone(), page.head);
         while let Some(last) = page.entries.last().map(|m| m.offset) {
             for msg in &page.entries {
                 self.hub.deliver(channel, msg);
@@ -455,9 +456,12 @@ impl Subscriber {
             if last >= head {
                 break;
             }
-            page = self.history.read_page(channel, &Since { epoch: page.epoch.to_string(), offset: last }).await?;
+            page = self.history.read_page(channel, &Since { epoch: epoch.to_string(), offset: last }).await?;
             self.hub.learn_head(channel, &(page.epoch.clone(), page.head));
             if !page.recovered() {
+                self.metrics.bus_gaps_lost.inc();
+                self.announce(channel, &epoch, last + 1, Some(head), Lost::HistoryGap);
+                warn!(%channel, from = last + 1, to = head, "history moved on during a refill; subscribers are told");
                 break;
             }
         }
