@@ -262,16 +262,18 @@ impl Hub {
         }
         raise(&mut state.head, &head);
         let Some(sub) = state.subscribers.get_mut(&conn) else { return };
-        let held = sub.held.take().unwrap_or_default();
+        let mut held = sub.held.take().unwrap_or_default();
         sub.held_bytes = 0;
+        // Held messages of the replay's epoch after its head (older epochs are history), in
+        // order and once each: a message can be held twice when the channel's cursor ran ahead
+        // of this subscriber's read ([`Hub::hold_for_gated`]).
+        held.retain(|(pos, _)| pos.0 == head.0 && pos.1 > head.1);
+        held.sort_by_key(|(pos, _)| pos.1);
+        held.dedup_by_key(|(pos, _)| pos.1);
         let mut frames = first.into_iter().chain(replay);
         // Pushing stops at an overflow: the outbox has closed the client (and counted it).
         if !frames.any(|f| sub.outbox.push(f) == Push::Overflow) {
-            // Held messages of the replay's epoch after its head; older epochs are history.
-            let _ = held
-                .into_iter()
-                .filter(|(pos, _)| pos.0 == head.0 && pos.1 > head.1)
-                .any(|(_, f)| sub.outbox.push(f) == Push::Overflow);
+            let _ = held.into_iter().any(|(_, f)| sub.outbox.push(f) == Push::Overflow);
         }
         sub.skip_through = Some(head);
     }
@@ -348,7 +350,7 @@ impl Hub {
         let (last, head) = (position(&state.cursor), position(&state.head));
         match admission::judge(last, head, &msg.epoch, msg.offset) {
             Verdict::Deliver => self.fan_out(channel, &mut state, msg),
-            Verdict::Duplicate => {}
+            Verdict::Duplicate => self.hold_for_gated(channel, &mut state, msg),
             Verdict::Check(_) if may_check && admission::may_check(state.checked_at, now) => {
                 state.checked_at = Some(now);
                 return Admission::Check;
@@ -390,9 +392,29 @@ impl Hub {
             && cursor.0 == msg.epoch
             && msg.offset <= cursor.1
         {
-            return;
+            return self.hold_for_gated(channel, &mut state, msg);
         }
         self.fan_out(channel, &mut state, msg);
+    }
+
+    /// A message at or before the channel's cursor: delivered already to every subscriber that
+    /// is live, but not necessarily to one still reading history. The cursor may have been set
+    /// by another subscriber's read, whose head was later than this one's ([`Hub::open_gate`]):
+    /// without this, a message between the two heads reached the second subscriber neither in
+    /// its replay nor live. Each gated subscriber holds it; its own head decides at the gate.
+    fn hold_for_gated(&self, channel: &str, state: &mut ChannelState, msg: &Sequenced) {
+        let pos: Position = (msg.epoch.clone(), msg.offset);
+        let mut rendered: [Option<Frame>; 2] = [None, None];
+        for sub in state.subscribers.values_mut() {
+            let Some(held) = &mut sub.held else { continue };
+            let frame = rendered[sub.mode as usize].get_or_insert_with(|| render(channel, sub.mode, msg)).clone();
+            if self.hold_limit.admits(held.len(), sub.held_bytes, frame.len()) {
+                sub.held_bytes += frame.len();
+                held.push((pos.clone(), frame));
+            } else {
+                sub.outbox.close_slow();
+            }
+        }
     }
 
     /// Moves the cursor to `msg` and hands it to every subscriber, under the channel's lock.
@@ -562,6 +584,33 @@ mod tests {
         assert_eq!(offsets(&drain(&o).await), [5, 6, 7]);
         assert_eq!(hub.cursor("c"), Some((Arc::from("e"), 7)));
         assert_eq!(hub.admit("gone", &seq("e", 1, "x"), true, now), Admission::NotHere);
+    }
+
+    #[tokio::test]
+    async fn a_message_between_two_resumes_heads_reaches_both() {
+        let hub = local_hub();
+        let (a, b) = (outbox(100), outbox(100));
+        hub.subscribe("c", 1, a.clone(), Mode::Protocol, true).await.unwrap();
+        hub.subscribe("c", 2, b.clone(), Mode::Protocol, true).await.unwrap();
+        let read = |head: u64| {
+            let mut replay = Replay {
+                epoch: Arc::from("e"),
+                head,
+                recovery: Some(Ok(())),
+                entries: (4..=head).map(|o| seq("e", o, "replayed")).collect(),
+            };
+            hub.render_replay("c", Mode::Protocol, &mut replay)
+        };
+        // A read history when the head was 4, B a moment later at 5; B's gate opens first and
+        // gives the channel its cursor (5). Then 5 arrives live: A needs it, B has it.
+        let (replay_a, replay_b) = (read(4), read(5));
+        hub.open_gate("c", 2, None, replay_b, (Arc::from("e"), 5));
+        hub.deliver("c", &seq("e", 5, "live"));
+        hub.deliver("c", &seq("e", 6, "live"));
+        hub.open_gate("c", 1, None, replay_a, (Arc::from("e"), 4));
+        hub.deliver("c", &seq("e", 7, "live"));
+        assert_eq!(offsets(&drain(&a).await), [4, 5, 6, 7], "A: nothing missed, nothing twice");
+        assert_eq!(offsets(&drain(&b).await), [4, 5, 6, 7], "B: nothing twice");
     }
 
     #[tokio::test]
