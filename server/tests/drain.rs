@@ -94,18 +94,26 @@ fn logged(server: &Server, key: &str) -> Option<u64> {
     rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_servers_draining_together_stay_under_one_fleet_wide_budget() {
-    const DRAIN_SECS: u64 = 12;
-    let flags = ["--drain-timeout", "12", "--drain-max-reconnects-per-second", "100"];
-    let (_redis, mut servers) = fleet(2, &flags);
+/// Two servers on one Redis with a drain window of `drain_secs` and a fleet-wide budget of 100
+/// reconnects a second, [`CLIENTS_PER_SERVER`] clients each, sent SIGTERM together; with the
+/// clients' closes (awaited for the window and 5 s more, timed from the SIGTERMs).
+async fn drain_two_at_100_per_second(drain_secs: u64) -> (Redis, Vec<Server>, Vec<tokio::task::JoinHandle<Closed>>) {
+    let window = drain_secs.to_string();
+    let flags = ["--drain-timeout", &window, "--drain-max-reconnects-per-second", "100"];
+    let (redis, servers) = fleet(2, &flags);
     let clients = connect_all(&servers, CLIENTS_PER_SERVER).await;
-
     let start = Instant::now();
     for s in &servers {
         s.sigterm();
     }
-    let closes = await_closes(clients, start, Duration::from_secs(DRAIN_SECS + 5));
+    let closes = await_closes(clients, start, Duration::from_secs(drain_secs + 5));
+    (redis, servers, closes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_draining_together_stay_under_one_fleet_wide_budget() {
+    const DRAIN_SECS: u64 = 12;
+    let (_redis, mut servers, closes) = drain_two_at_100_per_second(DRAIN_SECS).await;
     // Halfway, each server's metrics show closes sent and closes the budget held back.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let addrs: Vec<_> = servers.iter().map(|s| s.http).collect();
@@ -169,15 +177,7 @@ async fn two_servers_draining_together_stay_under_one_fleet_wide_budget() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drain_window_wins_over_the_budget() {
     const DRAIN_SECS: u64 = 4;
-    let flags = ["--drain-timeout", "4", "--drain-max-reconnects-per-second", "100"];
-    let (_redis, mut servers) = fleet(2, &flags);
-    let clients = connect_all(&servers, CLIENTS_PER_SERVER).await;
-
-    let start = Instant::now();
-    for s in &servers {
-        s.sigterm();
-    }
-    let closes = await_closes(clients, start, Duration::from_secs(DRAIN_SECS + 5));
+    let (_redis, mut servers, closes) = drain_two_at_100_per_second(DRAIN_SECS).await;
     let mut results = Vec::new();
     for c in closes {
         results.push(c.await.unwrap());

@@ -280,20 +280,29 @@ impl Connection {
 
     /// Takes a token from the publish bucket; false (counted) when it is empty.
     fn may_publish(&mut self) -> bool {
-        let rate = self.shared.publish_rate;
-        let taken = rate.per_second == 0 || self.buckets().publish.take(rate, Instant::now());
-        if !taken {
-            self.shared.metrics.limit_refused("publish_rate");
-        }
-        taken
+        self.take_token(Limited::Publish)
     }
 
     /// Takes a token from the new-channel bucket; false (counted) when it is empty.
     fn may_subscribe(&mut self) -> bool {
-        let rate = self.shared.subscribe_rate;
-        let taken = rate.per_second == 0 || self.buckets().subscribe.take(rate, Instant::now());
+        self.take_token(Limited::Subscribe)
+    }
+
+    fn take_token(&mut self, what: Limited) -> bool {
+        let (rate, label) = match what {
+            Limited::Publish => (self.shared.publish_rate, "publish_rate"),
+            Limited::Subscribe => (self.shared.subscribe_rate, "subscribe_rate"),
+        };
+        let taken = rate.per_second == 0 || {
+            let buckets = self.buckets();
+            let bucket = match what {
+                Limited::Publish => &mut buckets.publish,
+                Limited::Subscribe => &mut buckets.subscribe,
+            };
+            bucket.take(rate, Instant::now())
+        };
         if !taken {
-            self.shared.metrics.limit_refused("subscribe_rate");
+            self.shared.metrics.limit_refused(label);
         }
         taken
     }
@@ -549,4 +558,11 @@ fn read_available(
         }
         Ok(true)
     })
+}
+
+/// The two per-connection rates ([`TokenBucket`]s).
+#[derive(Clone, Copy)]
+enum Limited {
+    Publish,
+    Subscribe,
 }

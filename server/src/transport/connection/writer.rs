@@ -172,11 +172,16 @@ async fn write_frames(
 ) -> Result<u64, WriteError> {
     let mut writes = 0;
     while !frames.is_empty() {
+        // A socket writable at once (the common case) costs no timer and no clock read; only
+        // one that is not waits under the stall timeout.
+        let now = std::future::poll_fn(|cx| std::task::Poll::Ready(stream.poll_write_ready(cx))).await;
         let writable = std::future::poll_fn(|cx| stream.poll_write_ready(cx));
-        let ready = match progress {
-            // Only a socket that is not writable at once arms the timer.
-            Some(p) => tokio::time::timeout(p.stall, writable).await.map_err(|_| WriteError::Stalled)?,
-            None => writable.await,
+        let ready = match (now, progress) {
+            (std::task::Poll::Ready(ready), _) => ready,
+            (std::task::Poll::Pending, Some(p)) => {
+                tokio::time::timeout(p.stall, writable).await.map_err(|_| WriteError::Stalled)?
+            }
+            (std::task::Poll::Pending, None) => writable.await,
         };
         ready.map_err(|_| WriteError::Io)?;
         let result = {
